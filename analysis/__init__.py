@@ -1,0 +1,1 @@
+"""Analysis: paper tables, figures and statistics, computed from results tables (never a model)."""

@@ -1,0 +1,22 @@
+"""Logging set-up shared by every subcommand (`-v` / `-q`)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def setup_logging(verbosity: int) -> None:
+    """Configure the root logger: 0 = INFO, >0 = DEBUG, <0 = WARNING."""
+    level = logging.INFO if verbosity == 0 else (logging.DEBUG if verbosity > 0 else logging.WARNING)
+    logging.basicConfig(
+        level=level,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def progress_disabled() -> bool:
+    """tqdm bars are shown on interactive terminals and hidden when logging is quiet."""
+    return logging.getLogger().getEffectiveLevel() > logging.INFO

@@ -1,0 +1,4 @@
+"""Models: backbones, ops, transformer parts, heads, losses, post-processing, converters, baselines.
+
+`models` never imports `harness`.
+"""
