@@ -1,30 +1,49 @@
 """Multi-scale deformable attention (Deformable DETR): functional API and nn.Module.
 
-`ms_deform_attn` dispatches to a compiled kernel (csrc/) when one is built, else to the
-pure-PyTorch grid_sample fallback below. Semantics follow Deformable DETR exactly.
+`ms_deform_attn` validates its inputs once (ValueError naming the argument), then dispatches to a
+compiled kernel (csrc/, loaded by `models.ops._ext`) when one is built for the device, else to the
+pure-PyTorch grid_sample fallback below. Semantics follow the Deformable DETR CUDA kernel exactly.
+
+Backends:
+    'cuda':    csrc/ms_deform_attn_cuda.cu (fp32/fp64/fp16/bf16; fp32 accumulation for 16-bit types).
+    'cpp':     csrc/ms_deform_attn_cpu.cpp (fp32/fp64/fp16/bf16; fp32 accumulation for 16-bit types).
+    'pytorch': grid_sample fallback (fp16/bf16 on CPU are computed in fp32 and cast back).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+BACKENDS = ("pytorch", "cpp", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was forced with `backend=` but is not built or cannot run on the inputs' device."""
+
+
 def ms_deform_attn_pytorch(
     value: Tensor,
-    spatial_shapes: Tensor,
-    level_start_index: Tensor,
+    spatial_shapes: Tensor | Sequence[tuple[int, int]],
+    level_start_index: Tensor | None,
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
     """Pure-PyTorch multi-scale deformable attention (grid_sample, align_corners=False).
 
+    Differences from the compiled kernels (measure-zero cases, see shared/reference §3): a NaN location
+    propagates NaN here (the kernels skip the sample); at exactly loc = -0.5/H (or -0.5/W) the kernels
+    return a zero location gradient, grid_sample a non-zero one.
+
     Args:
         value: (N, S, M, D) with S = sum_l H_l * W_l.
-        spatial_shapes: (L, 2) long, (H_l, W_l) per level.
+        spatial_shapes: (L, 2) long, (H_l, W_l) per level, or a list of (H, W) ints (no host sync, friendlier
+            to torch.compile).
         level_start_index: (L,) long, offset of each level in S (unused: derived from shapes).
         sampling_locations: (N, Lq, M, L, P, 2) in [0, 1], (x, y).
         attention_weights: (N, Lq, M, L, P).
@@ -34,13 +53,17 @@ def ms_deform_attn_pytorch(
     """
     dtype = value.dtype
     if value.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        # grid_sample on CPU needs fp32: compute in fp32 and return in the input dtype.
+        # grid_sample on CPU is wrong in fp16/bf16 (garbage on strided input, large error otherwise):
+        # compute in fp32 and return in the input dtype.
         value, sampling_locations, attention_weights = (
             value.float(), sampling_locations.float(), attention_weights.float()
         )
     n, _, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if isinstance(spatial_shapes, Tensor):
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    else:
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes]
     value_list = value.split([h * w for h, w in shapes], dim=1)
     sampling_grids = 2 * sampling_locations - 1
     sampled = []
@@ -56,6 +79,139 @@ def ms_deform_attn_pytorch(
     return out.transpose(1, 2).contiguous().to(dtype)
 
 
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_inputs(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> None:
+    """Validate the op's arguments once, before dispatch; raises ValueError naming the argument at fault.
+
+    The value-dependent checks (S == sum H*W, level_start_index == exclusive cumsum) read `spatial_shapes`
+    and `level_start_index` (a host sync for CUDA tensors); they are skipped while torch.compile/export
+    traces, where those tensors have no values.
+    """
+    tensors = {
+        "value": value,
+        "spatial_shapes": spatial_shapes,
+        "level_start_index": level_start_index,
+        "sampling_locations": sampling_locations,
+        "attention_weights": attention_weights,
+    }
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value must be (N, S, M, D), got shape {_shape(value)}")
+    n, s, m, d = value.shape
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes must be (L, 2) (H, W) per level, got {_shape(spatial_shapes)}"
+        )
+    num_levels = spatial_shapes.shape[0]
+    if level_start_index.shape != (num_levels,):
+        raise ValueError(
+            f"ms_deform_attn: level_start_index must be ({num_levels},) (one entry per level of spatial_shapes), "
+            f"got {_shape(level_start_index)}"
+        )
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got " + _shape(sampling_locations)
+        )
+    _, lq, _, _, p, _ = sampling_locations.shape
+    expected = (n, lq, m, num_levels, p, 2)
+    if tuple(sampling_locations.shape) != expected:
+        raise ValueError(
+            f"ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2) = {expected} "
+            f"(N={n}, M={m} from value, L={num_levels} from spatial_shapes), got {_shape(sampling_locations)}"
+        )
+    if tuple(attention_weights.shape) != expected[:5]:
+        raise ValueError(
+            f"ms_deform_attn: attention_weights must be (N, Lq, M, L, P) = {expected[:5]}, "
+            f"got {_shape(attention_weights)}"
+        )
+    for name in ("spatial_shapes", "level_start_index"):
+        if tensors[name].dtype != torch.int64:
+            raise ValueError(f"ms_deform_attn: {name} must be torch.int64 (long), got {tensors[name].dtype}")
+    if not value.is_floating_point():
+        raise ValueError(f"ms_deform_attn: value must be a floating-point tensor, got {value.dtype}")
+    for name in ("sampling_locations", "attention_weights"):
+        if tensors[name].dtype != value.dtype:
+            raise ValueError(
+                f"ms_deform_attn: {name} has dtype {tensors[name].dtype} but value has {value.dtype}; "
+                "all three must share a dtype"
+            )
+    for name, t in tensors.items():
+        if t.device != value.device:
+            raise ValueError(f"ms_deform_attn: {name} is on {t.device} but value is on {value.device}")
+    if torch.compiler.is_compiling() or _is_fake(spatial_shapes) or _is_fake(level_start_index):
+        return
+    hw = spatial_shapes.tolist()
+    if any(h <= 0 or w <= 0 for h, w in hw):
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be positive (H, W) per level, got {hw}")
+    sizes = [h * w for h, w in hw]
+    if sum(sizes) != s:
+        raise ValueError(
+            f"ms_deform_attn: value has S={s} tokens but spatial_shapes {hw} give sum(H*W) = {sum(sizes)}"
+        )
+    starts = [sum(sizes[:i]) for i in range(num_levels)]
+    if level_start_index.tolist() != starts:
+        raise ValueError(
+            f"ms_deform_attn: level_start_index must be {starts} for spatial_shapes {hw}, "
+            f"got {level_start_index.tolist()}"
+        )
+
+
+def _is_fake(t: Tensor) -> bool:
+    return t.device.type == "meta" or type(t).__name__ == "FakeTensor"
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on `device` (best first); 'pytorch' is always last."""
+    from models.ops import _ext
+
+    device_type = torch.device(device).type
+    status = _ext.status()
+    names = []
+    if device_type == "cuda" and status["cuda"].usable:
+        names.append("cuda")
+    if device_type == "cpu" and status["cpp"].usable:
+        names.append("cpp")
+    names.append("pytorch")
+    return names
+
+
+def select_backend(device: torch.device | str, backend: str | None = None) -> str:
+    """The backend `ms_deform_attn` uses for tensors on `device` (raises when a forced one cannot run)."""
+    from models.ops import _ext
+
+    if backend is None:
+        return available_backends(device)[0]
+    if backend not in BACKENDS:
+        raise ValueError(f"ms_deform_attn: backend must be None or one of {BACKENDS}, got {backend!r}")
+    if backend == "pytorch":
+        return backend
+    device_type = torch.device(device).type
+    st = _ext.status()[backend]
+    if not st.built:
+        raise BackendUnavailableError(f"ms_deform_attn backend {backend!r} is unavailable: {st.reason}")
+    wanted = "cpu" if backend == "cpp" else "cuda"
+    if device_type == "meta":
+        return backend  # shape propagation through the fake implementation
+    if device_type != wanted:
+        raise BackendUnavailableError(
+            f"ms_deform_attn backend {backend!r} runs on {wanted} tensors, got tensors on {device_type}"
+        )
+    if not st.usable:
+        raise BackendUnavailableError(f"ms_deform_attn backend {backend!r} is unavailable: {st.reason}")
+    return backend
+
+
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -64,13 +220,34 @@ def ms_deform_attn(
     attention_weights: Tensor,
     backend: str | None = None,
 ) -> Tensor:
-    """Multi-scale deformable attention; see `ms_deform_attn_pytorch` for shapes.
+    """Multi-scale deformable attention (Deformable DETR semantics).
 
-    `backend`: None (best available), 'pytorch', 'cpp' or 'cuda'.
+    Bilinear sampling with zero padding outside each map, pixel centres at +0.5 (grid_sample with
+    align_corners=False); `out[n, q, m*D:(m+1)*D] = sum_{l,p} A[n,q,m,l,p] * bilinear(V_l[n, :, :, m], loc[n,q,m,l,p])`.
+
+    Args:
+        value: (N, S, M, D), S = sum_l H_l * W_l, levels concatenated row-major along S.
+        spatial_shapes: (L, 2) int64, (H_l, W_l).
+        level_start_index: (L,) int64, start of each level in S.
+        sampling_locations: (N, Lq, M, L, P, 2), normalised (x, y) in [0, 1] (outside reads zeros).
+        attention_weights: (N, Lq, M, L, P) (already softmax-normalised by the caller).
+        backend: None = best available for the device ('cuda' on GPU, 'cpp' on CPU when built, else
+            'pytorch'); or force 'pytorch', 'cpp' or 'cuda' (BackendUnavailableError when not built).
+
+    Returns:
+        (N, Lq, M * D) in the dtype of `value`.
+
+    Raises:
+        ValueError: mismatched shapes, dtypes or devices (names the argument and the expected shape).
+        BackendUnavailableError: a forced backend is not built or does not run on the inputs' device.
     """
-    if backend not in (None, "pytorch"):
-        raise RuntimeError(f"ms_deform_attn backend {backend!r} is not built")
-    return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    chosen = select_backend(value.device, backend)
+    if chosen == "pytorch":
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return torch.ops.psf_ops.ms_deform_attn_forward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
 
 
 class MSDeformAttn(nn.Module):

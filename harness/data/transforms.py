@@ -1,0 +1,119 @@
+"""The official test transform (mmdet 2.12 / mmcv 1.3.4 pipeline), re-implemented with OpenCV + NumPy.
+
+``LoadImageFromFile`` (cv2 decode, BGR) -> ``Resize(img_scale=(1333, 800), keep_ratio=True)`` -> ``Normalize(mean,
+std, to_rgb=True)`` -> ``Pad(size_divisor=1)`` (a no-op) -> tensor. Every step copies mmcv's arithmetic:
+
+* new size = ``int(w * s + 0.5), int(h * s + 0.5)`` with ``s = min(1333 / long side, 800 / short side)``;
+* ``cv2.resize(..., INTER_LINEAR)`` on the **uint8** image (a float/torch resize differs by ~1 grey level);
+* normalisation in float32 via ``cv2.subtract(img, mean)`` then ``cv2.multiply(img, 1 / std)`` (float64 constants).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from harness.errors import UserError
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class PreparedImage:
+    """A transformed image.
+
+    Attributes:
+        image: ``(3, h, w)`` float32 normalised RGB (C-contiguous).
+        ori_shape: ``(H, W)`` of the decoded image.
+        img_shape: ``(h, w)`` after resizing.
+        scale_factor: ``(w_scale, h_scale)`` = new / old.
+    """
+
+    image: np.ndarray
+    ori_shape: tuple[int, int]
+    img_shape: tuple[int, int]
+    scale_factor: tuple[float, float]
+
+
+def read_image_bgr(path: str | Path) -> np.ndarray:
+    """Decode an image as mmcv does (``cv2.imdecode(..., IMREAD_COLOR)``): ``(H, W, 3)`` uint8 BGR."""
+    import cv2
+
+    p = Path(path)
+    try:
+        data = np.frombuffer(p.read_bytes(), dtype=np.uint8)
+    except OSError as exc:
+        raise UserError(f"cannot read image {p}: {exc.strerror}") from exc
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise UserError(f"cannot decode image {p} (not a readable image file)")
+    return img
+
+
+def rescale_size(w: int, h: int, scale: tuple[int, int]) -> tuple[tuple[int, int], float]:
+    """mmcv ``rescale_size``: keep-ratio size fitting ``scale`` (long, short edge limits); ``((new_w, new_h), s)``."""
+    max_long, max_short = max(scale), min(scale)
+    s = min(max_long / max(h, w), max_short / min(h, w))
+    return (int(w * float(s) + 0.5), int(h * float(s) + 0.5)), s
+
+
+def resize_keep_ratio(img: np.ndarray, scale: tuple[int, int] = (1333, 800)) -> tuple[np.ndarray, tuple[float, float]]:
+    """mmcv ``imrescale`` + mmdet ``Resize`` scale factors: ``(resized uint8 image, (w_scale, h_scale))``."""
+    import cv2
+
+    h, w = img.shape[:2]
+    (new_w, new_h), _ = rescale_size(w, h, scale)
+    out = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    return out, (new_w / w, new_h / h)
+
+
+def normalize(img: np.ndarray, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+              to_rgb: bool = True) -> np.ndarray:
+    """mmcv ``imnormalize``: float32 ``(img - mean) * (1 / std)``, BGR -> RGB first when ``to_rgb``."""
+    import cv2
+
+    out = img.copy().astype(np.float32)
+    mean64 = np.float64(np.asarray(mean).reshape(1, -1))
+    stdinv = 1 / np.float64(np.asarray(std).reshape(1, -1))
+    if to_rgb:
+        cv2.cvtColor(out, cv2.COLOR_BGR2RGB, out)
+    cv2.subtract(out, mean64, out)
+    cv2.multiply(out, stdinv, out)
+    return out
+
+
+def apply_test_transform(img_bgr: np.ndarray, scale: tuple[int, int] = (1333, 800),
+                   mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> PreparedImage:
+    """Apply the official test pipeline to a decoded ``(H, W, 3)`` uint8 BGR image."""
+    if img_bgr.ndim != 3 or img_bgr.shape[2] != 3 or img_bgr.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 BGR image, got {img_bgr.shape} {img_bgr.dtype}")
+    ori = (int(img_bgr.shape[0]), int(img_bgr.shape[1]))
+    resized, factor = resize_keep_ratio(img_bgr, scale)
+    norm = normalize(resized, mean, std, to_rgb=True)
+    chw = np.ascontiguousarray(norm.transpose(2, 0, 1))
+    return PreparedImage(image=chw, ori_shape=ori, img_shape=(int(resized.shape[0]), int(resized.shape[1])),
+                     scale_factor=factor)
+
+
+def load_test_image(path: str | Path, scale: tuple[int, int] = (1333, 800)) -> PreparedImage:
+    """Read ``path`` with OpenCV and apply :func:`apply_test_transform`."""
+    return apply_test_transform(read_image_bgr(path), scale)
+
+
+def collate(inputs: list[PreparedImage]) -> tuple["np.ndarray", "np.ndarray"]:
+    """Pad a list to a batch: ``(images (B, 3, Hmax, Wmax) float32 zero-padded, pad_mask (B, Hmax, Wmax) bool)``.
+
+    A single image is returned unpadded (mmdet ``Pad(size_divisor=1)``).
+    """
+    hmax = max(t.img_shape[0] for t in inputs)
+    wmax = max(t.img_shape[1] for t in inputs)
+    images = np.zeros((len(inputs), 3, hmax, wmax), dtype=np.float32)
+    mask = np.ones((len(inputs), hmax, wmax), dtype=bool)
+    for i, t in enumerate(inputs):
+        h, w = t.img_shape
+        images[i, :, :h, :w] = t.image
+        mask[i, :h, :w] = False
+    return images, mask

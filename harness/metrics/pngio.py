@@ -1,0 +1,118 @@
+"""Fast decoding of COCO panoptic PNGs into segment id maps.
+
+Decoding is the floor of PQ evaluation (two PNGs per image), so we use the fastest decoder
+available. Measured on one core, 480x640 RGB panoptic PNG (2-core CPU, no GPU): libspng via
+pyspng 1.35 ms, OpenCV 1.90 ms, PIL 2.08 ms. The id is computed with integer shifts
+(`R | G << 8 | B << 16`, same as panopticapi's `R + 256 G + 256^2 B`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from harness.errors import DataError
+
+__all__ = ["read_id_map", "decode_rgb", "rgb_to_ids", "decoder_name"]
+
+
+def _load_pyspng() -> Callable[[bytes], np.ndarray] | None:
+    try:
+        import pyspng
+    except ImportError:
+        return None
+    return pyspng.load
+
+
+def _load_cv2() -> Callable[[bytes], np.ndarray] | None:
+    try:
+        import cv2
+    except ImportError:
+        return None
+
+    def decode(data: bytes) -> np.ndarray:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise ValueError("OpenCV could not decode the data")
+        if img.ndim == 3:
+            # OpenCV gives BGR(A); reverse the colour channels to RGB.
+            img = img[..., 2::-1] if img.shape[2] >= 3 else img
+        return img
+
+    return decode
+
+
+def _load_pil() -> Callable[[bytes], np.ndarray]:
+    import io
+
+    from PIL import Image
+
+    def decode(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im)
+
+    return decode
+
+
+_DECODER: tuple[str, Callable[[bytes], np.ndarray]] | None = None
+
+
+def _decoder() -> tuple[str, Callable[[bytes], np.ndarray]]:
+    global _DECODER
+    if _DECODER is None:
+        choice = os.environ.get("HARNESS_PNG_DECODER", "").lower()
+        candidates: list[tuple[str, Callable[[], Callable[[bytes], np.ndarray] | None]]] = [
+            ("pyspng", _load_pyspng),
+            ("opencv", _load_cv2),
+            ("pil", _load_pil),
+        ]
+        if choice:
+            candidates = [c for c in candidates if c[0] == choice] or candidates
+        for name, loader in candidates:
+            fn = loader()
+            if fn is not None:
+                _DECODER = (name, fn)
+                break
+        assert _DECODER is not None  # PIL is always there
+    return _DECODER
+
+
+def decoder_name() -> str:
+    """Name of the PNG decoder in use: "pyspng", "opencv" or "pil" (env HARNESS_PNG_DECODER)."""
+    return _decoder()[0]
+
+
+def decode_rgb(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a PNG file into an (H, W, C) uint8 array (RGB order), raising DataError on failure."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"PNG not found: {path}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read PNG {path}: {exc}") from None
+    try:
+        return _decoder()[1](data)
+    except Exception as exc:  # decoders raise assorted types on corrupt data
+        raise DataError(f"cannot decode PNG {path}: {exc}") from None
+
+
+def rgb_to_ids(rgb: np.ndarray, where: str = "") -> np.ndarray:
+    """(H, W, 3|4) uint8 RGB(A) -> (H, W) uint32 ids = R + 256 G + 256^2 B (alpha ignored)."""
+    if rgb.ndim != 3 or rgb.shape[2] < 3 or rgb.dtype != np.uint8:
+        raise DataError(f"{where or 'PNG'}: expected an 8-bit RGB image, got shape {rgb.shape} {rgb.dtype}")
+    # In-place shifts on one buffer: one temporary instead of three (this runs per pixel).
+    ids = rgb[..., 2].astype(np.uint32)
+    ids <<= 8
+    ids |= rgb[..., 1]
+    ids <<= 8
+    ids |= rgb[..., 0]
+    return ids
+
+
+def read_id_map(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode a COCO panoptic PNG into its (H, W) uint32 segment id map (0 = VOID)."""
+    return rgb_to_ids(decode_rgb(path), str(path))

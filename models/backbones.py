@@ -1,0 +1,183 @@
+"""Backbones built from timm modules, returning C3/C4/C5 (strides 8/16/32).
+
+No weights are downloaded: ``pretrained`` is a local path (timm/torchvision-style state dict) or None.
+
+Parameter names:
+  * ResNet: the timm children are adopted directly, so keys are ``conv1``, ``bn1``, ``layer1..4`` (identical to
+    torchvision and mmdet); the official checkpoints load without renaming.
+  * PVTv2 and Swin keep timm's names (``patch_embed``, ``stages.{i}`` / ``layers.{i}``); ``models.convert_official``
+    maps the official names onto them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+# Output channels of C3/C4/C5 per backbone name.
+BACKBONE_CHANNELS: dict[str, tuple[int, int, int]] = {
+    "resnet18": (128, 256, 512),
+    "resnet50": (512, 1024, 2048),
+    "resnet101": (512, 1024, 2048),
+    "swin_l": (384, 768, 1536),
+    "pvtv2_b5": (128, 320, 512),
+}
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet as configured by the official code (mmdet ``style='pytorch'``, ``frozen_stages=1``, ``norm_eval``).
+
+    The stem and ``layer1`` get ``requires_grad=False``; every BatchNorm stays in eval mode with frozen affine
+    parameters (they remain ``nn.Parameter`` so the parameter count equals the official one).
+
+    Args:
+        name: timm model name (``resnet18``, ``resnet50``, ``resnet101``).
+        frozen_stages: -1 freezes nothing, 0 the stem, ``k`` the stem and ``layer1..k``.
+        norm_eval: Keep BatchNorm in eval mode during training.
+    """
+
+    def __init__(self, name: str = "resnet50", frozen_stages: int = 1, norm_eval: bool = True) -> None:
+        super().__init__()
+        import timm
+
+        body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(2, 3, 4))
+        for child_name, child in body.named_children():
+            self.add_module(child_name, child)
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.out_channels = tuple(body.feature_info.channels())
+        self._freeze()
+
+    def _freeze(self) -> None:
+        if self.frozen_stages >= 0:
+            for m in (self.conv1, self.bn1):
+                for p in m.parameters():
+                    p.requires_grad_(False)
+        for i in range(1, self.frozen_stages + 1):
+            for p in getattr(self, f"layer{i}").parameters():
+                p.requires_grad_(False)
+        if self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    for p in m.parameters():
+                        p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ResNetBackbone":
+        """Switch mode but keep BatchNorm (and frozen stages) in eval mode, as mmdet's ``norm_eval``."""
+        super().train(mode)
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """``(B, 3, H, W) -> [C3 (B, c3, H/8, W/8), C4 (H/16), C5 (H/32)]``."""
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        c3 = self.layer2(x)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c3, c4, c5]
+
+
+class PVTv2Backbone(nn.Module):
+    """PVTv2-B5 (timm ``pvt_v2_b5``) returning stages 2-4, each after its stage norm.
+
+    Official: embed (64, 128, 320, 512), heads (1, 2, 5, 8), depths (3, 6, 40, 3), sr (8, 4, 2, 1), LN eps 1e-6,
+    drop_path 0.1. Key layout differs from the official ``block{i}``/``patch_embed{i}``/``norm{i}`` names only by
+    renaming (see ``models.convert_official``).
+    """
+
+    def __init__(self, name: str = "pvt_v2_b5", drop_path_rate: float = 0.1) -> None:
+        super().__init__()
+        import timm
+
+        net = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
+        self.patch_embed = net.patch_embed
+        self.stages = net.stages
+        self.out_channels = tuple(int(s.norm.normalized_shape[0]) for s in net.stages)[1:]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """``(B, 3, H, W) -> [(B, 128, H/8, W/8), (B, 320, H/16, W/16), (B, 512, H/32, W/32)]``."""
+        x = self.patch_embed(x)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)  # timm stages take and return NCHW
+            outs.append(x)
+        return outs[1:]
+
+
+class SwinBackbone(nn.Module):
+    """Swin-L window 7 (timm) returning stages 2-4 with one LayerNorm per output (``norm1..3``, as official).
+
+    Note: timm pads feature maps to the window size *after* the cyclic shift while the official
+    Swin-Transformer-Object-Detection code pads *before* it; outputs agree exactly only when every stage's
+    size is a multiple of 7 (documented difference).
+    """
+
+    def __init__(self, name: str = "swin_large_patch4_window7_224", drop_path_rate: float = 0.3) -> None:
+        super().__init__()
+        import timm
+
+        net = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
+                                strict_img_size=False, dynamic_img_size=True)
+        self.patch_embed = net.patch_embed
+        self.layers = net.layers
+        dims = [int(layer.blocks[0].norm1.normalized_shape[0]) for layer in net.layers]
+        self.out_channels = tuple(dims[1:])
+        self.norm1 = nn.LayerNorm(dims[1])
+        self.norm2 = nn.LayerNorm(dims[2])
+        self.norm3 = nn.LayerNorm(dims[3])
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """``(B, 3, H, W) -> [(B, 384, H/8, W/8), (B, 768, H/16, W/16), (B, 1536, H/32, W/32)]``."""
+        x = self.patch_embed(x)  # (B, H/4, W/4, C), NHWC
+        outs = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i >= 1:
+                norm = getattr(self, f"norm{i}")
+                outs.append(norm(x).permute(0, 3, 1, 2).contiguous())
+        return outs
+
+
+def build_backbone(name: str, frozen_stages: int = 1, drop_path_rate: float | None = None) -> nn.Module:
+    """Build a backbone by its config name (``resnet18/50/101``, ``swin_l``, ``pvtv2_b5``); random init."""
+    if name in ("resnet18", "resnet50", "resnet101"):
+        return ResNetBackbone(name, frozen_stages=frozen_stages)
+    if name == "pvtv2_b5":
+        return PVTv2Backbone(drop_path_rate=0.1 if drop_path_rate is None else drop_path_rate)
+    if name == "swin_l":
+        return SwinBackbone(drop_path_rate=0.3 if drop_path_rate is None else drop_path_rate)
+    raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONE_CHANNELS)}")
+
+
+def load_pretrained_backbone(backbone: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
+    """Load ImageNet weights into ``backbone`` from a local file (never downloads).
+
+    Accepts a raw state dict or one wrapped under ``state_dict``/``model``; ``module.``/``backbone.`` prefixes and
+    classifier keys are dropped. Loading is non-strict (pretraining checkpoints lack our extra norms).
+
+    Returns:
+        ``(missing, unexpected)`` key lists.
+    """
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        for k in ("state_dict", "model"):
+            if k in obj and isinstance(obj[k], dict):
+                obj = obj[k]
+                break
+    sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in obj.items()}
+    sd = {k: v for k, v in sd.items() if not k.startswith(("fc.", "head.", "norm."))}
+    missing, unexpected = backbone.load_state_dict(sd, strict=False)
+    if missing:
+        log.warning("pretrained backbone %s: %d missing keys, e.g. %s", path, len(missing), missing[:3])
+    if unexpected:
+        log.warning("pretrained backbone %s: %d unexpected keys, e.g. %s", path, len(unexpected), unexpected[:3])
+    return list(missing), list(unexpected)

@@ -1,0 +1,168 @@
+"""Losses against independent oracles (torchvision, OpenCV, hand computation) and the full criterion."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import generalized_box_iou_loss
+from torchvision.ops import sigmoid_focal_loss as tv_focal
+
+from models.box_ops import box_cxcywh_to_xyxy
+from models.losses import LossConfig, PanopticCriterion, dice_loss, giou_loss, l1_loss, sigmoid_focal_loss
+
+
+def test_sigmoid_focal_loss_matches_torchvision() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 4, generator=gen) * 2
+    labels = torch.tensor([0, 4, 2, 4, 4, 3, 1])  # 4 = background
+    target = torch.zeros(7, 4)
+    for i, lab in enumerate(labels.tolist()):
+        if lab < 4:
+            target[i, lab] = 1
+    ref = tv_focal(logits, target, alpha=0.25, gamma=2.0, reduction="sum") / 3.0
+    torch.testing.assert_close(sigmoid_focal_loss(logits, labels, avg_factor=3.0), ref)
+
+
+def test_dice_loss_hand_computed_no_sigmoid() -> None:
+    pred = torch.tensor([[2.0, 1.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]])
+    target = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    eps = 1e-6
+    d0 = 1 - 2 * 3 / (5 + eps + 2 + eps)
+    d1 = 1 - 0 / (1 + eps + 0 + eps)
+    assert float(dice_loss(pred, target)) == pytest.approx(d0 + d1, rel=1e-6)
+    assert float(dice_loss(pred, target, weight=torch.tensor([1.0, 0.0]), avg_factor=2.0)) == pytest.approx(d0 / 2, rel=1e-6)
+    # Raw values above 1 are penalised (no sigmoid squashes them).
+    assert float(dice_loss(target[:1] * 3, target[:1])) > 0.3
+
+
+def test_box_losses_match_torchvision() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a = torch.cat([torch.rand(5, 2, generator=gen) * 50, torch.rand(5, 2, generator=gen) * 50 + 60], 1)
+    b = torch.cat([torch.rand(5, 2, generator=gen) * 50, torch.rand(5, 2, generator=gen) * 50 + 60], 1)
+    torch.testing.assert_close(giou_loss(a, b, avg_factor=2.0), generalized_box_iou_loss(a, b, reduction="sum") / 2.0)
+    assert float(l1_loss(a, b, avg_factor=4.0)) == pytest.approx(float((a - b).abs().sum()) / 4.0, rel=1e-6)
+
+
+class _FixedModel(nn.Module):
+    """Tiny stand-in with learnable fixed outputs, so every loss term can be computed by hand.
+
+    Queries are one-hot rows, so `segment` maps each gathered query back to its own mask in a bank.
+    """
+
+    def __init__(self, logits: torch.Tensor, boxes: torch.Tensor, bank: torch.Tensor, stuff: torch.Tensor, stuff_logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(logits)  # (L, B, Q, C)
+        self.boxes = nn.Parameter(boxes)  # (L, B, Q, 4)
+        self.bank = nn.Parameter(bank)  # (Q, h, w)
+        self.stuff = nn.Parameter(stuff)  # (B, Ns, h, w)
+        self.stuff_logits = nn.Parameter(stuff_logits)  # (B, Ns)
+
+    def encode(self, images: torch.Tensor, pad_mask: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(images=images)
+
+    def locate(self, enc: SimpleNamespace) -> SimpleNamespace:
+        q = self.bank.shape[0]
+        b = self.logits.shape[1]
+        return SimpleNamespace(logits=self.logits, boxes=self.boxes, queries=torch.eye(q).expand(b, q, q))
+
+    def segment(self, enc: SimpleNamespace, thing_queries: torch.Tensor) -> SimpleNamespace:
+        things = torch.einsum("bkq,qhw->bkhw", thing_queries, self.bank)
+        return SimpleNamespace(thing_masks=[things], stuff_masks=[self.stuff], stuff_logits=[self.stuff_logits])
+
+
+def test_criterion_hand_computed() -> None:
+    # One 8x8 image: thing of class 1 on the top-left 4x4 block, stuff class 0 (label 2) elsewhere.
+    nt, ns = 2, 2
+    gt_thing = torch.zeros(1, 8, 8, dtype=torch.bool)
+    gt_thing[0, :4, :4] = True
+    gt_box = torch.tensor([[0.25, 0.25, 0.5, 0.5]])
+    logits = torch.tensor([[[[-2.0, 3.0], [0.5, -1.0]]]])  # query 0 is the confident class-1 query
+    boxes = torch.tensor([[[[0.25, 0.25, 0.5, 0.5], [0.7, 0.7, 0.2, 0.2]]]])
+    bank = torch.zeros(2, 4, 4)
+    bank[0, :2, :2] = 0.9
+    bank[0, 2, 0] = 0.3
+    bank[1, 2:, 2:] = 1.0
+    stuff = torch.zeros(1, ns, 4, 4)
+    stuff[0, 0] = 0.8
+    stuff[0, 0, :2, :2] = 0.1
+    stuff[0, 1, 0, 0] = 0.5
+    stuff_logits = torch.tensor([[1.5, -0.5]])
+    model = _FixedModel(logits, boxes, bank, stuff, stuff_logits)
+    targets = [
+        {
+            "thing_masks": gt_thing,
+            "thing_boxes": gt_box,
+            "thing_labels": torch.tensor([1]),
+            "stuff_masks": ~gt_thing,
+            "stuff_labels": torch.tensor([2]),
+            "image_size": torch.tensor([8, 8]),
+        }
+    ]
+    crit = PanopticCriterion(nt, ns)
+    total, logs = crit(model, torch.zeros(1, 3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool), targets)
+
+    # Independent expected values.
+    focal_th = tv_focal(logits[0, 0], torch.tensor([[0.0, 1.0], [0.0, 0.0]]), 0.25, 2.0, reduction="sum")
+    up = cv2.resize(bank[0].numpy(), (8, 8), interpolation=cv2.INTER_LINEAR)
+    t = gt_thing[0].numpy().astype(np.float64)
+    dice_th = 1 - 2 * (up * t).sum() / ((up * up).sum() + 1e-6 + (t * t).sum() + 1e-6)
+    up_st = cv2.resize(stuff[0, 0].numpy(), (8, 8), interpolation=cv2.INTER_LINEAR)
+    ts = 1 - t
+    dice_st = 1 - 2 * (up_st * ts).sum() / ((up_st * up_st).sum() + 1e-6 + (ts * ts).sum() + 1e-6)
+    focal_st = tv_focal(stuff_logits.reshape(2, 1), torch.tensor([[1.0], [0.0]]), 0.25, 2.0, reduction="sum")
+    ratio = 0.5  # one thing, one stuff
+    assert logs["d0.loss_cls"] == pytest.approx(ratio * 2 * float(focal_th), rel=1e-5)
+    assert logs["d0.loss_l1"] == pytest.approx(0.0, abs=1e-6)
+    assert logs["d0.loss_giou"] == pytest.approx(0.0, abs=1e-6)
+    assert logs["loss_mask_things"] == pytest.approx(ratio * 2 * dice_th, rel=1e-5)
+    assert logs["loss_mask_stuff"] == pytest.approx(ratio * 2 * dice_st, rel=1e-5)
+    assert logs["d0.loss_cls_stuff_f"] == pytest.approx(ratio * 4 * float(focal_st), rel=1e-5)  # the hidden x2
+    expected = ratio * (2 * float(focal_th) + 2 * dice_th) + ratio * (2 * dice_st + 4 * float(focal_st))
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-5)
+
+    # Options: no stuff doubling, no ratios.
+    crit2 = PanopticCriterion(nt, ns, config=LossConfig(double_stuff_cls=False, ratio_mode="none"))
+    _, logs2 = crit2(model, torch.zeros(1, 3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool), targets)
+    assert logs2["d0.loss_cls_stuff_f"] == pytest.approx(2 * float(focal_st), rel=1e-5)
+    assert logs2["loss_mask_things"] == pytest.approx(2 * dice_th, rel=1e-5)
+
+    # Gradients reach the matched query's mask, not the unmatched one.
+    total.backward()
+    assert model.bank.grad[0].abs().sum() > 0
+    assert model.bank.grad[1].abs().sum() == 0
+    assert model.stuff.grad[0, 1].abs().sum() == 0  # absent stuff class has weight 0
+
+
+def test_criterion_gt_matching_swaps_query_order() -> None:
+    # Query 1 is the good one now: the matched query, not the first, must be supervised.
+    logits = torch.tensor([[[[0.5, -1.0], [-2.0, 3.0]]]])
+    boxes = torch.tensor([[[[0.7, 0.7, 0.2, 0.2], [0.25, 0.25, 0.5, 0.5]]]])
+    bank = torch.zeros(2, 4, 4)
+    bank[1, :2, :2] = 1.0
+    model = _FixedModel(logits, boxes, bank, torch.zeros(1, 2, 4, 4), torch.zeros(1, 2))
+    gt = torch.zeros(1, 8, 8, dtype=torch.bool)
+    gt[0, :4, :4] = True
+    targets = [
+        {
+            "thing_masks": gt,
+            "thing_boxes": torch.tensor([[0.25, 0.25, 0.5, 0.5]]),
+            "thing_labels": torch.tensor([1]),
+            "stuff_masks": torch.zeros(0, 8, 8, dtype=torch.bool),
+            "stuff_labels": torch.zeros(0, dtype=torch.long),
+            "image_size": torch.tensor([8, 8]),
+        }
+    ]
+    _, logs = PanopticCriterion(2, 2)(model, torch.zeros(1, 3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool), targets)
+    assert logs["d0.loss_l1"] == pytest.approx(0.0, abs=1e-6)
+    up = cv2.resize(bank[1].numpy(), (8, 8), interpolation=cv2.INTER_LINEAR)
+    t = gt[0].numpy().astype(np.float64)
+    dice = 1 - 2 * (up * t).sum() / ((up * up).sum() + 1e-6 + t.sum() + 1e-6)
+    # No stuff GT: N_st clamps to 1, things_ratio = 1 / 2.
+    assert logs["loss_mask_things"] == pytest.approx(0.5 * 2 * dice, rel=1e-5)
+    # Box conversions used by the GIoU loss stay consistent.
+    assert box_cxcywh_to_xyxy(torch.tensor([0.25, 0.25, 0.5, 0.5])).tolist() == [0.0, 0.0, 0.5, 0.5]
