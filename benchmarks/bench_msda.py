@@ -9,7 +9,8 @@ init), not uniform noise, so the memory-access locality matches the model.
 
 CPU: fp32 at each of --threads. GPU (when available): fp32, fp16, bf16, with the achieved bandwidth
 (compulsory bytes / time) and the ratio to the L2-gather estimate of shared/reference/deformable_attention.md §4
-(every corner read from L2 at 7 TB/s for H100).
+(every corner read from L2 at 7 TB/s for H100). Backends are timed interleaved, run by run, and each keeps its
+minimum, so a shared machine's load affects them alike.
 
 Usage:
   .venv/bin/python benchmarks/bench_msda.py                      # all cases, threads 1 and 2
@@ -100,21 +101,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: str, repeat: int, warmup: int) -> float:
-    """Minimum wall time of fn() in ms over `repeat` runs (CUDA-synchronised).
-
-    The minimum, not the median: on a shared machine other jobs only ever add time.
-    """
-    for _ in range(warmup):
-        fn()
+def time_once_ms(fn: Callable[[], object], device: str) -> float:
+    """Wall time of one fn() call in ms (CUDA-synchronised)."""
     _sync(device)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return min(times)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def compulsory_bytes(inputs: list[torch.Tensor]) -> int:
@@ -131,30 +124,59 @@ def l2_gather_bytes(inputs: list[torch.Tensor]) -> int:
     return n * lq * m * num_levels * p * 4 * value.shape[3] * value.element_size()
 
 
-def bench_one(
-    case: str, backend: str, device: str, dtype: torch.dtype, threads: int, args: argparse.Namespace
-) -> Result:
-    inputs = make_case(case, args.batch, dtype, device)
+def prepare(
+    case: str, backend: str, device: str, dtype: torch.dtype, batch: int
+) -> tuple[list[torch.Tensor], Callable[[], object], Callable[[], object]]:
+    """Inputs and the (forward, forward+backward) closures of one backend."""
+    inputs = make_case(case, batch, dtype, device)
     ms_deform_attn(*inputs, backend=backend)  # validates the inputs and the backend once
     op = op_for(backend)
     value, ss, lsi, loc, attn = inputs
-    repeat = args.repeat if case == "decoder" or device == "cuda" else max(1, args.repeat // 4)
-
-    with torch.no_grad():
-        fwd = time_ms(lambda: op(value, ss, lsi, loc, attn), device, repeat, args.warmup)
     leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
-    grad_out = torch.randn(op(value, ss, lsi, loc, attn).shape, device=device, dtype=dtype)
+    grad_out = torch.randn(loc.shape[0], loc.shape[1], value.shape[2] * value.shape[3], device=device, dtype=dtype)
+
+    def fwd() -> None:
+        with torch.no_grad():
+            op(value, ss, lsi, loc, attn)
 
     def fwd_bwd() -> None:
         out = op(leaves[0], ss, lsi, leaves[1], leaves[2])
         torch.autograd.grad(out, leaves, grad_out)
 
-    fb = time_ms(fwd_bwd, device, repeat, args.warmup)
-    res = Result(case, backend, device, str(dtype).replace("torch.", ""), threads, loc.shape[1], fwd, fb)
-    if device == "cuda":
-        res.fwd_gbps = compulsory_bytes(inputs) / (fwd * 1e-3) / 1e9
-        res.fwd_vs_l2_estimate = fwd * 1e-3 / (l2_gather_bytes(inputs) / L2_BANDWIDTH)
-    return res
+    return inputs, fwd, fwd_bwd
+
+
+def bench_config(
+    case: str, backends: list[str], device: str, dtype: torch.dtype, threads: int, args: argparse.Namespace
+) -> list[Result]:
+    """Time all backends of one configuration, interleaved run by run, and keep each one's minimum.
+
+    Interleaving gives every backend the same share of a shared machine's quiet moments, so the ratios
+    stay meaningful when other jobs load the CPU.
+    """
+    repeat = args.repeat if case == "decoder" or device == "cuda" else max(1, args.repeat // 4)
+    prepared = {b: prepare(case, b, device, dtype, args.batch) for b in backends}
+    best = {b: [float("inf"), float("inf")] for b in backends}
+    for i in range(args.warmup + repeat):
+        for b, (_, fwd, fwd_bwd) in prepared.items():
+            t_f, t_fb = time_once_ms(fwd, device), time_once_ms(fwd_bwd, device)
+            if i >= args.warmup:
+                best[b] = [min(best[b][0], t_f), min(best[b][1], t_fb)]
+    results = []
+    for b, (inputs, _, _) in prepared.items():
+        r = Result(case, b, device, str(dtype).replace("torch.", ""), threads, inputs[3].shape[1], *best[b])
+        if device == "cuda":
+            r.fwd_gbps = compulsory_bytes(inputs) / (r.fwd_ms * 1e-3) / 1e9
+            r.fwd_vs_l2_estimate = r.fwd_ms * 1e-3 / (l2_gather_bytes(inputs) / L2_BANDWIDTH)
+        print(f"  {case:<8} {device:<4} {r.dtype:<8} threads={threads} {b:<8} "
+              f"fwd {r.fwd_ms:9.2f} ms  fwd+bwd {r.fwd_bwd_ms:9.2f} ms", file=sys.stderr, flush=True)
+        results.append(r)
+    base = next((r for r in results if r.backend == "pytorch"), None)
+    if base is not None:
+        for r in results:
+            r.speedup_fwd = base.fwd_ms / r.fwd_ms
+            r.speedup_fwd_bwd = base.fwd_bwd_ms / r.fwd_bwd_ms
+    return results
 
 
 def run(args: argparse.Namespace) -> list[Result]:
@@ -171,18 +193,7 @@ def run(args: argparse.Namespace) -> list[Result]:
         for threads in thread_list:
             torch.set_num_threads(threads)
             for case in args.cases:
-                row: dict[str, Result] = {}
-                for backend in backends:
-                    r = bench_one(case, backend, device, dtype, threads, args)
-                    row[backend] = r
-                    print(f"  {case:<8} {device:<4} {r.dtype:<8} threads={threads} {backend:<8} "
-                          f"fwd {r.fwd_ms:9.2f} ms  fwd+bwd {r.fwd_bwd_ms:9.2f} ms", file=sys.stderr, flush=True)
-                base = row.get("pytorch")
-                for r in row.values():
-                    if base is not None:
-                        r.speedup_fwd = base.fwd_ms / r.fwd_ms
-                        r.speedup_fwd_bwd = base.fwd_bwd_ms / r.fwd_bwd_ms
-                    results.append(r)
+                results += bench_config(case, backends, device, dtype, threads, args)
     return results
 
 

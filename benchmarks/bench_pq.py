@@ -2,14 +2,15 @@
 
 Generates N GT/prediction pairs (COCO panoptic PNG + JSON, default 600 images of 480x640 with the
 133 COCO categories: warped Voronoi stuff regions, elliptic and polygonal things, VOID bands,
-perturbed predictions), then times each evaluator as a subprocess with the same worker count:
+perturbed predictions; PNGs written with PIL like the COCO GT), then times each evaluator as a subprocess with the same worker count:
 
 - `harness eval-pq --workers K` (and `--boundary`);
 - panopticapi `pq_compute` with `multiprocessing.cpu_count` patched to K (it has no option);
 - hotcoco `hotcoco.panoptic.pq_compute` with RAYON_NUM_THREADS=K;
 - boundary-iou-api's Boundary PQ when `--boundary-iou-api PATH` points at a checkout.
 
-Each command runs `--repeat` times; the table shows the median and checks that All PQ agrees.
+Each command runs once untimed, then `--repeat` times round-robin (so all see the same machine
+load); the table shows the median wall time and All PQ of each (they must agree).
 
     .venv/bin/python benchmarks/bench_pq.py [--images 600] [--workers 2] [--repeat 3]
 """
@@ -133,7 +134,7 @@ def _make_pair(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[dict],
 
 
 def _write_one(args: tuple[int, int, int, int], out: Path) -> tuple[dict, dict, dict]:
-    import cv2
+    from PIL import Image
 
     from harness.data.format import id2rgb
 
@@ -141,9 +142,8 @@ def _write_one(args: tuple[int, int, int, int], out: Path) -> tuple[dict, dict, 
     gt, gseg, pr, pseg = _make_pair(args)
     name = f"{image_id:012d}.png"
     for ids, folder in ((gt, "gt"), (pr, "pred")):
-        ok, buf = cv2.imencode(".png", id2rgb(ids)[..., ::-1])
-        assert ok
-        (out / folder / name).write_bytes(buf.tobytes())
+        # PIL, as panopticapi and the COCO panoptic GT (adaptive per-row PNG filters).
+        Image.fromarray(id2rgb(ids)).save(out / folder / name, format="PNG")
     image = {"id": image_id, "file_name": f"{image_id:012d}.jpg", "height": h, "width": w}
     return image, {"image_id": image_id, "file_name": name, "segments_info": gseg}, {
         "image_id": image_id, "file_name": name, "segments_info": pseg}
@@ -196,17 +196,26 @@ print(json.dumps(r["All"], default=float))
 """
 
 
-def _time(cmd: list[str], env: dict[str, str], repeat: int) -> tuple[float, str]:
-    times = []
-    out = ""
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} failed:\n{proc.stderr[-2000:]}")
+    return elapsed, proc.stdout
+
+
+def _time_interleaved(cmds: dict[str, list[str]], env: dict[str, str], repeat: int) -> dict[str, tuple[float, str]]:
+    """Median wall time of each command, run round-robin so that all see the same machine load."""
+    times: dict[str, list[float]] = {k: [] for k in cmds}
+    outs: dict[str, str] = {}
+    for name, cmd in cmds.items():  # warm-up round (page cache, compiled kernel), not timed
+        _run(cmd, env)
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        times.append(time.perf_counter() - t0)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cmd[:4]} failed:\n{proc.stderr[-2000:]}")
-        out = proc.stdout
-    return statistics.median(times), out
+        for name, cmd in cmds.items():
+            t, outs[name] = _run(cmd, env)
+            times[name].append(t)
+    return {k: (statistics.median(v), outs[k]) for k, v in times.items()}
 
 
 def _installed(module: str) -> bool:
@@ -243,24 +252,31 @@ def main(argv: list[str] | None = None) -> int:
     res_json = data / "R.json"
     ours = [sys.executable, "-m", "harness", "eval-pq", "--gt-json", gt, "--gt-dir", gtd, "--pred-json", pred,
             "--pred-dir", prd, "--workers", k, "-q", "--out", str(res_json)]
-    rows: list[tuple[str, float, float | None]] = []
-    t_ours, _ = _time(ours, env, args.repeat)
-    our_pq = json.loads(res_json.read_text())["pq"]["All"]["pq"]
-    rows.append(("harness eval-pq", t_ours, our_pq))
-    t_bnd, _ = _time(ours + ["--boundary"], env, args.repeat)
-    our_bpq = json.loads(res_json.read_text())["boundary_pq"]["All"]["pq"]
-    rows.append(("harness eval-pq --boundary", t_bnd, our_bpq))
-    t_ref = None
     fmt = dict(gt=gt, pred=pred, gtd=gtd, prd=prd, workers=args.workers)
+    res_b = data / "R_boundary.json"
+    cmds = {
+        "harness eval-pq": ours,
+        "harness eval-pq --boundary": ours[:-1] + [str(res_b), "--boundary"],
+    }
     if _installed("panopticapi"):
-        t_ref, out = _time([sys.executable, "-c", _PANOPTICAPI.format(**fmt)], env, args.repeat)
-        rows.append(("panopticapi pq_compute", t_ref, json.loads(out.strip().splitlines()[-1])["pq"]))
+        cmds["panopticapi pq_compute"] = [sys.executable, "-c", _PANOPTICAPI.format(**fmt)]
     if _installed("hotcoco"):
-        t, out = _time([sys.executable, "-c", _HOTCOCO.format(**fmt)], env, args.repeat)
-        rows.append(("hotcoco pq_compute", t, json.loads(out.strip().splitlines()[-1])["pq"]))
+        cmds["hotcoco pq_compute"] = [sys.executable, "-c", _HOTCOCO.format(**fmt)]
+    timed = _time_interleaved(cmds, env, args.repeat)
+    rows: list[tuple[str, float, float | None]] = [
+        ("harness eval-pq", timed["harness eval-pq"][0], json.loads(res_json.read_text())["pq"]["All"]["pq"]),
+        ("harness eval-pq --boundary", timed["harness eval-pq --boundary"][0],
+         json.loads(res_b.read_text())["boundary_pq"]["All"]["pq"]),
+    ]
+    t_ours, t_bnd = rows[0][1], rows[1][1]
+    t_ref = None
+    for name in ("panopticapi pq_compute", "hotcoco pq_compute"):
+        if name in timed:
+            rows.append((name, timed[name][0], json.loads(timed[name][1].strip().splitlines()[-1])["pq"]))
+    if "panopticapi pq_compute" in timed:
+        t_ref = timed["panopticapi pq_compute"][0]
     if args.boundary_iou_api:
-        t, out = _time([sys.executable, "-c", _BOUNDARY_API.format(path=args.boundary_iou_api, **fmt)], env,
-                       max(1, args.repeat // 2))
+        t, out = _run([sys.executable, "-c", _BOUNDARY_API.format(path=args.boundary_iou_api, **fmt)], env)
         rows.append(("boundary-iou-api (boundary)", t, json.loads(out.strip().splitlines()[-1])["pq"]))
 
     print(f"\n{args.images} images {args.height}x{args.width}, {args.workers} workers, "

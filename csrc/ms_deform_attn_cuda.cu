@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <tuple>
 
 namespace psf_ops {
@@ -37,6 +38,25 @@ struct Dims {
 inline int channels_per_thread(int64_t D) { return D % 4 == 0 ? 4 : (D % 2 == 0 ? 2 : 1); }
 
 inline bool is_pow2(int64_t x) { return x > 0 && (x & (x - 1)) == 0; }
+
+// CPT channels moved as one vector load/store (16 B for 4 floats). The host guarantees the alignment:
+// every offset used is a multiple of CPT elements and the base pointers are aligned (copied if not).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <int CPT, typename scalar_t>
+__device__ __forceinline__ Vec<scalar_t, CPT> load_vec(const scalar_t* p) {
+  return *reinterpret_cast<const Vec<scalar_t, CPT>*>(p);
+}
+
+// `t` contiguous with its data pointer aligned to `bytes` (a fresh copy when a view's offset breaks it).
+inline at::Tensor aligned_contiguous(const at::Tensor& t, int64_t bytes) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % bytes != 0) c = c.clone(at::MemoryFormat::Contiguous);
+  return c;
+}
 
 template <typename acc_t>
 struct Corners {
@@ -106,16 +126,17 @@ __global__ void msda_forward_kernel(const scalar_t* __restrict__ value, const in
 #pragma unroll
       for (int corner = 0; corner < 4; ++corner) {
         if (s.off[corner] < 0) continue;
-        const scalar_t* v = base + s.off[corner];
+        const Vec<scalar_t, CPT> v = load_vec<CPT>(base + s.off[corner]);
         const acc_t aw = a * s.w[corner];
 #pragma unroll
-        for (int k = 0; k < CPT; ++k) acc[k] += aw * static_cast<acc_t>(v[k]);
+        for (int k = 0; k < CPT; ++k) acc[k] += aw * static_cast<acc_t>(v.v[k]);
       }
     }
   }
-  scalar_t* o = out + qm * d.D + c0;
+  Vec<scalar_t, CPT> o;
 #pragma unroll
-  for (int k = 0; k < CPT; ++k) o[k] = static_cast<scalar_t>(acc[k]);
+  for (int k = 0; k < CPT; ++k) o.v[k] = static_cast<scalar_t>(acc[k]);
+  *reinterpret_cast<Vec<scalar_t, CPT>*>(out + qm * d.D + c0) = o;
 }
 
 // Sum `x` over the `width` lanes of one head (width a power of two <= 32, groups aligned in the warp).
@@ -149,8 +170,11 @@ __global__ void msda_backward_kernel(const scalar_t* __restrict__ value, const i
   const scalar_t* loc_ptr = loc + qm * d.L * d.P * 2;
   const scalar_t* attn_ptr = attn + qm * d.L * d.P;
   acc_t g[CPT];
+  {
+    const Vec<scalar_t, CPT> go = load_vec<CPT>(grad_out + qm * d.D + c0);  // qm = 0 for idle lanes: in bounds
 #pragma unroll
-  for (int k = 0; k < CPT; ++k) g[k] = valid ? static_cast<acc_t>(grad_out[qm * d.D + c0 + k]) : acc_t(0);
+    for (int k = 0; k < CPT; ++k) g[k] = valid ? static_cast<acc_t>(go.v[k]) : acc_t(0);
+  }
 
   for (int64_t l = 0; l < d.L; ++l) {
     const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
@@ -167,9 +191,14 @@ __global__ void msda_backward_kernel(const scalar_t* __restrict__ value, const i
 #pragma unroll
         for (int corner = 0; corner < 4; ++corner) {
           const bool ok = s.off[corner] >= 0;
-          const scalar_t* v = value + level_off + (ok ? s.off[corner] : 0);
+          if (ok) {
+            const Vec<scalar_t, CPT> v = load_vec<CPT>(value + level_off + s.off[corner]);
 #pragma unroll
-          for (int k = 0; k < CPT; ++k) x[corner][k] = ok ? static_cast<acc_t>(v[k]) : acc_t(0);
+            for (int k = 0; k < CPT; ++k) x[corner][k] = static_cast<acc_t>(v.v[k]);
+          } else {
+#pragma unroll
+            for (int k = 0; k < CPT; ++k) x[corner][k] = acc_t(0);
+          }
           if (ok) {
             acc_t* gv = grad_value + level_off + s.off[corner];
             const acc_t aw = a * s.w[corner];
@@ -242,12 +271,13 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value_in, const at::Ten
                                        const at::Tensor& attn_weight_in) {
   const Dims d = check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_loc_in, attn_weight_in);
   const c10::cuda::CUDAGuard guard(value_in.device());
-  const at::Tensor value = value_in.contiguous(), spatial_shapes = spatial_shapes_in.contiguous();
-  const at::Tensor level_start_index = level_start_index_in.contiguous(), sampling_loc = sampling_loc_in.contiguous();
-  const at::Tensor attn_weight = attn_weight_in.contiguous();
-  at::Tensor out = at::empty({d.N, d.Lq, d.M * d.D}, value.options());
-  if (out.numel() == 0) return out;
   const int cpt = channels_per_thread(d.D);
+  const at::Tensor value = aligned_contiguous(value_in, cpt * value_in.element_size());
+  const at::Tensor spatial_shapes = spatial_shapes_in.contiguous();
+  const at::Tensor level_start_index = level_start_index_in.contiguous();
+  const at::Tensor sampling_loc = sampling_loc_in.contiguous(), attn_weight = attn_weight_in.contiguous();
+  at::Tensor out = at::empty({d.N, d.Lq, d.M * d.D}, value.options());  // fresh allocation: aligned
+  if (out.numel() == 0) return out;
   const unsigned int blocks = num_blocks(d.N * d.Lq * d.M * (d.D / cpt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
@@ -280,15 +310,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   // grad_value is scattered with atomics: the summation order varies between runs.
   at::globalContext().alertNotDeterministic("psf_ops::ms_deform_attn_backward (CUDA)");
   const c10::cuda::CUDAGuard guard(value_in.device());
-  const at::Tensor value = value_in.contiguous(), spatial_shapes = spatial_shapes_in.contiguous();
-  const at::Tensor level_start_index = level_start_index_in.contiguous(), sampling_loc = sampling_loc_in.contiguous();
-  const at::Tensor attn_weight = attn_weight_in.contiguous();
-  const at::Tensor grad_output = grad_output_in.to(value.scalar_type()).contiguous();
+  const int cpt = channels_per_thread(d.D);
+  const int64_t align = cpt * value_in.element_size();
+  const at::Tensor value = aligned_contiguous(value_in, align);
+  const at::Tensor spatial_shapes = spatial_shapes_in.contiguous();
+  const at::Tensor level_start_index = level_start_index_in.contiguous();
+  const at::Tensor sampling_loc = sampling_loc_in.contiguous(), attn_weight = attn_weight_in.contiguous();
+  const at::Tensor grad_output = aligned_contiguous(grad_output_in.to(value.scalar_type()), align);
   const at::ScalarType acc_type = at::toOpMathType(value.scalar_type());
   at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
   at::Tensor grad_loc = at::zeros(sampling_loc.sizes(), value.options().dtype(acc_type));
   at::Tensor grad_attn = at::zeros(attn_weight.sizes(), value.options().dtype(acc_type));
-  const int cpt = channels_per_thread(d.D);
   const int64_t tph = d.D / cpt;
   const bool shuffle = is_pow2(tph) && tph <= 32;
   const int64_t threads = d.N * d.Lq * d.M * tph;

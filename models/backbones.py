@@ -116,9 +116,10 @@ class PVTv2Backbone(nn.Module):
 class SwinBackbone(nn.Module):
     """Swin-L window 7 (timm) returning stages 2-4 with one LayerNorm per output (``norm1..3``, as official).
 
-    Note: timm pads feature maps to the window size *after* the cyclic shift while the official
-    Swin-Transformer-Object-Detection code pads *before* it; outputs agree exactly only when every stage's
-    size is a multiple of 7 (documented difference).
+    Note: timm pads feature maps to the window size *after* the cyclic shift and shrinks the window for maps
+    smaller than it, while the official Swin-Transformer-Object-Detection code pads *before* the shift and always
+    uses window 7; outputs can therefore differ from the official ones for sizes that are not multiples of
+    ``4 * 7 * 2**stage`` (documented difference; names and parameter counts are identical).
     """
 
     def __init__(self, name: str = "swin_large_patch4_window7_224", drop_path_rate: float = 0.3) -> None:
@@ -128,6 +129,8 @@ class SwinBackbone(nn.Module):
         net = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
                                 strict_img_size=False, dynamic_img_size=True)
         self.patch_embed = net.patch_embed
+        # Pad the input to a multiple of the patch size, as the official Swin (not floor).
+        self.patch_embed.dynamic_img_pad = True
         self.layers = net.layers
         dims = [int(layer.blocks[0].norm1.normalized_shape[0]) for layer in net.layers]
         self.out_channels = tuple(dims[1:])

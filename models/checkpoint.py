@@ -1,7 +1,9 @@
 """Our checkpoint format and strict loading.
 
-Format: a directory holding ``model.safetensors`` (the state dict) and ``config.json`` (the
-:class:`PanopticSegFormerConfig` fields plus a ``format`` tag), or a ``X.safetensors`` file next to ``X.json``.
+Format: a directory holding ``model.safetensors`` (the state dict) and ``model.json`` (``{"format", "config":
+<PanopticSegFormerConfig fields>, "meta"}``), or a ``X.safetensors`` file next to ``X.json``. This is the layout the
+training engine writes too (``harness/engine/train.py``), so every reader accepts every writer's output; a JSON
+that is the bare config dict is accepted as well.
 Loading is always strict: any missing, unexpected or shape-mismatched key raises :class:`CheckpointMismatchError`
 listing all of them.
 """
@@ -21,7 +23,7 @@ from models.configs import PanopticSegFormerConfig
 
 FORMAT = "psf-harness/panoptic_segformer/v1"
 WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+CONFIG_NAME = "model.json"
 
 
 class CheckpointError(Exception):
@@ -94,7 +96,7 @@ def save_checkpoint(state: Mapping[str, Tensor], cfg: PanopticSegFormerConfig, p
     Args:
         state: state dict (tensors are made contiguous; shared storage is fine).
         cfg: model config.
-        path: a directory (``model.safetensors`` + ``config.json`` inside) or ``X.safetensors`` (+ ``X.json``).
+        path: a directory (``model.safetensors`` + ``model.json`` inside) or ``X.safetensors`` (+ ``X.json``).
         meta: extra JSON-able info stored under ``meta`` in the config file (e.g. the source checkpoint).
 
     Returns:
@@ -140,10 +142,26 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], Pa
     if config.is_file():
         try:
             doc = json.loads(config.read_text(encoding="utf-8"))
-            cfg = PanopticSegFormerConfig.from_dict(doc["config"])
+            cfg = PanopticSegFormerConfig.from_dict(doc["config"] if "config" in doc else doc)
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"bad config file {config}: {exc}") from exc
     return state, cfg
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    """Our training engine's ``checkpoint_last.pt``: a dict with ``model`` and ``config`` entries."""
+    try:
+        obj = torch.load(str(path), map_location="meta", weights_only=True)
+    except Exception:
+        # Our training checkpoints hold RNG state that weights_only refuses; only ``.pt`` files (our engine's
+        # suffix, never the official ``.pth`` releases) are unpickled fully.
+        if path.suffix != ".pt":
+            return False
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception:
+            return False
+    return isinstance(obj, dict) and "model" in obj and "config" in obj
 
 
 def load_model(weights: str | os.PathLike[str], model: str | None = None, **overrides: Any
@@ -151,7 +169,7 @@ def load_model(weights: str | os.PathLike[str], model: str | None = None, **over
     """Build a model and load weights strictly, from our format or an official ``.pth`` (converted on the fly).
 
     Args:
-        weights: our directory / ``.safetensors`` file, or an official ``.pth``.
+        weights: our directory / ``.safetensors`` file, our training ``checkpoint_last.pt``, or an official ``.pth``.
         model: config name (``panoptic_segformer_r50`` ...). Required for official files and for our files
             without a JSON config; for our files with a config it must agree with the stored name if given.
         overrides: config fields to override (e.g. ``num_things``); class counts of official files default to COCO.
@@ -175,6 +193,13 @@ def load_model(weights: str | os.PathLike[str], model: str | None = None, **over
         elif overrides:
             cfg = PanopticSegFormerConfig.from_dict({**cfg.to_dict(), **overrides})
         source = str(path)
+    elif looks_official(path) and _is_training_checkpoint(path):
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        cfg = PanopticSegFormerConfig.from_dict({**obj["config"], **overrides})
+        if model is not None and cfg.name != model:
+            raise CheckpointError(f"{path} holds {cfg.name!r}, not {model!r}")
+        state = obj["model"]
+        source = f"{path} (training checkpoint)"
     elif looks_official(path):
         if model is None:
             raise CheckpointError(f"{path}: an official checkpoint needs the model name (e.g. panoptic_segformer_r50)")

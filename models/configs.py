@@ -4,7 +4,8 @@
 (``configs/panformer/*.py`` of zhiqi-li/Panoptic-SegFormer); ``panoptic_segformer_tiny`` is a CPU-sized model for
 the synthetic data set. Every paper ablation is a field here, never a copy of code:
 
-* Table 6, location decoder depth: ``num_location_layers`` in {0, 1, 2, 6}; box-free: ``box_free=True``.
+* Table 6, location decoder depth: ``num_location_layers`` in {0, 1, 2, 6}; box-free ("6*", mass centres instead
+  of boxes): ``box_free=True``. With 0 layers the content queries go straight to the heads and the mask decoder.
 * Table 8, query decoupling vs joint matching: ``decouple_queries=False`` with ``num_thing_queries=353``.
 * Table B.5, mask-decoder heads 1 vs 8: ``mask_num_heads``.
 * Table 10, masks from any mask-decoder layer: every block's mask is returned by one forward.
@@ -43,7 +44,7 @@ class PanopticSegFormerConfig:
     num_encoder_layers: int = 6
     num_location_layers: int = 6  # Table 6: 0 / 1 / 2 / 6
     with_box_refine: bool = True
-    box_free: bool = False  # Table 6 "box-free": no box branches, no box loss, 2-d reference points
+    box_free: bool = False  # Table 6 "6*": the location decoder predicts mass centres, not boxes (2-d references)
     num_thing_queries: int = 300
     # Classes (taken from the data set)
     num_things: int = 80

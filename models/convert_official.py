@@ -12,8 +12,8 @@ conversion is a short table of **whole path-segment** renames (a substring repla
   ``stages.{k-1}.downsample``, ``block{k}`` -> ``stages.{k-1}.blocks``, ``norm{k}`` -> ``stages.{k-1}.norm``,
   ``mlp.dwconv.dwconv`` -> ``mlp.dwconv``;
 * Swin (official Swin-Transformer-Object-Detection -> timm): the patch merging at the end of stage ``i`` becomes
-  timm's ``layers.{i+1}.downsample``; ``relative_position_index`` buffers are dropped (constants of the window size that timm
-  recomputes as non-persistent buffers);
+  timm's ``layers.{i+1}.downsample``; ``relative_position_index`` buffers are dropped (constants of the window
+  size that timm recomputes as non-persistent buffers);
 * ResNet: identical names (torchvision = mmdet = timm).
 
 After renaming, :func:`models.checkpoint.load_state_dict_strict` loads strictly and lists every leftover.
@@ -21,6 +21,8 @@ After renaming, :func:`models.checkpoint.load_state_dict_strict` loads strictly 
 
 from __future__ import annotations
 
+import logging
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,6 +31,8 @@ import torch
 from torch import Tensor
 
 from models.checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
 
 # Whole-segment renames for the head, applied to old and new names alike (new names are fixed points).
 HEAD_RENAMES: dict[str, str] = {
@@ -39,12 +43,22 @@ HEAD_RENAMES: dict[str, str] = {
 
 
 def read_official(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read an official ``.pth`` file: ``(state_dict, meta)``. Never unpickles arbitrary objects."""
+    """Read an official ``.pth`` file: ``(state_dict, meta)``.
+
+    Loads with ``weights_only=True`` first; mmcv ``meta`` entries of other types (e.g. numpy scalars) make that
+    fail, and then the file the user named is unpickled fully, with a warning.
+    """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        log.warning("%s holds objects other than tensors (mmcv meta); loading it with weights_only=False", p)
+        try:
+            obj = torch.load(str(p), map_location="cpu", weights_only=False)
+        except Exception as exc2:
+            raise CheckpointError(f"cannot read {p} as a PyTorch checkpoint: {exc2}") from exc2
     except Exception as exc:
         raise CheckpointError(f"cannot read {p} as a PyTorch checkpoint: {exc}") from exc
     if not isinstance(obj, dict):

@@ -14,6 +14,9 @@ Faithful to the official `PanformerHead.loss` (`panformer_head.py:279-1003`, mmd
   2** in the code (`loss_cls(...) * 2`, effective 4; `double_stuff_cls=False` gives 2).
 - Mask-decoder box and thing-class losses are multiplied by 0 in the official code; they are not
   computed here (their gradient is exactly zero either way).
+- Joint matching (Table 8, `decouple_queries=False`: the location head predicts all classes and there is no
+  stuff decoder): detected from the logit width; stuff GT join the thing GT (box target = tight box of the
+  mask, our choice: the official code has no joint variant), ratios are 1.
 - Thing terms are multiplied by ``N_th / (N_th + N_st)`` and stuff terms by ``N_st / (N_th + N_st)``
   with N the batch GT counts, each clamped >= 1 (`ratio_mode="official"`). ``"none"`` uses 1 for both.
 
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from models.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou, masks_to_boxes
 from models.matcher import HungarianMatcher, resize_gt_masks
 
 __all__ = [
@@ -223,11 +226,14 @@ class PanopticCriterion(nn.Module):
         if num_layers == 0:
             raise ValueError("PanopticCriterion needs at least one location-decoder layer (box-free variant: not supported)")
 
+        joint = loc.logits.shape[-1] > self.num_things
+        if joint:
+            targets = [self._joint_targets(t) for t in targets]
         n_th = sum(int(t["thing_labels"].numel()) for t in targets)
         n_st = sum(int(t["stuff_labels"].numel()) for t in targets)
         num_pos_th = float(max(n_th, 1))
         num_pos_st = float(max(n_st, 1))
-        if cfg.ratio_mode == "official":
+        if cfg.ratio_mode == "official" and not joint:
             a, b_ = float(max(n_th, 1)), float(max(n_st, 1))
             things_ratio, stuff_ratio = a / (a + b_), b_ / (a + b_)
         else:
@@ -301,7 +307,23 @@ class PanopticCriterion(nn.Module):
                 value = layer_masks.sum() * 0
             losses[name] = value * things_ratio
 
-        # Stuff: class-fixed targets, weight 0 for absent classes.
+        # Stuff: class-fixed targets, weight 0 for absent classes (no stuff decoder with joint matching).
+        if not joint:
+            losses.update(self._stuff_losses(images, targets, masks, num_pos_st, stuff_ratio))
+
+        total = torch.stack(list(losses.values())).sum()
+        logs = {k: float(v.detach()) for k, v in losses.items()}
+        logs["loss"] = float(total.detach())
+        return total, logs
+
+    def _stuff_losses(
+        self, images: Tensor, targets: list[dict[str, Tensor]], masks: Any, num_pos_st: float, stuff_ratio: float
+    ) -> dict[str, Tensor]:
+        """Class-fixed stuff dice (every layer) and present/absent focal (every block)."""
+        cfg = self.config
+        device = images.device
+        bsz = images.shape[0]
+        losses: dict[str, Tensor] = {}
         stuff_hw = tuple(images.shape[-2:])
         stuff_tgt = images.new_zeros((bsz, self.num_stuff, *stuff_hw))
         present = torch.zeros((bsz, self.num_stuff), dtype=torch.bool, device=device)
@@ -326,11 +348,22 @@ class PanopticCriterion(nn.Module):
         for j, logits in stuff_cls_layers:
             value = sigmoid_focal_loss(logits.reshape(-1, 1), stuff_labels, cfg.focal_alpha, cfg.focal_gamma, num_pos_st)
             losses[f"d{j}.loss_cls_stuff_f"] = scale * value * stuff_ratio
+        return losses
 
-        total = torch.stack(list(losses.values())).sum()
-        logs = {k: float(v.detach()) for k, v in losses.items()}
-        logs["loss"] = float(total.detach())
-        return total, logs
+    def _joint_targets(self, t: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Joint matching (Table 8): stuff GT join the thing GT, with the tight box of their mask as box target."""
+        h, w = t["image_size"].tolist()
+        xyxy = masks_to_boxes(t["stuff_masks"]).to(t["thing_boxes"].dtype)
+        scale = xyxy.new_tensor([w, h, w, h])
+        stuff_boxes = box_xyxy_to_cxcywh(xyxy / scale)
+        return {
+            "thing_masks": torch.cat([t["thing_masks"], t["stuff_masks"].to(t["thing_masks"].dtype)]),
+            "thing_boxes": torch.cat([t["thing_boxes"], stuff_boxes]),
+            "thing_labels": torch.cat([t["thing_labels"], t["stuff_labels"]]),
+            "stuff_masks": t["stuff_masks"][:0],
+            "stuff_labels": t["stuff_labels"][:0],
+            "image_size": t["image_size"],
+        }
 
     def _mask_pair(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """Upsample predictions (N, h, w) by mask_upsample and resize targets (N, H, W) to match (bilinear)."""

@@ -71,7 +71,7 @@ class LocationOutput:
     Attributes:
         logits: ``(Ld, B, Qt, C)`` pre-sigmoid class logits per layer (C = num_things, or all classes for joint
             matching).
-        boxes: ``(Ld, B, Qt, 4)`` normalised cxcywh per layer (box-free: reference xy with zero size).
+        boxes: ``(Ld, B, Qt, 4)`` normalised cxcywh per layer (box-free: predicted mass centre, zero size).
         queries: ``(B, Qt, D)`` last-layer thing queries ``hs[-1]`` (without pos).
         reference: ``(Ld, B, Qt, 2|4)`` reference points used for each layer's box (inverse-sigmoid space input).
     """
@@ -102,9 +102,9 @@ class MaskOutput:
     stuff_queries: list[Tensor]
 
 
-def _reg_branch(d: int) -> nn.Sequential:
-    """Box MLP: Linear, ReLU, Linear, ReLU, Linear(4) (keys ``.0``, ``.2``, ``.4``)."""
-    return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 4))
+def _reg_branch(d: int, out: int = 4) -> nn.Sequential:
+    """Box MLP: Linear, ReLU, Linear, ReLU, Linear(out) (keys ``.0``, ``.2``, ``.4``); out = 2 for mass centres."""
+    return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, out))
 
 
 class PanopticHead(nn.Module):
@@ -125,13 +125,12 @@ class PanopticHead(nn.Module):
             self.cls_branches = nn.ModuleList(copy.deepcopy(fc_cls) for _ in range(num_pred))
         else:  # shared head, as mmdet does without refinement
             self.cls_branches = nn.ModuleList(fc_cls for _ in range(num_pred))
-        self.reg_branches: nn.ModuleList | None = None
-        if not cfg.box_free:
-            reg = _reg_branch(d)
-            if cfg.with_box_refine:
-                self.reg_branches = nn.ModuleList(copy.deepcopy(reg) for _ in range(num_pred))
-            else:
-                self.reg_branches = nn.ModuleList(reg for _ in range(num_pred))
+        # Box-free (Table 6 "*"): the branches predict mass centres (cx, cy); references stay 2-d.
+        reg = _reg_branch(d, 2 if cfg.box_free else 4)
+        if cfg.with_box_refine:
+            self.reg_branches = nn.ModuleList(copy.deepcopy(reg) for _ in range(num_pred))
+        else:
+            self.reg_branches = nn.ModuleList(reg for _ in range(num_pred))
         self.query_embedding = nn.Embedding(cfg.num_thing_queries, 2 * d)
         self.things_mask_head = MaskHead(d, cfg.mask_num_heads, cfg.num_thing_mask_layers, False, cfg.mask_mlp_ratio)
         self.reg_branches2 = nn.ModuleList(_reg_branch(d) for _ in range(cfg.num_thing_mask_layers))
@@ -156,11 +155,11 @@ class PanopticHead(nn.Module):
         for group in heads:
             for m in group:
                 nn.init.constant_(m.bias, bias)
-        for group in (self.reg_branches or [], self.reg_branches2):
+        for group in (self.reg_branches, self.reg_branches2):
             for m in group:
                 nn.init.zeros_(m[-1].weight)
                 nn.init.zeros_(m[-1].bias)
-        if self.reg_branches is not None:
+        if not self.cfg.box_free:
             nn.init.constant_(self.reg_branches[0][-1].bias[2:], -2.0)
 
 
@@ -220,7 +219,7 @@ class PanopticSegFormer(nn.Module):
         """Location decoder with per-layer class logits and boxes (see :class:`LocationOutput`).
 
         ``num_location_layers = 0``: the content queries go straight to the heads (one output "layer").
-        ``box_free``: no box branches; boxes are the reference centres with zero size (no box loss applies).
+        ``box_free``: the branches predict mass centres; boxes are ``(cx, cy, 0, 0)`` (train the centres with L1 only).
         """
         head = self.bbox_head
         d = self.cfg.d_model
@@ -230,7 +229,7 @@ class PanopticSegFormer(nn.Module):
         query_pos = query_pos[None].expand(b, -1, -1)
         query = query[None].expand(b, -1, -1)
         init_ref = head.transformer.reference_points(query_pos).sigmoid()
-        refine = head.reg_branches if (self.cfg.with_box_refine and head.reg_branches is not None) else None
+        refine = head.reg_branches if self.cfg.with_box_refine else None
         if self.cfg.num_location_layers > 0:
             hs, refs = head.transformer.decoder(query, query_pos, init_ref, enc.memory, enc.spatial_shapes,
                                                 enc.level_start_index, enc.valid_ratios, enc.mask, refine)
@@ -241,17 +240,16 @@ class PanopticSegFormer(nn.Module):
             ref = init_ref if lvl == 0 else refs[lvl - 1]
             used_refs.append(ref)
             logits.append(head.cls_branches[lvl](h))
-            if head.reg_branches is None:
-                xy = ref[..., :2]
-                boxes.append(torch.cat([xy, torch.zeros_like(xy)], -1))
-                continue
             tmp = head.reg_branches[lvl](h)
             inv = inverse_sigmoid(ref)
             if ref.shape[-1] == 4:
                 tmp = tmp + inv
             else:
                 tmp = torch.cat([tmp[..., :2] + inv, tmp[..., 2:]], -1)
-            boxes.append(tmp.sigmoid())
+            box = tmp.sigmoid()
+            if box.shape[-1] == 2:  # box-free: mass centre with zero size
+                box = torch.cat([box, torch.zeros_like(box)], -1)
+            boxes.append(box)
         return LocationOutput(logits=torch.stack(logits), boxes=torch.stack(boxes), queries=hs[-1],
                               reference=used_refs)
 
@@ -327,6 +325,32 @@ class PanopticSegFormer(nn.Module):
             "masks": masks,
             "image_size": enc.image_size,
         }
+
+
+def outputs_at_layer(outputs: dict[str, object], layer: int) -> dict[str, object]:
+    """Inference dict that uses mask-decoder block ``layer`` instead of the final tail (Table 10).
+
+    Block ``i`` (0-based) supplies the thing and stuff masks of that block and the stuff scores of
+    ``cls_stuff_branches[i]``, the head trained on that block (the official commented-out hook would reuse the
+    last head; reference §6.2). ``layer=-1`` returns the final (tail) outputs unchanged.
+
+    Args:
+        outputs: :meth:`PanopticSegFormer.forward` result.
+        layer: block index, or -1 for the final masks.
+    """
+    if layer == -1:
+        return dict(outputs)
+    masks = outputs["masks"]
+    assert isinstance(masks, MaskOutput)
+    n_things, n_stuff = len(masks.thing_masks) - 1, len(masks.stuff_masks) - 1
+    if not 0 <= layer < n_things or (masks.stuff_logits and not layer < n_stuff):
+        raise ValueError(f"layer {layer} out of range: {n_things} thing and {n_stuff} stuff mask-decoder blocks")
+    out = dict(outputs)
+    out["thing_masks"] = masks.thing_masks[layer]
+    if masks.stuff_logits:
+        out["stuff_masks"] = masks.stuff_masks[layer]
+        out["stuff_scores"] = masks.stuff_logits[layer].sigmoid()
+    return out
 
 
 def build_model(cfg: PanopticSegFormerConfig) -> PanopticSegFormer:

@@ -171,6 +171,7 @@ def mask_wise_merge(
     beta: float = 2.0,
     mask_threshold: float = 0.5,
     plus_one: bool = True,
+    stable: bool = False,
 ) -> PanopticResult:
     """Mask-wise merging "(m)", exactly as the official code (see the module docstring).
 
@@ -185,19 +186,22 @@ def mask_wise_merge(
         alpha / beta: exponents of the class score and of the mask score (Eq. 6; Table B.3).
         mask_threshold: binarisation threshold of the raw mask values.
         plus_one: official "+1" in the mask-score denominator; False gives the paper's plain mean.
+        stable: stable sort (ties keep the input order, things first). Default False, as official.
 
     Returns:
         PanopticResult with the sorted candidate list (scores, labels, masks at out_size).
     """
     masks = _resize(cands.masks, out_size)
     seg = masks > mask_threshold
-    count = seg.flatten(1).sum(1).float()
-    mask_score = (masks * seg).flatten(1).sum(1) / (count + 1.0 if plus_one else count.clamp(min=1.0))
+    # Same expressions and reduction order as the official code, so float32 results agree bit for bit.
+    count = seg.sum((1, 2)).float()
+    mask_score = (masks * seg.float()).sum((1, 2)) / (count + 1 if plus_one else count.clamp(min=1.0))
     scores = cands.scores.float()
-    # alpha == 1 multiplies by the score itself, bit for bit as the official `scores_all *= seg_scores**2`.
-    rescored = (scores if alpha == 1.0 else scores.pow(alpha)) * mask_score.pow(beta)
-    # Stable sort: ties keep the candidate order (things before stuff) on every platform.
-    rescored, order = torch.sort(rescored, descending=True, stable=True)
+    # alpha == 1 multiplies by the score itself, as the official `scores_all *= seg_scores**2`.
+    rescored = (scores if alpha == 1.0 else scores**alpha) * mask_score**beta
+    # The official call (`torch.sort(descending=True)`, not stable): tied scores (e.g. the many 0.0 of empty
+    # masks) then come out in the same order as the official code on the same torch build and device.
+    rescored, order = torch.sort(rescored, descending=True, stable=stable)
     masks, seg, labels = masks[order], seg[order], cands.labels[order]
 
     filled = torch.zeros(out_size, dtype=torch.bool)

@@ -20,7 +20,8 @@ from models.configs import get_config, panoptic_segformer_tiny
 from models.convert_official import HEAD_RENAMES, convert_state_dict, to_official_names
 from models.panoptic_segformer import PanopticSegFormer
 
-KEYS_DIR = Path("/work/shared/reference/checkpoint_keys")
+# Key/shape lists of the official module tree (copied from the project reference, checkpoint_keys/).
+KEYS_DIR = Path(__file__).resolve().parent / "data" / "checkpoint_keys"
 FILES = {
     "panoptic_segformer_r50": "panoptic_segformer_r50.txt",
     "panoptic_segformer_r101": "panoptic_segformer_r101.txt",
@@ -60,8 +61,6 @@ def _meta_state(keys: dict[str, list[int]]) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("naming", ["new", "old"])
 def test_official_key_lists_load_strictly(model_name: str, naming: str) -> None:
     """Every key and shape of the official layout maps onto our model, nothing left over (meta tensors)."""
-    if not KEYS_DIR.is_dir():
-        pytest.skip("checkpoint key lists not available")
     keys = read_key_list(KEYS_DIR / FILES[model_name])
     if naming == "old":
         keys = to_old_names(keys)
@@ -82,8 +81,6 @@ def test_official_key_lists_load_strictly(model_name: str, naming: str) -> None:
 
 def test_r50_values_land_in_the_right_modules() -> None:
     """Real tensors through the converter: each official tensor ends up in the module of the same role."""
-    if not KEYS_DIR.is_dir():
-        pytest.skip("checkpoint key lists not available")
     keys = to_old_names(read_key_list(KEYS_DIR / FILES["panoptic_segformer_r50"]))
     g = torch.Generator().manual_seed(0)
     state = {k: (torch.randn(s, generator=g) if s else torch.tensor(7)) for k, s in keys.items()}
@@ -92,7 +89,8 @@ def test_r50_values_land_in_the_right_modules() -> None:
     head = model.bbox_head
     assert torch.equal(head.stuff_mask_head.blocks[5].self_attention.qkv.weight,
                        state["bbox_head.mask_head2.blocks.5.self_attention.qkv.weight"])
-    assert torch.equal(head.things_mask_head.attnen.linear[0].weight, state["bbox_head.mask_head.attnen.linear.0.weight"])
+    assert torch.equal(head.things_mask_head.attnen.linear[0].weight,
+                       state["bbox_head.mask_head.attnen.linear.0.weight"])
     assert torch.equal(head.cls_thing_branches[3].bias, state["bbox_head.cls_branches2.3.bias"])
     assert torch.equal(head.transformer.decoder.layers[2].attentions[0].attn.in_proj_weight,
                        state["bbox_head.transformer.decoder.layers.2.attentions.0.attn.in_proj_weight"])
@@ -143,7 +141,7 @@ def test_convert_cli_roundtrip(tmp_path: Path) -> None:
     out = tmp_path / "ours"
     assert main(["convert", "-q", "--from", "official-psf", "--model", "panoptic_segformer_tiny",
                  "--in", str(pth), "--out", str(out)]) == 0
-    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "model.json").is_file()
     state, cfg = read_checkpoint(out)
     assert cfg is not None and cfg.name == "panoptic_segformer_tiny"
     loaded, _ = load_model(out)
@@ -157,7 +155,7 @@ def test_convert_cli_roundtrip(tmp_path: Path) -> None:
             assert torch.equal(got["stuff_masks"], ref["stuff_masks"])
 
 
-def test_convert_cli_mismatch_exits_2(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_convert_cli_mismatch_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, pth = _official_tiny(tmp_path)
     sd = torch.load(pth, weights_only=True)
     sd["state_dict"].pop("bbox_head.cls_stuff_branches.1.bias")
@@ -165,12 +163,19 @@ def test_convert_cli_mismatch_exits_2(tmp_path: Path, caplog: pytest.LogCaptureF
     torch.save(sd, pth)
     rc = main(["convert", "--model", "panoptic_segformer_tiny", "--in", str(pth), "--out", str(tmp_path / "o")])
     assert rc == 2
-    assert "bbox_head.cls_stuff_branches.1.bias" in caplog.text and "bbox_head.surprise.weight" in caplog.text
+    err = capsys.readouterr().err
+    assert "bbox_head.cls_stuff_branches.1.bias" in err and "bbox_head.surprise.weight" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "o").exists()
-    # A checkpoint of another model: shape mismatches are listed.
+    # A checkpoint of another class count: the shape mismatches are listed.
+    _, pth = _official_tiny(tmp_path)
+    rc = main(["convert", "--model", "panoptic_segformer_tiny", "--num-things", "5", "--in", str(pth),
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "shape mismatches" in err and "bbox_head.cls_branches.0.weight" in err
     rc = main(["convert", "--model", "panoptic_segformer_tiny", "--in", str(tmp_path / "missing.pth"),
                "--out", str(tmp_path / "o")])
-    assert rc == 2 and "missing.pth" in caplog.text
+    assert rc == 2 and "missing.pth" in capsys.readouterr().err
 
 
 def test_save_load_our_format_single_file(tmp_path: Path) -> None:
@@ -182,3 +187,15 @@ def test_save_load_our_format_single_file(tmp_path: Path) -> None:
     assert cfg2 == cfg
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_reads_the_training_engines_weights(tmp_path: Path) -> None:
+    """`harness train` writes model.safetensors + model.json; our loader (and so `predict`) reads it."""
+    from harness.engine.train import save_weights
+
+    model = PanopticSegFormer(panoptic_segformer_tiny(num_things=2, num_stuff=2)).eval()
+    save_weights(model, tmp_path)
+    for path in (tmp_path, tmp_path / "model.safetensors"):
+        loaded, cfg = load_model(path)
+        assert cfg == model.cfg
+        assert torch.equal(loaded.bbox_head.stuff_query.weight, model.bbox_head.stuff_query.weight)

@@ -155,6 +155,24 @@ def test_glass_blur_numba_equals_python_loop():
     assert not np.array_equal(outs[0], base)
 
 
+def test_fast_brightness_saturate_bit_identical_on_colour_grid(reference):
+    """Float-level identity (before upstream's uint8 truncation) on 64^3 colours incl. grey and ties."""
+    from PIL import Image
+
+    from harness.corruptions import fast
+
+    levels = np.array([0, 1, 2, 3, 63, 64, 127, 128, 129, 191, 250, 252, 253, 254, 255] + list(range(4, 250, 5)),
+                      dtype=np.uint8)
+    r, g, b = np.meshgrid(levels, levels, levels, indexing="ij")
+    grid = np.ascontiguousarray(np.stack([r, g, b], -1).reshape(len(levels) ** 2, len(levels), 3))
+    for severity in range(1, 6):
+        for name in ("brightness", "saturate"):
+            ref = getattr(reference.corruptions, name)(Image.fromarray(grid), severity)
+            assert np.array_equal(getattr(fast, name)(Image.fromarray(grid), severity), ref), (name, severity)
+    a = fast.hsv_adjust(grid, 1, 5.0, 0.1, use_numba=True)
+    assert np.array_equal(a, fast.hsv_adjust(grid, 1, 5.0, 0.1, use_numba=False))
+
+
 def test_input_and_global_rng_untouched():
     image = PHOTOS["coffee"]()
     before = image.copy()

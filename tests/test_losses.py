@@ -166,3 +166,62 @@ def test_criterion_gt_matching_swaps_query_order() -> None:
     assert logs["loss_mask_things"] == pytest.approx(0.5 * 2 * dice, rel=1e-5)
     # Box conversions used by the GIoU loss stay consistent.
     assert box_cxcywh_to_xyxy(torch.tensor([0.25, 0.25, 0.5, 0.5])).tolist() == [0.0, 0.0, 0.5, 0.5]
+
+
+def _real_batch(root, num_things: int, cfg, n: int = 2):
+    from harness.data.coco_panoptic import PanopticDataset
+    from harness.engine.data import AugmentConfig, augment, collate, item_from_sample
+
+    ds = PanopticDataset(root, "train2017")
+    rng = np.random.default_rng(0)
+    items = [augment(item_from_sample(ds[i], ds), AugmentConfig(enabled=False), cfg.test_scale, rng) for i in range(n)]
+    return collate(items, num_things, cfg.pixel_mean, cfg.pixel_std)
+
+
+@pytest.mark.parametrize("decouple", [True, False])
+def test_criterion_on_tiny_model(synth_root, decouple: bool) -> None:
+    from harness.data.coco_panoptic import PanopticDataset
+    from models.configs import panoptic_segformer_tiny
+    from models.panoptic_segformer import PanopticSegFormer
+
+    cats = PanopticDataset(synth_root, "train2017").categories
+    over = {} if decouple else {"decouple_queries": False, "num_thing_queries": 66}
+    cfg = panoptic_segformer_tiny(num_things=cats.num_things, num_stuff=cats.num_stuff, test_scale=(128, 128), **over)
+    torch.manual_seed(0)
+    model = PanopticSegFormer(cfg)
+    images, pad_mask, targets = _real_batch(synth_root, cats.num_things, cfg)
+    assert pad_mask.any()  # two image sizes: the batch is padded
+    total, logs = PanopticCriterion(cats.num_things, cats.num_stuff)(model, images, pad_mask, targets)
+    ld, tm, sm = cfg.num_location_layers, cfg.num_thing_mask_layers, cfg.num_stuff_mask_layers
+    expected = {f"d{i}.loss_{k}" for i in range(ld) for k in ("cls", "l1", "giou")}
+    expected |= {"loss_mask_things"} | {f"d{i}.loss_mask_things_f" for i in range(tm)}
+    if decouple:
+        expected |= {"loss_mask_stuff"} | {f"d{i}.loss_mask_stuff_f" for i in range(sm)}
+        expected |= {f"d{i}.loss_cls_stuff_f" for i in range(sm)}
+    assert set(logs) - {"loss"} == expected
+    assert torch.isfinite(total)
+    total.backward()
+    head = model.bbox_head
+    assert head.cls_branches[-1].weight.grad.abs().sum() > 0
+    assert head.things_mask_head.parameters().__next__().grad is not None
+    # Mask-decoder thing classes are weighted 0 officially: no gradient reaches them.
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in head.cls_thing_branches.parameters())
+    if decouple:
+        assert head.cls_stuff_branches[-1].weight.grad.abs().sum() > 0
+
+
+def test_joint_targets_use_tight_stuff_boxes() -> None:
+    crit = PanopticCriterion(2, 2)
+    stuff = torch.zeros(1, 10, 20, dtype=torch.bool)
+    stuff[0, 2:6, 4:14] = True  # rows 2-5, cols 4-13 -> xyxy (4, 2, 14, 6)
+    t = {
+        "thing_masks": torch.zeros(0, 10, 20, dtype=torch.bool),
+        "thing_boxes": torch.zeros(0, 4),
+        "thing_labels": torch.zeros(0, dtype=torch.long),
+        "stuff_masks": stuff,
+        "stuff_labels": torch.tensor([3]),
+        "image_size": torch.tensor([10, 20]),
+    }
+    j = crit._joint_targets(t)
+    assert j["thing_labels"].tolist() == [3] and j["stuff_labels"].numel() == 0
+    torch.testing.assert_close(j["thing_boxes"], torch.tensor([[9 / 20, 4 / 10, 10 / 20, 4 / 10]]))

@@ -15,11 +15,10 @@ from models.configs import (
     get_config,
     panoptic_segformer_tiny,
 )
-from models.panoptic_segformer import PanopticSegFormer, count_parameters
+from models.panoptic_segformer import PanopticSegFormer, count_parameters, outputs_at_layer
 
-KEYS_DIR = Path("/work/shared/reference/checkpoint_keys")
-if not KEYS_DIR.is_dir():  # the repository copy, when the shared folder is not mounted
-    KEYS_DIR = Path(__file__).resolve().parents[1] / "shared" / "reference" / "checkpoint_keys"
+# Key/shape lists of the official module tree (copied from the project reference, checkpoint_keys/).
+KEYS_DIR = Path(__file__).resolve().parent / "data" / "checkpoint_keys"
 
 OFFICIAL = {
     "panoptic_segformer_r50": "r50",
@@ -47,12 +46,13 @@ def _header(name: str) -> dict[str, int]:
 @pytest.mark.parametrize("model_name", sorted(OFFICIAL))
 def test_official_parameter_counts(model_name: str) -> None:
     """Total parameters and per-module state-dict numel equal the official module tree (reference §5.3)."""
-    if not KEYS_DIR.is_dir():
-        pytest.skip("checkpoint key lists not available")
+    exact = {"panoptic_segformer_r50": 51_271_900, "panoptic_segformer_r101": 70_264_028,
+             "panoptic_segformer_pvtv2_b5": 104_996_188, "panoptic_segformer_swin_l": 221_352_624}
     header = _header(OFFICIAL[model_name])
+    assert header["params"] == exact[model_name]
     with torch.device("meta"):
         model = PanopticSegFormer(get_config(model_name))
-    assert count_parameters(model) == header["params"]
+    assert count_parameters(model) == exact[model_name]
     state = model.state_dict()
     for prefix, numel in header.items():
         if prefix in ("params", "backbone"):
@@ -120,6 +120,14 @@ def test_per_layer_shapes() -> None:
     assert torch.allclose(out["thing_scores"], top)
     assert torch.equal(out["thing_labels"], idx % 6) and torch.equal(out["thing_query_index"], idx // 6)
     assert torch.allclose(out["stuff_scores"], masks.stuff_logits[-1].sigmoid())
+    # Table 10: outputs of an earlier block.
+    first = outputs_at_layer(out, 0)
+    assert torch.equal(first["thing_masks"], masks.thing_masks[0]) and torch.equal(first["stuff_masks"],
+                                                                                   masks.stuff_masks[0])
+    assert torch.equal(first["stuff_scores"], masks.stuff_logits[0].sigmoid())
+    assert outputs_at_layer(out, -1)["thing_masks"] is out["thing_masks"]
+    with pytest.raises(ValueError, match="out of range"):
+        outputs_at_layer(out, 2)
 
 
 def test_mask_logits_from_attention_branch() -> None:
@@ -162,8 +170,8 @@ def test_variants_run(overrides: dict[str, object], ld: int, width: int) -> None
     assert loc.logits.shape[0] == ld and loc.logits.shape[-1] == width
     assert out["thing_masks"].shape[-2:] == (8, 12)
     if overrides.get("box_free"):
-        assert model.bbox_head.reg_branches is None
-        assert torch.all(loc.boxes[..., 2:] == 0)
+        assert model.bbox_head.reg_branches[0][-1].out_features == 2  # mass centres
+        assert torch.all(loc.boxes[..., 2:] == 0) and torch.all((loc.boxes[..., :2] > 0) & (loc.boxes[..., :2] < 1))
     if overrides.get("decouple_queries") is False:
         assert model.bbox_head.stuff_mask_head is None and out["stuff_masks"].shape[1] == 0
     if overrides.get("with_box_refine") is False:
@@ -246,3 +254,48 @@ def test_frozen_backbone_parts() -> None:
     assert not bb.layer3[0].bn1.weight.requires_grad
     model.train()
     assert not bb.layer3[0].bn1.training and model.bbox_head.training
+
+
+def test_sine_position_encoding_hand_computed() -> None:
+    """mmdet layout: cat(pos_y, pos_x); sin/cos interleaved; (cumsum - 0.5) / extent * 2 pi."""
+    import math
+
+    from models.position_encoding import SinePositionalEncoding
+
+    mask = torch.zeros(1, 2, 3, dtype=torch.bool)
+    mask[0, :, 2] = True  # last column padded: the valid width is 2
+    pos = SinePositionalEncoding(num_feats=4)(mask)
+    assert pos.shape == (1, 8, 2, 3)
+    y = (1 + 1 - 0.5) / (2 + 1e-6) * 2 * math.pi  # row 1
+    x = (1 - 0.5) / (2 + 1e-6) * 2 * math.pi  # column 0
+    dim_t = [1.0, 1.0, 100.0, 100.0]  # 10000 ** (2 * (k // 2) / 4)
+    want = [math.sin(y / dim_t[0]), math.cos(y / dim_t[1]), math.sin(y / dim_t[2]), math.cos(y / dim_t[3]),
+            math.sin(x / dim_t[0]), math.cos(x / dim_t[1]), math.sin(x / dim_t[2]), math.cos(x / dim_t[3])]
+    assert torch.allclose(pos[0, :, 1, 0], torch.tensor(want), atol=1e-6)
+
+
+def test_encoder_reference_points_and_valid_ratios() -> None:
+    """Pixel centres normalised by the valid extent, then scaled by each level's valid ratio."""
+    from models.transformer import DeformableTransformer, Encoder
+
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, :, 2:] = True
+    ratio = DeformableTransformer.get_valid_ratio(mask)
+    assert ratio.tolist() == [[0.5, 1.0]]
+    ref = Encoder.get_reference_points(torch.tensor([[4, 4]]), ratio[:, None])
+    # Pixel (row 1, col 1): x = 1.5 / (0.5 * 4) * 0.5 = 0.375 = 1.5 / 4 in padded units; y = 1.5 / 4.
+    assert torch.allclose(ref[0, 5, 0], torch.tensor([0.375, 0.375]))
+
+
+def test_neck_extra_level_reads_raw_c5() -> None:
+    from models.neck import ChannelMapper
+
+    torch.manual_seed(0)
+    neck = ChannelMapper((8, 16, 32), 16, 4, gn_groups=4).eval()
+    feats = [torch.randn(1, 8, 16, 16), torch.randn(1, 16, 8, 8), torch.randn(1, 32, 4, 4)]
+    outs = neck(feats)
+    assert [tuple(o.shape) for o in outs] == [(1, 16, 16, 16), (1, 16, 8, 8), (1, 16, 4, 4), (1, 16, 2, 2)]
+    assert all(c.conv.bias is None for c in neck.convs) and neck.extra_convs[0].conv.in_channels == 32
+    with torch.no_grad():
+        neck.convs[2].conv.weight.zero_()  # the mapped C5 changes, the stride-64 level must not
+    assert torch.equal(neck(feats)[3], outs[3])

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, choices=MODELS, help="model config the checkpoint belongs to")
     parser.add_argument("--in", dest="input", required=True, help="official .pth file")
     parser.add_argument("--out", required=True,
-                        help="output folder (model.safetensors + config.json) or a path ending in .safetensors")
+                        help="output folder (model.safetensors + model.json) or a path ending in .safetensors")
     parser.add_argument("--num-things", type=int, default=80, help="thing classes (default: COCO 80)")
     parser.add_argument("--num-stuff", type=int, default=53, help="stuff classes (default: COCO 53)")
 

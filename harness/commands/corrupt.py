@@ -11,7 +11,7 @@ from harness.errors import UserError
 HELP = "generate COCO-C corrupted images (resumable, shardable) or a preview sheet"
 DESCRIPTION = """\
 Generate corrupted copies of a folder of images: OUT/<corruption>/<severity>/<stem>.png, plus
-OUT/manifest.json (seed rule, channel order, format) and OUT/manifest.csv (file, seed, sha256, time).
+OUT/manifest.json (seed rule, channel order, format) and OUT/manifest.csv (file, seed, sha256, seconds, time).
 
 Each output is seeded by (image file name, corruption, severity) alone, so a killed run re-run with
 the same command completes byte-identically, and --shard i/n (0-based) splits the images across
@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corruptions", default="all",
                         help="all | blur | noise | digital | weather | name,name,... (default: all 16)")
     parser.add_argument("--severities", default="1-5", help="e.g. 1-5, 3 or 1,3,5 (default: 1-5)")
-    parser.add_argument("--subset", type=int, metavar="N", help="deterministic subset of N annotated images (needs --ann)")
+    parser.add_argument("--subset", type=int, metavar="N",
+                        help="deterministic subset of N annotated images (needs --ann)")
     parser.add_argument("--subset-seed", type=int, default=0, metavar="S", help="seed of the subset rule (default: 0)")
     parser.add_argument("--workers", type=int, default=1, metavar="K", help="worker processes (default: 1)")
     parser.add_argument("--shard", default="0/1", metavar="i/n", help="do shard i of n (0-based), e.g. 3/8")

@@ -108,7 +108,7 @@ def _print_table(report: dict[str, Any]) -> None:
     print("multi-scale deformable attention backends:")
     for b in report["backends"]:
         state = "available" if b["available"] else ("built, unusable here" if b["built"] else "unavailable")
-        print(f"  {b['name']:<8} {state:<21} {b['reason']}")
+        print(f"  {b['name']:<8} {state:<21} {b['reason']}".rstrip())
     dflt = report["default_backend"]
     print(f"  backend=None uses: cpu -> {dflt['cpu']}" + (f", cuda -> {dflt['cuda']}" if dflt["cuda"] else ""))
 

@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON with a COCO 'categories' list (default: COCO panoptic when the class counts match)")
     parser.add_argument("--num-things", type=int, default=None, help="thing classes of an official checkpoint")
     parser.add_argument("--num-stuff", type=int, default=None, help="stuff classes of an official checkpoint")
+    parser.add_argument("--mask-layer", type=int, default=-1,
+                        help="take masks from mask-decoder block N (0-based; Table 10) instead of the final tail")
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay picture")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -123,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from harness.io import atomic_write, atomic_write_bytes, atomic_write_json
     from harness.logging_utils import progress_disabled
     from models.checkpoint import CheckpointError, load_model
+    from models.panoptic_segformer import outputs_at_layer
 
     try:
         from models.postprocess import candidates_from_outputs, post_process
@@ -169,6 +172,10 @@ def run(args: argparse.Namespace) -> int:
         x = torch.from_numpy(prep.image)[None].to(device)
         with torch.no_grad():
             outputs = model(x)
+            try:
+                outputs = outputs_at_layer(outputs, args.mask_layer)
+            except ValueError as exc:
+                raise UserError(f"--mask-layer: {exc}") from exc
             cands = candidates_from_outputs(outputs, 0, cfg.num_things)
             result = post_process(args.post_process, cands, cfg.num_things, prep.ori_shape,
                                   **_method_options(args.post_process, cfg))

@@ -12,8 +12,10 @@ Seed rule (version ``SEED_RULE``): ``corruption_seed(file_name, corruption, seve
 where ``file_name`` is the image's base name as in the COCO JSON (e.g. ``000000000139.jpg``). Any
 single image can therefore be regenerated alone, in any order, in any process.
 
-Not thread-safe: the upstream code draws from numpy's global RNG, which `corrupt` seeds and
-restores around each call. Use processes (the runner does), not threads.
+Threads: the upstream code draws from numpy's global RNG, which `corrupt` seeds and restores
+around each call under a lock, so concurrent `corrupt` calls are serialised and correct, but code in
+other threads that uses the global RNG at the same time would disturb it (and be disturbed). Use
+processes for parallelism (the runner does).
 """
 
 from __future__ import annotations
@@ -137,7 +139,9 @@ def parse_severities(spec: str) -> list[int]:
         try:
             if "-" in token:
                 lo, hi = (int(v) for v in token.split("-", 1))
-                values = list(range(lo, hi + 1)) if lo <= hi else [lo, hi]
+                if lo > hi:
+                    raise ValueError(token)
+                values = list(range(lo, hi + 1))
             else:
                 values = [int(token)]
         except ValueError:

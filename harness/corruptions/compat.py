@@ -19,7 +19,8 @@ replaced in the copy's dispatch tables:
   even after ``np.random.seed``. Ours draws one integer from the global numpy RNG and passes it as
   ``rng`` to the same ``skimage.util.random_noise(mode='s&p', amount=c)`` call: deterministic for a
   seed, same distribution (same expected fraction of changed pixels), not the same bytes.
-* ``glass_blur``: byte-identical compiled version from :mod:`harness.corruptions.fast`.
+* ``glass_blur``, ``brightness``, ``saturate``: byte-identical compiled versions from
+  :mod:`harness.corruptions.fast` (speed only).
 
 Everything else is the upstream code, called through the upstream ``corrupt`` entry point.
 """
@@ -27,6 +28,7 @@ Everything else is the upstream code, called through the upstream ``corrupt`` en
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 import threading
@@ -39,6 +41,7 @@ import numpy as np
 PACKAGE = "imagecorruptions"
 EXPECTED_VERSION = "1.1.2"
 _PRIVATE_NAME = "_psf_imagecorruptions"
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _loaded: types.ModuleType | None = None
 
@@ -165,16 +168,22 @@ def upstream() -> types.ModuleType:
     """The patched private copy used by :func:`harness.corruptions.corrupt` (loaded once).
 
     On top of :func:`load_private_copy` it installs the seeded ``impulse_noise`` and the
-    compiled ``glass_blur``.
+    compiled ``glass_blur``, ``brightness`` and ``saturate``.
     """
     global _loaded
     with _lock:
         if _loaded is None:
-            from harness.corruptions.fast import glass_blur
+            from harness.corruptions import fast
 
+            version = installed_version()
+            if version != EXPECTED_VERSION:
+                log.warning("imagecorruptions %s installed, %s expected: outputs may differ from COCO-C",
+                            version, EXPECTED_VERSION)
             package = load_private_copy()
             _replace(package, "impulse_noise", _seeded_impulse_noise(package.corruptions))
-            _replace(package, "glass_blur", glass_blur)
+            _replace(package, "glass_blur", fast.glass_blur)
+            _replace(package, "brightness", fast.brightness)
+            _replace(package, "saturate", fast.saturate)
             _loaded = package
     return _loaded
 

@@ -67,7 +67,9 @@ def _get(sample: Any, key: str) -> Any:
             raise UserError(f"sample dict lacks key {key!r} needed for on-the-fly corruption")
         return sample[key]
     if not hasattr(sample, key):
-        raise UserError(f"sample of type {type(sample).__name__} lacks attribute {key!r} needed for on-the-fly corruption")
+        raise UserError(
+            f"sample of type {type(sample).__name__} lacks attribute {key!r} needed for on-the-fly corruption"
+        )
     return getattr(sample, key)
 
 

@@ -40,7 +40,7 @@ FORMATS: tuple[str, ...] = ("png", "jpg")
 JPEG_QUALITY = 95
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 HEADER_NAME = "manifest.json"
-MANIFEST_FIELDS = ("file", "image", "corruption", "severity", "seed", "sha256", "seconds")
+MANIFEST_FIELDS = ("file", "image", "corruption", "severity", "seed", "sha256", "seconds", "written_utc")
 SUBSET_RULE = "sorted image ids, permuted with numpy.random.default_rng(S).permutation, first N taken, re-sorted"
 _FLUSH_SECONDS = 30.0
 
@@ -134,7 +134,9 @@ def output_relpath(corruption: str, severity: int, file_name: str, fmt: str) -> 
     return f"{corruption}/{int(severity)}/{stem}.{fmt}"
 
 
-def output_path(out_dir: str | os.PathLike[str], corruption: str, severity: int, file_name: str, fmt: str = "png") -> Path:
+def output_path(
+    out_dir: str | os.PathLike[str], corruption: str, severity: int, file_name: str, fmt: str = "png"
+) -> Path:
     """Absolute path of one output (see `output_relpath`)."""
     return Path(out_dir) / output_relpath(corruption, severity, file_name, fmt)
 
@@ -171,9 +173,17 @@ def load_annotations(path: Path) -> dict[str, Any]:
 
 
 def list_images(images_dir: Path, annotations: dict[str, Any] | None) -> list[ImageEntry]:
-    """The sorted image list: annotated images by id, else every image file in `images_dir` by name."""
+    """The sorted image list: annotated images by id, else every image file in `images_dir` by name.
+
+    With annotations, an image counts when it has an entry in ``annotations`` (or every entry of
+    ``images`` when the JSON has no ``annotations`` list, e.g. a test-split image list).
+    """
     if annotations is not None:
-        entries = [ImageEntry(int(img["id"]), str(img["file_name"])) for img in annotations["images"]]
+        images = annotations["images"]
+        if isinstance(annotations.get("annotations"), list):
+            annotated = {a.get("image_id") for a in annotations["annotations"] if isinstance(a, dict)}
+            images = [img for img in images if img["id"] in annotated]
+        entries = [ImageEntry(int(img["id"]), str(img["file_name"])) for img in images]
         return sorted(entries, key=lambda e: e.image_id)
     names = sorted(p.name for p in Path(images_dir).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     return [ImageEntry(i, n) for i, n in enumerate(names)]
@@ -309,6 +319,17 @@ def write_manifest(path: Path, rows: dict[str, dict[str, str]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def _manifest_row(file_name: str, corruption: str, severity: int, fmt: str, sha256: str, seconds: str,
+                  written: float) -> dict[str, str]:
+    """One manifest row; `seconds` is empty for outputs recovered after a kill (time unknown)."""
+    return {
+        "file": output_relpath(corruption, severity, file_name, fmt), "image": file_name,
+        "corruption": corruption, "severity": str(severity),
+        "seed": str(corruption_seed(file_name, corruption, severity)),
+        "sha256": sha256, "seconds": seconds, "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(written)),
+    }
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()
@@ -345,7 +366,11 @@ class ImageJob:
     channel_order: str
 
 
-def process_image(job: ImageJob) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
+# (manifest rows written, failures as (image path, message)) of one image.
+JobResult = tuple[list[dict[str, str]], list[tuple[str, str]]]
+
+
+def process_image(job: ImageJob) -> JobResult:
     """Read one image and write its pending outputs; returns (manifest rows, failures).
 
     Runs in worker processes, so it never raises for bad data: failures are returned.
@@ -365,13 +390,11 @@ def process_image(job: ImageJob) -> tuple[list[dict[str, str]], list[tuple[str, 
             data = encode_image(out, job.fmt)
             atomic_write_bytes(Path(job.out_dir) / rel, data)
         except Exception as exc:  # one bad output must not lose the others
-            failures.append((job.path, f"{job.path}: {corruption} severity {severity} failed ({type(exc).__name__}: {exc})"))
+            message = f"{job.path}: {corruption} severity {severity} failed ({type(exc).__name__}: {exc})"
+            failures.append((job.path, message))
             continue
-        rows.append({
-            "file": rel, "image": job.file_name, "corruption": corruption, "severity": str(severity),
-            "seed": str(seed), "sha256": hashlib.sha256(data).hexdigest(),
-            "seconds": f"{time.perf_counter() - start:.4f}",
-        })
+        rows.append(_manifest_row(job.file_name, corruption, severity, job.fmt, hashlib.sha256(data).hexdigest(),
+                                  f"{time.perf_counter() - start:.4f}", time.time()))
     return rows, failures
 
 
@@ -434,9 +457,8 @@ def run(config: RunConfig) -> RunSummary:
             if target.exists():
                 summary.skipped += 1
                 if rel not in rows:  # finished by a killed run after its last manifest flush
-                    rows[rel] = {"file": rel, "image": e.file_name, "corruption": c, "severity": str(s),
-                                 "seed": str(corruption_seed(e.file_name, c, s)), "sha256": sha256_file(target),
-                                 "seconds": ""}
+                    rows[rel] = _manifest_row(e.file_name, c, s, config.fmt, sha256_file(target), "",
+                                              target.stat().st_mtime)
             else:
                 pending.append((c, s))
         if pending:
@@ -454,7 +476,7 @@ def run(config: RunConfig) -> RunSummary:
 
             # spawn: workers must not inherit OpenCV/OpenMP thread pools from the parent.
             pool = mp.get_context("spawn").Pool(min(config.workers, len(jobs)), initializer=_worker_init)
-            results: Iterable[tuple[list[dict[str, str]], list[tuple[str, str]]]] = pool.imap_unordered(process_image, jobs)
+            results: Iterable[JobResult] = pool.imap_unordered(process_image, jobs)
         else:
             results = map(process_image, jobs)
         for new_rows, failures in results:

@@ -6,7 +6,7 @@ every parameter, lr x0.1 for parameters whose name contains `backbone`, `samplin
 no warm-up, total batch 8 (1 per GPU). Here the schedule is counted in iterations.
 
 Outputs in `out_dir`:
-- `checkpoint_last.pt`: model + optimiser + scheduler + RNG state + history, written atomically every
+- `checkpoint_last.pt`: model + optimiser + RNG state + history, written atomically every
   `checkpoint_every` iterations; a re-run with the same `out_dir` resumes from it.
 - `model.safetensors` + `model.json` (our weights format: tensors + the model config) at the end.
 - `train_log.csv`: iteration, loss terms, learning rate, seconds per iteration.
@@ -176,8 +176,6 @@ def train(
             f"model config has {model_cfg.num_things} thing / {model_cfg.num_stuff} stuff classes but "
             f"{dataset.json_path} has {cats.num_things} / {cats.num_stuff}"
         )
-    if not model_cfg.decouple_queries:
-        raise UserError("training with joint matching (decouple_queries=False) is not supported by the criterion yet")
 
     torch.manual_seed(cfg_t.seed)
     model = PanopticSegFormer(model_cfg).to(device)
@@ -189,8 +187,10 @@ def train(
     loss_cfg = dataclasses.replace(cfg_t.loss, use_boxes=not model_cfg.box_free)
     criterion = PanopticCriterion(cats.num_things, cats.num_stuff, HungarianMatcher(matcher_cfg), loss_cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg_t), lr=cfg_t.lr, weight_decay=cfg_t.weight_decay)
+    # Step decay computed from the iteration (not a scheduler object), so a resumed run with another
+    # --iters follows the new schedule.
     drop_at = max(1, int(round(iters * cfg_t.lr_drop)))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[drop_at], gamma=0.1)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     aug_cfg = cfg_t.augment
     if aug_cfg is None:
         aug_cfg = AugmentConfig().scaled(min(model_cfg.test_scale) / 800.0)
@@ -205,7 +205,6 @@ def train(
             raise UserError(f"{ckpt_path} was written for another model config; use a new --out or --no-resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         order, start, history = state["order"], state["iter"], state["history"]
@@ -217,7 +216,6 @@ def train(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
                 "rng": rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state(),
                 "order": order,
@@ -233,6 +231,8 @@ def train(
     bar = tqdm(range(start, iters), initial=start, total=iters, desc="train", disable=progress_disabled())
     for it in bar:
         t0 = time.perf_counter()
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base_lr * (0.1 if it >= drop_at else 1.0)
         items = []
         for _ in range(cfg_t.batch_size):
             if not order:  # a new epoch: reshuffle
@@ -249,7 +249,6 @@ def train(
         if cfg_t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg_t.grad_clip)
         optimizer.step()
-        scheduler.step()
         row = {"iter": it + 1, "lr": optimizer.param_groups[0]["lr"], "sec": time.perf_counter() - t0, **logs}
         history.append(row)
         bar.set_postfix(loss=f"{logs['loss']:.3f}")

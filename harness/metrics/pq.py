@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from harness.errors import DataError, UserError
-from harness.metrics.boundary import boundary_codes, boundary_codes_sequential, dilation_pixels
+from harness.metrics.boundary import boundary_band, boundary_codes, boundary_codes_sequential, dilation_pixels
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,40 @@ def _compact(
     return out.reshape(id_map.shape)
 
 
+def _fast_histogram(
+    gt_ids: np.ndarray, gt_seg: np.ndarray, g_void: int, pred_ids: np.ndarray, pred_seg: np.ndarray, p_void: int,
+    rows: int, cols: int,
+) -> np.ndarray | None:
+    """Joint code histogram in one compiled pass over 24-bit id maps, or None (use numpy)."""
+    from harness.metrics import fastpng
+
+    if not fastpng.available() or os.environ.get("HARNESS_PNG_DECODER", "").lower() not in ("", "fast"):
+        return None
+    big = 1 << _LUT_BITS
+    if (len(gt_seg) and gt_seg.max() >= big) or (len(pred_seg) and pred_seg.max() >= big):
+        return None
+    lut_g, lut_p = _lut(np.uint16), _lut2()
+    if 0 not in gt_seg:
+        lut_g[0] = g_void
+    if 0 not in pred_seg:
+        lut_p[0] = p_void
+    lut_g[gt_seg] = np.arange(1, len(gt_seg) + 1)
+    lut_p[pred_seg] = np.arange(1, len(pred_seg) + 1)
+    try:
+        return fastpng.joint_histogram(gt_ids, pred_ids, lut_g, lut_p, rows, cols)
+    finally:
+        lut_g[gt_seg] = 0
+        lut_p[pred_seg] = 0
+        lut_g[0] = lut_p[0] = 0
+
+
+def _lut2() -> np.ndarray:
+    """A second uint16 table for the prediction side of `_fast_histogram`."""
+    if "pred" not in _LUTS:
+        _LUTS["pred"] = np.zeros(1 << _LUT_BITS, np.uint16)
+    return _LUTS["pred"]
+
+
 def _histogram(g: np.ndarray, p: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """(rows, cols) int64 joint histogram of two (H, W) code maps."""
     key = g.astype(np.intp)
@@ -257,14 +292,19 @@ def score_image(
     rows, cols = ng + 2, npred + 2
     if rows * cols > _MAX_BINS:
         raise DataError(f"image {image_id}: {ng} GT x {npred} predicted segments is too many to score")
-    key = _compact(gt_ids, gs.ids, g_void_code, from_png, scale=cols)  # gt_code * cols
-    pc = _compact(pred_ids, ps.ids, p_void_code, from_png)
-    key += pc
-    hist = np.bincount(key.ravel(), minlength=rows * cols).reshape(rows, cols)
-    del key
+    hist = _fast_histogram(gt_ids, gs.ids, g_void_code, pred_ids, ps.ids, p_void_code, rows, cols) if from_png else None
+    pc = None
+    if hist is None:
+        key = _compact(gt_ids, gs.ids, g_void_code, from_png, scale=cols)  # gt_code * cols
+        pc = _compact(pred_ids, ps.ids, p_void_code, from_png)
+        key += pc
+        hist = np.bincount(key.ravel(), minlength=rows * cols).reshape(rows, cols)
+        del key
 
     # Prediction sanity checks (panopticapi raises KeyError for the same cases).
     if hist[:, 0].any():
+        if pc is None:
+            pc = _compact(pred_ids, ps.ids, p_void_code, from_png)
         bad = np.unique(pred_ids[pc == 0])
         raise DataError(
             f"image {image_id}: predicted segment id {int(bad[0])} is in the PNG but not in the JSON"
@@ -299,6 +339,8 @@ def score_image(
     biou = None
     if options.boundary and boundary_stats is not None:
         gc = _compact(gt_ids, gs.ids, g_void_code, from_png)
+        if pc is None:
+            pc = _compact(pred_ids, ps.ids, p_void_code, from_png)
         biou = _boundary_iou(gc, gs, pc, ps, void_row, table, options, cand_g, cand_p, image_id)
 
     _accumulate(mask_stats, iou, gs, ps, cand_g, cand_p, inter, pred_void, pred_area, options)
@@ -321,20 +363,35 @@ def _boundary_iou(
     """Boundary IoU of each candidate pair, shape (len(cand_g),)."""
     ng, npred = len(gs.ids), len(ps.ids)
     d = dilation_pixels(gc.shape[0], gc.shape[1], options.dilation_ratio)
-    maps = []
-    areas = []
+    from harness.metrics import fastpng
+
+    native = fastpng.available() and os.environ.get("HARNESS_PNG_DECODER", "").lower() in ("", "fast")
+    maps: list[np.ndarray] = []
+    bands: list[np.ndarray | None] = []
+    areas: list[np.ndarray | None] = []
     for codes, seg, n in ((gc, gs, ng), (pc, ps, npred)):
         interior = n + 2
         clash = np.flatnonzero(seg.ids == table.boundary_id)
         if len(clash) and not options.separate_boundary_label:
             log.debug("image %s: segment id %d equals BOUNDARY_ID, reference painting order", image_id, table.boundary_id)
             bmap, barea = boundary_codes_sequential(codes, n, int(clash[0]) + 1, d)
+            maps.append(bmap)
+            bands.append(None)
+            areas.append(barea)
+        elif native:  # the kernel applies the band while counting; no boundary code map needed
+            maps.append(codes)
+            bands.append(boundary_band(codes, d))
+            areas.append(None)
         else:
-            bmap, barea = boundary_codes(codes, n, interior, d), None
-        maps.append(bmap)
-        areas.append(barea)
+            maps.append(boundary_codes(codes, n, interior, d))
+            bands.append(None)
+            areas.append(None)
     rows, cols = ng + 3, npred + 3
-    bh = _histogram(maps[0], maps[1], rows, cols)
+    bh = None
+    if native:
+        bh = fastpng.boundary_histogram(maps[0], bands[0], ng, maps[1], bands[1], npred, rows, cols)
+    if bh is None:
+        bh = _histogram(maps[0], maps[1], rows, cols)
     g_barea = areas[0] if areas[0] is not None else bh[1 : ng + 1, :].sum(1)
     p_barea = areas[1] if areas[1] is not None else bh[:, 1 : npred + 1].sum(0)
     b_inter = bh[cand_g + 1, cand_p + 1]

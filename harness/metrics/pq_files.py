@@ -187,6 +187,9 @@ def evaluate_pq_files(
             results = map(_score_chunk_star, chunks)
             pool = None
         else:
+            from harness.metrics.pngio import warm_up
+
+            warm_up()  # load the compiled PNG kernel once, before the workers fork
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
             pool = multiprocessing.get_context(method).Pool(workers)
             results = pool.imap(_score_chunk_star, chunks)

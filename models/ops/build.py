@@ -93,7 +93,7 @@ def cpu_flags() -> list[str]:
 
 def _install(built: Path, dest: Path) -> None:
     """Copy the built library next to the loader atomically (a running process keeps the old inode)."""
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = dest.with_name("_tmp" + dest.name)  # still matches the *.so gitignore pattern
     shutil.copy2(built, tmp)
     os.replace(tmp, dest)
 

@@ -7,7 +7,7 @@ pure-PyTorch grid_sample fallback below. Semantics follow the Deformable DETR CU
 Backends:
     'cuda':    csrc/ms_deform_attn_cuda.cu (fp32/fp64/fp16/bf16; fp32 accumulation for 16-bit types).
     'cpp':     csrc/ms_deform_attn_cpu.cpp (fp32/fp64/fp16/bf16; fp32 accumulation for 16-bit types).
-    'pytorch': grid_sample fallback (fp16/bf16 on CPU are computed in fp32 and cast back).
+    'pytorch': grid_sample fallback (fp16/bf16 are computed in fp32 and cast back).
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def ms_deform_attn_pytorch(
         (N, Lq, M * D) in the dtype of `value`.
     """
     dtype = value.dtype
-    if value.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        # grid_sample on CPU is wrong in fp16/bf16 (garbage on strided input, large error otherwise):
-        # compute in fp32 and return in the input dtype.
+    if dtype in (torch.float16, torch.bfloat16):
+        # grid_sample in fp16/bf16 is wrong on CPU (garbage on strided input, large error otherwise) and
+        # imprecise on CUDA (16-bit coordinate math): compute in fp32 and return in the input dtype.
         value, sampling_locations, attention_weights = (
             value.float(), sampling_locations.float(), attention_weights.float()
         )
@@ -333,5 +333,15 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"reference_points last dim must be 2 or 4, got shape {tuple(reference_points.shape)}"
             )
-        out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights, backend=self.backend)
+        if not (v.dtype == locations.dtype == weights.dtype):
+            # Under autocast the projections give fp16/bf16 values and offsets while the fp32 reference points
+            # promote the locations (and softmax the weights) to fp32. Rounding locations to 16 bits costs up to
+            # ~0.1 px (mmcv's `type_as`), so compute in the widest dtype and return in the value dtype instead.
+            wide = torch.promote_types(torch.promote_types(v.dtype, locations.dtype), weights.dtype)
+            out = ms_deform_attn(
+                v.to(wide), spatial_shapes, level_start_index, locations.to(wide), weights.to(wide),
+                backend=self.backend,
+            ).to(v.dtype)
+        else:
+            out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights, backend=self.backend)
         return self.output_proj(out)
