@@ -2,7 +2,8 @@
 
 Generates N GT/prediction pairs (COCO panoptic PNG + JSON, default 600 images of 480x640 with the
 133 COCO categories: warped Voronoi stuff regions, elliptic and polygonal things, VOID bands,
-perturbed predictions; PNGs written with PIL like the COCO GT), then times each evaluator as a subprocess with the same worker count:
+perturbed predictions; PNGs written with PIL like the COCO GT), then times each evaluator as a
+subprocess with the same worker count:
 
 - `harness eval-pq --workers K` (and `--boundary`);
 - panopticapi `pq_compute` with `multiprocessing.cpu_count` patched to K (it has no option);
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--data", default=None, help="data folder (default: a temporary folder; reused if it exists)")
     p.add_argument("--boundary-iou-api", default=None, help="checkout of bowenc0221/boundary-iou-api to time too")
     p.add_argument("--json-out", default=None, help="write the timings here")

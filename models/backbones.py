@@ -165,7 +165,8 @@ def load_pretrained_backbone(backbone: nn.Module, path: str | Path) -> tuple[lis
     """Load ImageNet weights into ``backbone`` from a local file (never downloads).
 
     Accepts a raw state dict or one wrapped under ``state_dict``/``model``; ``module.``/``backbone.`` prefixes and
-    classifier keys are dropped. Loading is non-strict (pretraining checkpoints lack our extra norms).
+    classifier keys are dropped. Official-style PVTv2 / Swin names (``block1``, end-of-stage downsampling) are
+    mapped to the timm layout. Loading is non-strict (pretraining checkpoints lack our extra output norms).
 
     Returns:
         ``(missing, unexpected)`` key lists.
@@ -176,8 +177,14 @@ def load_pretrained_backbone(backbone: nn.Module, path: str | Path) -> tuple[lis
             if k in obj and isinstance(obj[k], dict):
                 obj = obj[k]
                 break
+    from models.convert_official import convert_state_dict
+
     sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in obj.items()}
-    sd = {k: v for k, v in sd.items() if not k.startswith(("fc.", "head.", "norm."))}
+    sd = {k: v for k, v in sd.items() if not k.startswith(("fc.", "head.", "norm.")) and not k.endswith("attn_mask")}
+    if isinstance(backbone, (PVTv2Backbone, SwinBackbone)) and not any(k.startswith("stages.") for k in sd):
+        kind = "pvtv2_b5" if isinstance(backbone, PVTv2Backbone) else "swin_l"
+        renamed = convert_state_dict({f"backbone.{k}": v for k, v in sd.items()}, kind)
+        sd = {k.removeprefix("backbone."): v for k, v in renamed.items()}
     missing, unexpected = backbone.load_state_dict(sd, strict=False)
     if missing:
         log.warning("pretrained backbone %s: %d missing keys, e.g. %s", path, len(missing), missing[:3])

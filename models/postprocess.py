@@ -224,9 +224,9 @@ def mask_wise_merge(
             continue
         m = m & ~filled
         filled |= m
-        cat_t[m] = label
+        cat_t.masked_fill_(m, label)
         if isthing:
-            inst_t[m] = next_instance
+            inst_t.masked_fill_(m, next_instance)
             painted.append((label, True, score, next_instance))
             next_instance += 1
         else:
@@ -259,9 +259,9 @@ def _paint_ids(
         if not bool(m.any()):
             continue
         label = int(labels[k])
-        cat_t[m] = label
+        cat_t.masked_fill_(m, label)
         if label < num_things:
-            inst_t[m] = next_instance
+            inst_t.masked_fill_(m, next_instance)
             painted.append((label, True, float(scores[k]), next_instance))
             next_instance += 1
         elif all(p[0] != label for p in painted):
@@ -295,7 +295,7 @@ def pixel_argmax(
             return PanopticResult(category=category, instance=instance)
         values, ids = masks[kept].max(0)
         valid = values >= mask_threshold
-        areas = [int(((ids == j) & valid).sum()) for j in range(len(kept))]
+        areas = torch.bincount(ids[valid], minlength=len(kept)).tolist()
         small = [k for k, a in zip(kept, areas) if a <= min_area]
         if not small:
             break
@@ -340,9 +340,9 @@ def maskformer_merge(
             continue
         if mask_area / original_area < overlap_threshold:
             continue
-        cat_t[m] = label
+        cat_t.masked_fill_(m, label)
         if isthing:
-            inst_t[m] = next_instance
+            inst_t.masked_fill_(m, next_instance)
             painted.append((label, True, float(cands.scores[k]), next_instance))
             next_instance += 1
         elif label not in stuff_seen:
@@ -387,8 +387,8 @@ def heuristic_merge(
             continue
         m = m & ~filled
         filled |= m
-        cat_t[m] = int(labels[k])
-        inst_t[m] = next_instance
+        cat_t.masked_fill_(m, int(labels[k]))
+        inst_t.masked_fill_(m, next_instance)
         painted.append((int(labels[k]), True, float(scores[k]), next_instance))
         next_instance += 1
 
@@ -403,7 +403,7 @@ def heuristic_merge(
             if int(m.sum()) < stuff_area_limit:
                 continue
             filled |= m
-            cat_t[m] = label
+            cat_t.masked_fill_(m, label)
             stuff_score = float(scores[labels == label].max())
             painted.append((label, False, stuff_score, 0))
     return PanopticResult(category=category, instance=instance, segments=_segments_from_maps(category, instance, painted))

@@ -14,6 +14,7 @@ from torchvision.ops import sigmoid_focal_loss as tv_focal
 
 from models.box_ops import box_cxcywh_to_xyxy
 from models.losses import LossConfig, PanopticCriterion, dice_loss, giou_loss, l1_loss, sigmoid_focal_loss
+from models.matcher import HungarianMatcher, MatcherConfig
 
 
 def test_sigmoid_focal_loss_matches_torchvision() -> None:
@@ -178,8 +179,8 @@ def _real_batch(root, num_things: int, cfg, n: int = 2):
     return collate(items, num_things, cfg.pixel_mean, cfg.pixel_std)
 
 
-@pytest.mark.parametrize("decouple", [True, False])
-def test_criterion_on_tiny_model(synth_root, decouple: bool) -> None:
+@pytest.mark.parametrize("decouple,rounds", [(True, "official"), (True, "paper"), (False, "official")])
+def test_criterion_on_tiny_model(synth_root, decouple: bool, rounds: str) -> None:
     from harness.data.coco_panoptic import PanopticDataset
     from models.configs import panoptic_segformer_tiny
     from models.panoptic_segformer import PanopticSegFormer
@@ -191,7 +192,15 @@ def test_criterion_on_tiny_model(synth_root, decouple: bool) -> None:
     model = PanopticSegFormer(cfg)
     images, pad_mask, targets = _real_batch(synth_root, cats.num_things, cfg)
     assert pad_mask.any()  # two image sizes: the batch is padded
-    total, logs = PanopticCriterion(cats.num_things, cats.num_stuff)(model, images, pad_mask, targets)
+    seen: list[int] = []
+    segment = model.segment
+    model.segment = lambda enc, q: (seen.append(q.shape[1]), segment(enc, q))[1]  # record K, run the real decoder
+    matcher = HungarianMatcher(MatcherConfig(rounds=rounds))
+    total, logs = PanopticCriterion(cats.num_things, cats.num_stuff, matcher)(model, images, pad_mask, targets)
+    n_gt = [len(t["thing_labels"]) + (0 if decouple else len(t["stuff_labels"])) for t in targets]
+    # Official: the mask decoder gets exactly the N_gt round-1 queries; paper: min(3, Q // N_gt) rounds.
+    per_image = n_gt if rounds == "official" else [min(3, cfg.num_thing_queries // n) * n for n in n_gt]
+    assert seen == [max(per_image)]
     ld, tm, sm = cfg.num_location_layers, cfg.num_thing_mask_layers, cfg.num_stuff_mask_layers
     expected = {f"d{i}.loss_{k}" for i in range(ld) for k in ("cls", "l1", "giou")}
     expected |= {"loss_mask_things"} | {f"d{i}.loss_mask_things_f" for i in range(tm)}

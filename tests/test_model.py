@@ -299,3 +299,16 @@ def test_neck_extra_level_reads_raw_c5() -> None:
     with torch.no_grad():
         neck.convs[2].conv.weight.zero_()  # the mapped C5 changes, the stride-64 level must not
     assert torch.equal(neck(feats)[3], outs[3])
+
+
+def test_pretrained_backbone_from_local_file(tmp_path: Path) -> None:
+    """`pretrained_backbone` loads torchvision-style weights (classifier ignored) from a path; nothing downloads."""
+    torch.manual_seed(5)
+    donor = PanopticSegFormer(panoptic_segformer_tiny(num_things=2, num_stuff=1)).backbone
+    state = dict(donor.state_dict())
+    state["fc.weight"] = torch.zeros(1000, 512)
+    path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": state}, path)
+    model = PanopticSegFormer(panoptic_segformer_tiny(num_things=2, num_stuff=1, pretrained_backbone=str(path)))
+    assert torch.equal(model.backbone.layer3[1].conv2.weight, donor.layer3[1].conv2.weight)
+    assert torch.equal(model.backbone.bn1.running_var, donor.bn1.running_var)

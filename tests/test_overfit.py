@@ -94,11 +94,12 @@ def test_cli_eval_and_mismatched_weights(overfit_run: dict, tmp_path: Path, caps
     cfg["config"]["num_things"] -= 1
     cfg["config"]["num_encoder_layers"] += 1
     (bad / "model.json").write_text(json.dumps(cfg))
-    with pytest.raises(Exception) as exc:
-        from harness.engine.evaluate import load_model
+    from harness.engine.evaluate import load_model
+    from harness.errors import UserError
 
+    with pytest.raises(UserError) as exc:
         load_model(bad / "model.safetensors")
-    assert "missing: bbox_head.transformer.encoder" in str(exc.value)
+    assert "missing keys" in str(exc.value) and "bbox_head.transformer.encoder.layers.2." in str(exc.value)
 
 
 def test_training_resumes_exactly(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 HELP = "instance AP (segm and bbox) of thing predictions with pycocotools' COCOeval"
 DESCRIPTION = """\
@@ -34,9 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write results as JSON here")
 
 
-def _folder(json_path: str, folder: str | None, what: str):  # -> Path
-    from pathlib import Path
-
+def _folder(json_path: str, folder: str | None, what: str) -> Path:
     from harness.commands._common import existing_dir
 
     return existing_dir(folder if folder is not None else str(Path(json_path).with_suffix("")), what)
@@ -55,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         instances = load_json(args.gt_json, "instances GT JSON")
     else:
         pan = load_json(args.panoptic_gt_json, "panoptic GT JSON")
-        instances = panoptic_to_instances(pan, _folder(args.panoptic_gt_json, args.panoptic_gt_dir, "panoptic GT PNG folder"))
+        gt_dir = _folder(args.panoptic_gt_json, args.panoptic_gt_dir, "panoptic GT PNG folder")
+        instances = panoptic_to_instances(pan, gt_dir)
         log.info("converted %d thing segments to instances", len(instances["annotations"]))
         if args.write_instances:
             atomic_write_json(args.write_instances, instances)

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred-dir", default=None, help="prediction PNG folder (default: JSON path without .json)")
     parser.add_argument("--boundary", action="store_true", help="also compute Boundary PQ (boundary-iou-api)")
     parser.add_argument("--dilation-ratio", type=float, default=0.02,
-                        help="boundary width as a fraction of the image diagonal (default 0.02, COCO; 0.005 Cityscapes)")
+                        help="boundary width as a fraction of the image diagonal "
+                             "(default 0.02 as for COCO; boundary-iou-api uses 0.005 for Cityscapes)")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (default: number of CPUs, 1 for small sets)")
     parser.add_argument("--allow-missing", action="store_true",

@@ -28,8 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (checkpoint, weights, train_log.csv)")
     parser.add_argument("--iters", type=int, required=True, help="total training iterations")
     parser.add_argument("--split", default="train2017", help="training split (default: train2017)")
-    parser.add_argument("--batch-size", type=int, default=2, help="images per iteration (default: 2)")
-    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1.4e-4, official)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per iteration (default: 1 as official per GPU; 2 for the tiny config)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="AdamW learning rate (default: 1.4e-4 as official; 1e-3 for the tiny config)")
     parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, sampling and augmentation")
     parser.add_argument("--no-augment", action="store_true", help="only the test resize (no flip / crop / scale jitter)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from harness.engine.data import AugmentConfig
-    from harness.engine.train import TrainConfig, train
+    from harness.engine.train import default_train_config, train
     from harness.errors import UserError
     from models.configs import MODEL_CONFIGS
     from models.matcher import MatcherConfig
@@ -57,10 +59,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"unknown --config {args.config!r}; choose one of {', '.join(MODEL_CONFIGS)}")
     if args.iters < 1:
         raise UserError(f"--iters must be >= 1, got {args.iters}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     existing_dir(args.data, "--data")
-    cfg = TrainConfig(batch_size=args.batch_size, seed=args.seed, checkpoint_every=max(1, args.checkpoint_every))
+    cfg = dataclasses.replace(default_train_config(args.config), seed=args.seed,
+                              checkpoint_every=max(1, args.checkpoint_every))
+    if args.batch_size is not None:
+        cfg = dataclasses.replace(cfg, batch_size=args.batch_size)
     if args.lr is not None:
         cfg = dataclasses.replace(cfg, lr=args.lr)
     if args.no_augment:

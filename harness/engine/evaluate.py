@@ -1,8 +1,8 @@
 """Evaluation: run a model over a data set, post-process, write COCO panoptic predictions, score PQ.
 
-The test transform is the official one: mmcv keep-ratio rescale to the config's `test_scale` (short side
-800, long side <= 1333 for the COCO models), OpenCV bilinear on the uint8 image, ImageNet mean/std in RGB,
-batch size 1 with no padding. Masks are resized straight to the original image size by the post-processor.
+The test transform is the official one (`harness.data.transforms`): mmcv keep-ratio rescale to the config's
+`test_scale` (short side 800, long side <= 1333 for the COCO models), OpenCV bilinear on the uint8 image,
+ImageNet mean/std in RGB, batch size 1 with no padding. Weights are read by `models.checkpoint` (ours or official). Masks are resized straight to the original image size by the post-processor.
 
 Outputs in `out_dir`: `pred/` (PNG per image) + `pred.json` (via `harness.data.writer`), `pq.json`
 (`harness.metrics` result: All/Things/Stuff + per class) and, when only part of the split is scored,
@@ -16,97 +16,59 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
 from harness.data.coco_panoptic import PanopticDataset
 from harness.data.writer import PanopticPredictionWriter
-from harness.engine.data import normalize, rescale_size
 from harness.errors import UserError
 from harness.io import atomic_write_json
 from harness.logging_utils import progress_disabled
-from models.configs import PanopticSegFormerConfig, get_config
+from models.configs import PanopticSegFormerConfig
 from models.panoptic_segformer import PanopticSegFormer
 from models.postprocess import POST_PROCESSORS, candidates_from_outputs, post_process
 
 log = logging.getLogger(__name__)
 
 
-def load_state_dict_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Read weights in our formats: `.safetensors` (+ `<stem>.json` or `model.json` config) or a training `.pt`.
-
-    Returns:
-        (state dict, config dict or None when no config travels with the file).
-    """
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise UserError(f"cannot read weights {path}: {exc}") from None
-        config = None
-        for side in (path.with_suffix(".json"), path.parent / "model.json"):
-            if side.is_file():
-                data = json.loads(side.read_text(encoding="utf-8"))
-                config = data.get("config", data)
-                break
-        return state, config
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UserError(f"cannot read weights {path}: {exc}") from None
-    if isinstance(state, dict) and "model" in state and "config" in state:  # our training checkpoint
-        return state["model"], state["config"]
-    raise UserError(
-        f"{path}: not a psf-harness weights file (model.safetensors + model.json, or checkpoint_last.pt); "
-        "convert official .pth files with `harness convert --from official-psf`"
-    )
-
-
 def load_model(weights: str | Path, model_name: str | None = None, num_things: int | None = None,
                num_stuff: int | None = None, device: str = "cpu") -> PanopticSegFormer:
-    """Build the model from a weights file and load it strictly.
+    """Build the model from weights and load them strictly (`models.checkpoint.load_model`).
+
+    Accepts our format (`model.safetensors` + `model.json`, or the folder holding them), our training
+    `checkpoint_last.pt`, and official `.pth` releases (converted on the fly; they need `model_name`).
 
     Args:
-        weights: our `.safetensors` (config beside it) or a training checkpoint.
-        model_name: config name used when no config travels with the weights.
-        num_things / num_stuff: class counts for `model_name` (from the data set).
+        weights: the weights path.
+        model_name: config name, needed for official files and for our files without a config.
+        num_things / num_stuff: class counts for `model_name` (from the data set); ignored for files with a config.
         device: torch device.
+
+    Raises:
+        UserError: unreadable file, unknown format, or any missing / unexpected / shape-mismatched key (all listed).
     """
-    path = Path(weights)
-    state, config = load_state_dict_file(path)
-    if config is not None:
-        cfg = PanopticSegFormerConfig.from_dict(config)
-    elif model_name is not None:
-        kwargs = {k: v for k, v in (("num_things", num_things), ("num_stuff", num_stuff)) if v is not None}
-        try:
-            cfg = get_config(model_name, **kwargs)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-    else:
-        raise UserError(f"{path}: no model config found beside it (model.json); pass --model NAME")
-    model = PanopticSegFormer(cfg)
+    from models.checkpoint import CheckpointError
+    from models.checkpoint import load_model as load_checkpoint_model
+
+    overrides: dict[str, Any] = {}
+    if model_name is not None:  # a named config takes its class counts from the data set
+        overrides = {k: v for k, v in (("num_things", num_things), ("num_stuff", num_stuff)) if v is not None}
     try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise UserError(f"{path} does not match {cfg.name}: {str(exc).splitlines()[-1].strip()}") from None
-    if result.missing_keys or result.unexpected_keys:
-        lines = [f"missing: {k}" for k in result.missing_keys] + [f"unexpected: {k}" for k in result.unexpected_keys]
-        raise UserError(f"{path} does not match {cfg.name}: " + "; ".join(lines[:20]) + (" ..." if len(lines) > 20 else ""))
+        model, _cfg = load_checkpoint_model(Path(weights), model_name, **overrides)
+    except (CheckpointError, ValueError) as exc:
+        raise UserError(str(exc)) from None
     return model.to(device).eval()
 
 
-def apply_test_transform(image: np.ndarray, cfg: PanopticSegFormerConfig) -> torch.Tensor:
-    """Official test transform of one (H, W, 3) uint8 RGB image -> (1, 3, h, w) float32 (no padding)."""
-    h, w = image.shape[:2]
-    nh, nw = rescale_size(h, w, short=min(cfg.test_scale), long=max(cfg.test_scale))
-    if (nh, nw) != (h, w):
-        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    return normalize(image, cfg.pixel_mean, cfg.pixel_std)[None]
+def apply_test_transform(image_rgb: np.ndarray, cfg: PanopticSegFormerConfig) -> torch.Tensor:
+    """Official test transform of one (H, W, 3) uint8 RGB image -> (1, 3, h, w) float32 (no padding).
+
+    Delegates to `harness.data.transforms` (mmcv-exact resize and normalisation, which expects BGR input).
+    """
+    from harness.data.transforms import apply_test_transform as mmcv_test_transform
+
+    prep = mmcv_test_transform(np.ascontiguousarray(image_rgb[..., ::-1]), cfg.test_scale, cfg.pixel_mean, cfg.pixel_std)
+    return torch.from_numpy(prep.image)[None]
 
 
 def merge_options(method: str, cfg: PanopticSegFormerConfig) -> dict[str, Any]:

@@ -57,7 +57,9 @@ def _segment_rles(id_map: np.ndarray, segments: Sequence[Mapping[str, Any]], ima
     return rles
 
 
-def _iter_id_maps(annotations: Sequence[Mapping[str, Any]], png_dir: Path, what: str) -> Iterable[tuple[Mapping[str, Any], np.ndarray]]:
+def _iter_id_maps(
+    annotations: Sequence[Mapping[str, Any]], png_dir: Path, what: str
+) -> Iterable[tuple[Mapping[str, Any], np.ndarray]]:
     from harness.metrics.pngio import read_id_map
 
     for ann in tqdm(annotations, desc=what, unit="img", disable=progress_disabled() or len(annotations) < 100,

@@ -32,7 +32,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "decode_ids", "joint_histogram", "boundary_histogram", "warm_up"]
+__all__ = ["available", "enabled", "decode_ids", "joint_histogram", "boundary_histogram", "warm_up"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -119,7 +119,15 @@ int64_t unfilter_to_ids(const uint8_t *raw, int64_t h, int64_t w, int64_t bpp, u
 /* hist[lut_g[g[i]] * cols + lut_p[p[i]]] += 1 for i < n (every id < the table length). */
 void joint_histogram(const uint32_t *g, const uint32_t *p, int64_t n, const uint16_t *lut_g,
                      const uint16_t *lut_p, int64_t cols, int64_t *hist) {
-    for (int64_t i = 0; i < n; i++) hist[(int64_t)lut_g[g[i]] * cols + lut_p[p[i]]]++;
+    /* Panoptic maps are piecewise constant: count runs of equal (g, p) pairs, one lookup per run. */
+    int64_t i = 0;
+    while (i < n) {
+        uint32_t gi = g[i], pi = p[i];
+        int64_t j = i + 1;
+        while (j < n && g[j] == gi && p[j] == pi) j++;
+        hist[(int64_t)lut_g[gi] * cols + lut_p[pi]] += j - i;
+        i = j;
+    }
 }
 
 /* Joint histogram of two boundary code maps built on the fly: a segment pixel (code 1..n) off the
@@ -187,6 +195,11 @@ def available() -> bool:
             log.debug("fast PNG path unavailable, using a general decoder: %s", exc)
             _STATE = "unavailable"
     return _STATE == "ok"
+
+
+def enabled() -> bool:
+    """True when the fast path is available and not switched off with HARNESS_PNG_DECODER."""
+    return os.environ.get("HARNESS_PNG_DECODER", "").lower() in ("", "fast") and available()
 
 
 def warm_up() -> bool:
@@ -278,3 +291,4 @@ def boundary_histogram(gt_codes: np.ndarray, gt_band: np.ndarray | None, gt_n: i
     _LIB.boundary_histogram(g.ctypes.data, gb.ctypes.data, gt_n if gt_band is not None else 0, p.ctypes.data,
                             pb.ctypes.data, pred_n if pred_band is not None else 0, g.size, cols, hist.ctypes.data)
     return hist.reshape(rows, cols)
+

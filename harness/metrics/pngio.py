@@ -84,7 +84,12 @@ def _decoder() -> tuple[str, Callable[[bytes], np.ndarray]]:
 
 
 def decoder_name() -> str:
-    """Name of the PNG decoder in use: "pyspng", "opencv" or "pil" (env HARNESS_PNG_DECODER)."""
+    """PNG decoder in use: "fast" (libdeflate + C kernel), "pyspng", "opencv" or "pil"."""
+    if _fast_path_enabled():
+        from harness.metrics import fastpng
+
+        if fastpng.available():
+            return "fast"
     return _decoder()[0]
 
 

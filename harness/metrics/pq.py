@@ -26,15 +26,14 @@ matching, FN and FP are array operations on that matrix.
 from __future__ import annotations
 
 import logging
-import math
-import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from harness.errors import DataError, UserError
 from harness.metrics.boundary import boundary_band, boundary_codes, boundary_codes_sequential, dilation_pixels
+from harness.metrics.codes import compact, fast_histogram, histogram
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,6 @@ __all__ = [
     "panoptic_from_semantic",
 ]
 
-_LUT_BITS = 24  # PNG ids are 24-bit; larger in-memory ids use a sorted search instead.
 _MAX_SEGMENTS = 65530  # compact codes are uint16 with a few reserved values
 _MAX_BINS = 1 << 27  # dense joint histogram (int32 keys, 1 GiB of int64 counts at most)
 
@@ -164,95 +162,6 @@ def _parse_segments(
     return _Segments(ids, cats, crowd, area)
 
 
-_LUTS: dict[str, np.ndarray] = {}
-
-
-def _lut(dtype: type) -> np.ndarray:
-    """Per-process id -> code table over all 24-bit ids (zero pages are only touched where used)."""
-    key = np.dtype(dtype).name
-    if key not in _LUTS:
-        _LUTS[key] = np.zeros(1 << _LUT_BITS, dtype)
-    return _LUTS[key]
-
-
-def _compact(
-    id_map: np.ndarray, seg_ids: np.ndarray, void_code: int, assume_24bit: bool, scale: int = 0
-) -> np.ndarray:
-    """(H, W) ids -> (H, W) codes: listed segments 1..n (JSON order), id 0 -> void_code when 0 is
-    not listed, every other id -> 0. uint16 codes, or int32 codes * `scale` when scale > 0 (the
-    row part of a joint-histogram key, saving a multiply pass). int32, not int64: a take from an
-    int64 table measured 10x slower than from an int32 or uint16 table."""
-    n = len(seg_ids)
-    mult = scale if scale > 0 else 1
-    dtype = np.int32 if scale > 0 else np.uint16
-    codes_of = (np.arange(1, n + 1, dtype=np.intp) * mult).astype(dtype)
-    zero_listed = bool(n) and bool((seg_ids == 0).any())
-    if assume_24bit or (id_map.size and int(id_map.max()) < (1 << _LUT_BITS) and id_map.min() >= 0):
-        lut = _lut(dtype)
-        fits = seg_ids < (1 << _LUT_BITS)
-        keys = seg_ids[fits]
-        lut[keys] = codes_of[fits]
-        if not zero_listed:
-            lut[0] = void_code * mult
-        try:
-            # np.take is ~3x faster than fancy indexing for a flat table lookup.
-            return np.take(lut, id_map)
-        finally:
-            lut[keys] = 0
-            lut[0] = 0
-    # Generic path for ids beyond 24 bits (in-memory use only).
-    keys = np.concatenate([seg_ids, [0]]) if not zero_listed else seg_ids
-    vals = np.concatenate([codes_of, np.array([void_code * mult], dtype)]) if not zero_listed else codes_of
-    order = np.argsort(keys)
-    keys, vals = keys[order], vals[order]
-    flat = id_map.ravel().astype(np.int64)
-    pos = np.clip(np.searchsorted(keys, flat), 0, len(keys) - 1)
-    out = np.where(keys[pos] == flat, vals[pos], 0).astype(dtype)
-    return out.reshape(id_map.shape)
-
-
-def _fast_histogram(
-    gt_ids: np.ndarray, gt_seg: np.ndarray, g_void: int, pred_ids: np.ndarray, pred_seg: np.ndarray, p_void: int,
-    rows: int, cols: int,
-) -> np.ndarray | None:
-    """Joint code histogram in one compiled pass over 24-bit id maps, or None (use numpy)."""
-    from harness.metrics import fastpng
-
-    if not fastpng.available() or os.environ.get("HARNESS_PNG_DECODER", "").lower() not in ("", "fast"):
-        return None
-    big = 1 << _LUT_BITS
-    if (len(gt_seg) and gt_seg.max() >= big) or (len(pred_seg) and pred_seg.max() >= big):
-        return None
-    lut_g, lut_p = _lut(np.uint16), _lut2()
-    if 0 not in gt_seg:
-        lut_g[0] = g_void
-    if 0 not in pred_seg:
-        lut_p[0] = p_void
-    lut_g[gt_seg] = np.arange(1, len(gt_seg) + 1)
-    lut_p[pred_seg] = np.arange(1, len(pred_seg) + 1)
-    try:
-        return fastpng.joint_histogram(gt_ids, pred_ids, lut_g, lut_p, rows, cols)
-    finally:
-        lut_g[gt_seg] = 0
-        lut_p[pred_seg] = 0
-        lut_g[0] = lut_p[0] = 0
-
-
-def _lut2() -> np.ndarray:
-    """A second uint16 table for the prediction side of `_fast_histogram`."""
-    if "pred" not in _LUTS:
-        _LUTS["pred"] = np.zeros(1 << _LUT_BITS, np.uint16)
-    return _LUTS["pred"]
-
-
-def _histogram(g: np.ndarray, p: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """(rows, cols) int64 joint histogram of two (H, W) code maps."""
-    key = g.astype(np.intp)
-    key *= cols
-    key += p
-    return np.bincount(key.ravel(), minlength=rows * cols).reshape(rows, cols)
-
-
 def score_image(
     gt_ids: np.ndarray,
     gt_segments: Sequence[Mapping[str, Any]],
@@ -292,11 +201,11 @@ def score_image(
     rows, cols = ng + 2, npred + 2
     if rows * cols > _MAX_BINS:
         raise DataError(f"image {image_id}: {ng} GT x {npred} predicted segments is too many to score")
-    hist = _fast_histogram(gt_ids, gs.ids, g_void_code, pred_ids, ps.ids, p_void_code, rows, cols) if from_png else None
+    hist = fast_histogram(gt_ids, gs.ids, g_void_code, pred_ids, ps.ids, p_void_code, rows, cols) if from_png else None
     pc = None
     if hist is None:
-        key = _compact(gt_ids, gs.ids, g_void_code, from_png, scale=cols)  # gt_code * cols
-        pc = _compact(pred_ids, ps.ids, p_void_code, from_png)
+        key = compact(gt_ids, gs.ids, g_void_code, from_png, scale=cols)  # gt_code * cols
+        pc = compact(pred_ids, ps.ids, p_void_code, from_png)
         key += pc
         hist = np.bincount(key.ravel(), minlength=rows * cols).reshape(rows, cols)
         del key
@@ -304,7 +213,7 @@ def score_image(
     # Prediction sanity checks (panopticapi raises KeyError for the same cases).
     if hist[:, 0].any():
         if pc is None:
-            pc = _compact(pred_ids, ps.ids, p_void_code, from_png)
+            pc = compact(pred_ids, ps.ids, p_void_code, from_png)
         bad = np.unique(pred_ids[pc == 0])
         raise DataError(
             f"image {image_id}: predicted segment id {int(bad[0])} is in the PNG but not in the JSON"
@@ -338,9 +247,9 @@ def score_image(
 
     biou = None
     if options.boundary and boundary_stats is not None:
-        gc = _compact(gt_ids, gs.ids, g_void_code, from_png)
+        gc = compact(gt_ids, gs.ids, g_void_code, from_png)
         if pc is None:
-            pc = _compact(pred_ids, ps.ids, p_void_code, from_png)
+            pc = compact(pred_ids, ps.ids, p_void_code, from_png)
         biou = _boundary_iou(gc, gs, pc, ps, void_row, table, options, cand_g, cand_p, image_id)
 
     _accumulate(mask_stats, iou, gs, ps, cand_g, cand_p, inter, pred_void, pred_area, options)
@@ -365,7 +274,7 @@ def _boundary_iou(
     d = dilation_pixels(gc.shape[0], gc.shape[1], options.dilation_ratio)
     from harness.metrics import fastpng
 
-    native = fastpng.available() and os.environ.get("HARNESS_PNG_DECODER", "").lower() in ("", "fast")
+    native = fastpng.enabled()
     maps: list[np.ndarray] = []
     bands: list[np.ndarray | None] = []
     areas: list[np.ndarray | None] = []
@@ -373,7 +282,8 @@ def _boundary_iou(
         interior = n + 2
         clash = np.flatnonzero(seg.ids == table.boundary_id)
         if len(clash) and not options.separate_boundary_label:
-            log.debug("image %s: segment id %d equals BOUNDARY_ID, reference painting order", image_id, table.boundary_id)
+            log.debug("image %s: segment id %d equals BOUNDARY_ID: reference painting order", image_id,
+                      table.boundary_id)
             bmap, barea = boundary_codes_sequential(codes, n, int(clash[0]) + 1, d)
             maps.append(bmap)
             bands.append(None)
@@ -391,7 +301,7 @@ def _boundary_iou(
     if native:
         bh = fastpng.boundary_histogram(maps[0], bands[0], ng, maps[1], bands[1], npred, rows, cols)
     if bh is None:
-        bh = _histogram(maps[0], maps[1], rows, cols)
+        bh = histogram(maps[0], maps[1], rows, cols)
     g_barea = areas[0] if areas[0] is not None else bh[1 : ng + 1, :].sum(1)
     p_barea = areas[1] if areas[1] is not None else bh[:, 1 : npred + 1].sum(0)
     b_inter = bh[cand_g + 1, cand_p + 1]
@@ -452,10 +362,6 @@ def _accumulate(
                     ignored[k] += inter[g, j]
     fp = unmatched[~(ignored / pred_area[unmatched] > 0.5)]
     np.add.at(stats.fp, ps.cats[fp], 1)
-
-
-def _nan_to_none(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
 def summarize_stats(stats: PQStats, table: CategoryTable, name: str = "PQ") -> dict[str, Any]:
@@ -621,15 +527,3 @@ def panoptic_from_semantic(
         for i, k, a in zip(ids, uniq, counts)
     ]
     return id_map, segments
-
-
-def iter_chunks(items: Sequence[Any], num_chunks: int) -> Iterable[Sequence[Any]]:
-    """Split into `num_chunks` contiguous chunks of near-equal size (like np.array_split)."""
-    n = len(items)
-    k = max(1, min(num_chunks, n)) if n else 1
-    base, extra = divmod(n, k)
-    start = 0
-    for i in range(k):
-        stop = start + base + (1 if i < extra else 0)
-        yield items[start:stop]
-        start = stop

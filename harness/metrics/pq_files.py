@@ -18,13 +18,13 @@ import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from tqdm import tqdm
 
 from harness.errors import DataError
 from harness.logging_utils import progress_disabled
-from harness.metrics.pq import CategoryTable, PQAccumulator, PQOptions, PQStats, iter_chunks, score_image
+from harness.metrics.pq import CategoryTable, PQAccumulator, PQOptions, PQStats, score_image
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,10 @@ class EvalJob:
     options: PQOptions
 
 
-def _score_chunk(job: EvalJob, pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> tuple[PQStats, PQStats | None, int]:
+Pair = tuple[dict[str, Any], dict[str, Any]]  # (GT annotation, predicted annotation) of one image
+
+
+def _score_chunk(job: EvalJob, pairs: Sequence[Pair]) -> tuple[PQStats, PQStats | None, int]:
     """Score a chunk of (gt_ann, pred_ann) pairs; returns (mask stats, boundary stats, count)."""
     from harness.metrics.pngio import read_id_map
 
@@ -84,7 +87,15 @@ def _score_chunk(job: EvalJob, pairs: Sequence[tuple[dict[str, Any], dict[str, A
     return mask, boundary, len(pairs)
 
 
-def _score_chunk_star(args: tuple[EvalJob, Sequence[tuple[dict[str, Any], dict[str, Any]]]]) -> tuple[PQStats, PQStats | None, int]:
+def _init_worker(boundary: bool) -> None:
+    """One OpenCV thread per worker process: the workers already use every core."""
+    if boundary:
+        import cv2
+
+        cv2.setNumThreads(1)
+
+
+def _score_chunk_star(args: tuple[EvalJob, Sequence[Pair]]) -> tuple[PQStats, PQStats | None, int]:
     return _score_chunk(*args)
 
 
@@ -100,7 +111,8 @@ def _match_annotations(
     preds: dict[Any, dict[str, Any]] = {}
     for ann in pred_json["annotations"]:
         if "image_id" not in ann or "file_name" not in ann or "segments_info" not in ann:
-            raise DataError(f"prediction JSON {pred_json_path}: an annotation lacks image_id, file_name or segments_info")
+            raise DataError(
+                f"prediction JSON {pred_json_path}: an annotation lacks image_id, file_name or segments_info")
         if ann["image_id"] in preds:
             raise DataError(f"prediction JSON {pred_json_path}: image id {ann['image_id']} appears twice")
         preds[ann["image_id"]] = ann
@@ -130,6 +142,18 @@ def _match_annotations(
     if missing:
         log.warning("%d GT image(s) have no prediction: scored as all false negatives (--allow-missing)", len(missing))
     return pairs, missing
+
+
+def iter_chunks(items: Sequence[Any], num_chunks: int) -> Iterable[Sequence[Any]]:
+    """Split into `num_chunks` contiguous chunks of near-equal size (like np.array_split)."""
+    n = len(items)
+    k = max(1, min(num_chunks, n)) if n else 1
+    base, extra = divmod(n, k)
+    start = 0
+    for i in range(k):
+        stop = start + base + (1 if i < extra else 0)
+        yield items[start:stop]
+        start = stop
 
 
 def evaluate_pq_files(
@@ -191,7 +215,7 @@ def evaluate_pq_files(
 
             warm_up()  # load the compiled PNG kernel once, before the workers fork
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-            pool = multiprocessing.get_context(method).Pool(workers)
+            pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (options.boundary,))
             results = pool.imap(_score_chunk_star, chunks)
         try:
             for mask, boundary, n in results:

@@ -165,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="models.ops.build: %(message)s")
     os.environ.setdefault("MAX_JOBS", "2")
+    cuda_home = find_cuda_home()
+    if cuda_home is not None:
+        # Before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import time.
+        os.environ["CUDA_HOME"] = str(cuda_home)
     failures: list[str] = []
 
     t0 = time.perf_counter()
@@ -176,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         (OPS_DIR / "_C.so").unlink(missing_ok=True)
 
     force = os.environ.get("FORCE_CUDA", "").strip()
-    cuda_home = find_cuda_home()
     if args.cpu_only or force == "0":
         log.info("CUDA extension skipped (%s)", "--cpu-only" if args.cpu_only else "FORCE_CUDA=0")
     elif cuda_home is None and not _truthy("FORCE_CUDA"):
