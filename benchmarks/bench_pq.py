@@ -11,7 +11,8 @@ subprocess with the same worker count:
 - boundary-iou-api's Boundary PQ when `--boundary-iou-api PATH` points at a checkout.
 
 Each command runs once untimed, then `--repeat` times round-robin (so all see the same machine
-load); the table shows the median wall time and All PQ of each (they must agree).
+load); the table shows the median wall time, the median CPU time (the command and its worker
+processes; less sensitive to other load on the machine) and All PQ of each (they must agree).
 
     .venv/bin/python benchmarks/bench_pq.py [--images 600] [--workers 2] [--repeat 3]
 """
@@ -197,26 +198,35 @@ print(json.dumps(r["All"], default=float))
 """
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, str, float]:
+    """(wall seconds, stdout, CPU seconds of the command and its worker processes)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:4]} failed:\n{proc.stderr[-2000:]}")
-    return elapsed, proc.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, proc.stdout, cpu
 
 
-def _time_interleaved(cmds: dict[str, list[str]], env: dict[str, str], repeat: int) -> dict[str, tuple[float, str]]:
-    """Median wall time of each command, run round-robin so that all see the same machine load."""
+def _time_interleaved(cmds: dict[str, list[str]], env: dict[str, str],
+                      repeat: int) -> dict[str, tuple[float, str, float]]:
+    """Median wall and CPU time of each command, run round-robin so all see the same machine load."""
     times: dict[str, list[float]] = {k: [] for k in cmds}
+    cpus: dict[str, list[float]] = {k: [] for k in cmds}
     outs: dict[str, str] = {}
     for name, cmd in cmds.items():  # warm-up round (page cache, compiled kernel), not timed
         _run(cmd, env)
     for _ in range(repeat):
         for name, cmd in cmds.items():
-            t, outs[name] = _run(cmd, env)
+            t, outs[name], c = _run(cmd, env)
             times[name].append(t)
-    return {k: (statistics.median(v), outs[k]) for k, v in times.items()}
+            cpus[name].append(c)
+    return {k: (statistics.median(v), outs[k], statistics.median(cpus[k])) for k, v in times.items()}
 
 
 def _installed(module: str) -> bool:
@@ -264,33 +274,36 @@ def main(argv: list[str] | None = None) -> int:
     if _installed("hotcoco"):
         cmds["hotcoco pq_compute"] = [sys.executable, "-c", _HOTCOCO.format(**fmt)]
     timed = _time_interleaved(cmds, env, args.repeat)
-    rows: list[tuple[str, float, float | None]] = [
-        ("harness eval-pq", timed["harness eval-pq"][0], json.loads(res_json.read_text())["pq"]["All"]["pq"]),
+    rows: list[tuple[str, float, float | None, float | None]] = [
+        ("harness eval-pq", timed["harness eval-pq"][0], json.loads(res_json.read_text())["pq"]["All"]["pq"],
+         timed["harness eval-pq"][2]),
         ("harness eval-pq --boundary", timed["harness eval-pq --boundary"][0],
-         json.loads(res_b.read_text())["boundary_pq"]["All"]["pq"]),
+         json.loads(res_b.read_text())["boundary_pq"]["All"]["pq"], timed["harness eval-pq --boundary"][2]),
     ]
     t_ours, t_bnd = rows[0][1], rows[1][1]
     t_ref = None
     for name in ("panopticapi pq_compute", "hotcoco pq_compute"):
         if name in timed:
-            rows.append((name, timed[name][0], json.loads(timed[name][1].strip().splitlines()[-1])["pq"]))
+            rows.append((name, timed[name][0], json.loads(timed[name][1].strip().splitlines()[-1])["pq"],
+                         timed[name][2]))
     if "panopticapi pq_compute" in timed:
         t_ref = timed["panopticapi pq_compute"][0]
     if args.boundary_iou_api:
-        t, out = _run([sys.executable, "-c", _BOUNDARY_API.format(path=args.boundary_iou_api, **fmt)], env)
-        rows.append(("boundary-iou-api (boundary)", t, json.loads(out.strip().splitlines()[-1])["pq"]))
+        t, out, c = _run([sys.executable, "-c", _BOUNDARY_API.format(path=args.boundary_iou_api, **fmt)], env)
+        rows.append(("boundary-iou-api (boundary)", t, json.loads(out.strip().splitlines()[-1])["pq"], c))
 
     print(f"\n{args.images} images {args.height}x{args.width}, {args.workers} workers, "
           f"median of {args.repeat}, {os.cpu_count()} CPUs")
-    print(f"{'evaluator':30s} {'seconds':>8s} {'vs panopticapi':>15s} {'All PQ':>20s}")
-    for name, t, pq in rows:
+    print(f"{'evaluator':30s} {'wall s':>7s} {'vs panopticapi':>15s} {'CPU s':>7s} {'All PQ':>20s}")
+    for name, t, pq, cpu in rows:
         ratio = f"{t_ref / t:14.2f}x" if t_ref else f"{'-':>15s}"
-        print(f"{name:30s} {t:8.2f} {ratio} {pq if pq is not None else math.nan:20.15f}")
+        print(f"{name:30s} {t:7.2f} {ratio} {cpu if cpu is not None else math.nan:7.2f} "
+              f"{pq if pq is not None else math.nan:20.15f}")
     print(f"Boundary PQ / Mask PQ time: {t_bnd / t_ours:.2f}x")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(
             {"images": args.images, "size": [args.height, args.width], "workers": args.workers,
-             "rows": [{"name": n, "seconds": t, "all_pq": q} for n, t, q in rows]}, indent=1))
+             "rows": [{"name": n, "seconds": t, "cpu_seconds": c, "all_pq": q} for n, t, q, c in rows]}, indent=1))
     if tmp is not None:
         tmp.cleanup()
     return 0

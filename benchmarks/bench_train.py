@@ -42,8 +42,10 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--skip-overfit", action="store_true")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-          f"cuda {torch.cuda.is_available()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+        f"cuda {torch.cuda.is_available()}"
+    )
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         root = generate_dataset(tmp / "data", 4, 0, seed=7, size=128, workers=1, preview=False)
@@ -54,7 +56,9 @@ def main() -> int:
         model = PanopticSegFormer(cfg).train()
         crit = PanopticCriterion(cats.num_things, cats.num_stuff)
         rng = np.random.default_rng(0)
-        items = [augment(item_from_sample(ds[i], ds), AugmentConfig(enabled=False), cfg.test_scale, rng) for i in range(2)]
+        items = [
+            augment(item_from_sample(ds[i], ds), AugmentConfig(enabled=False), cfg.test_scale, rng) for i in range(2)
+        ]
         images, pad_mask, targets = collate(items, cats.num_things, cfg.pixel_mean, cfg.pixel_std)
 
         def step() -> None:
@@ -66,15 +70,22 @@ def main() -> int:
 
         g = torch.Generator().manual_seed(0)
         k, h, w = 153, 100, 134  # COCO-sized candidate set at 1/8 of 800x1067
-        cands = Candidates(torch.rand(k, generator=g), torch.randint(0, 133, (k,), generator=g),
-                           torch.rand(k, h, w, generator=g) * 1.2)
+        cands = Candidates(
+            torch.rand(k, generator=g), torch.randint(0, 133, (k,), generator=g), torch.rand(k, h, w, generator=g) * 1.2
+        )
         for name, fn in POST_PROCESSORS.items():
-            t = _time(lambda: fn(cands, 80, (800, 1067)), max(1, args.repeat // 2))
+            t = _time(lambda fn=fn: fn(cands, 80, (800, 1067)), max(1, args.repeat // 2))
             print(f"post-process {name:9s} 153 candidates -> 800x1067: {t * 1000:.0f} ms")
 
         if not args.skip_overfit:
-            tc = TrainConfig(lr=1e-3, batch_size=2, augment=AugmentConfig(enabled=False), lr_drop=1.0,
-                             checkpoint_every=10**6, log_every=10**6)
+            tc = TrainConfig(
+                lr=1e-3,
+                batch_size=2,
+                augment=AugmentConfig(enabled=False),
+                lr_drop=1.0,
+                checkpoint_every=10**6,
+                log_every=10**6,
+            )
             torch.manual_seed(0)
             before = evaluate(PanopticSegFormer(cfg), root, tmp / "ev0", split="train2017")
             start = time.perf_counter()
@@ -84,10 +95,12 @@ def main() -> int:
             with open(tmp / "run" / "train_log.csv", newline="") as f:
                 losses = [float(r["loss"]) for r in csv.DictReader(f)]
             pq0, pq1 = before["pq"], after["pq"]
-            print(f"overfit {args.iters} iters batch 2: {secs:.1f} s ({secs / args.iters:.2f} s/iter); "
-                  f"loss {np.mean(losses[:5]):.2f} -> {np.mean(losses[-5:]):.2f}; "
-                  f"PQ {100 * (pq0['All']['pq'] or 0):.1f} -> {100 * (pq1['All']['pq'] or 0):.1f} "
-                  f"(Th {100 * (pq1['Things']['pq'] or 0):.1f}, St {100 * (pq1['Stuff']['pq'] or 0):.1f})")
+            print(
+                f"overfit {args.iters} iters batch 2: {secs:.1f} s ({secs / args.iters:.2f} s/iter); "
+                f"loss {np.mean(losses[:5]):.2f} -> {np.mean(losses[-5:]):.2f}; "
+                f"PQ {100 * (pq0['All']['pq'] or 0):.1f} -> {100 * (pq1['All']['pq'] or 0):.1f} "
+                f"(Th {100 * (pq1['Things']['pq'] or 0):.1f}, St {100 * (pq1['Stuff']['pq'] or 0):.1f})"
+            )
     return 0
 
 

@@ -41,11 +41,13 @@ class ResNetBackbone(nn.Module):
         norm_eval: Keep BatchNorm in eval mode during training.
     """
 
-    def __init__(self, name: str = "resnet50", frozen_stages: int = 1, norm_eval: bool = True) -> None:
+    def __init__(self, name: str = "resnet50", frozen_stages: int = 1, norm_eval: bool = True,
+                 zero_init_last: bool = True) -> None:
         super().__init__()
         import timm
 
-        body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(2, 3, 4))
+        body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(2, 3, 4),
+                                 zero_init_last=zero_init_last)
         for child_name, child in body.named_children():
             self.add_module(child_name, child)
         self.frozen_stages = frozen_stages
@@ -150,10 +152,16 @@ class SwinBackbone(nn.Module):
         return outs
 
 
-def build_backbone(name: str, frozen_stages: int = 1, drop_path_rate: float | None = None) -> nn.Module:
-    """Build a backbone by its config name (``resnet18/50/101``, ``swin_l``, ``pvtv2_b5``); random init."""
+def build_backbone(name: str, frozen_stages: int = 1, drop_path_rate: float | None = None,
+                   norm_eval: bool = True) -> nn.Module:
+    """Build a backbone by its config name (``resnet18/50/101``, ``swin_l``, ``pvtv2_b5``); random init.
+
+    ``norm_eval`` (ResNet only) freezes BatchNorm as the official config does; turn it off when training from
+    scratch, since timm zero-initialises the last BN scale of every residual block.
+    """
     if name in ("resnet18", "resnet50", "resnet101"):
-        return ResNetBackbone(name, frozen_stages=frozen_stages)
+        # A frozen zero-initialised BN scale would switch every residual branch off for good.
+        return ResNetBackbone(name, frozen_stages=frozen_stages, norm_eval=norm_eval, zero_init_last=not norm_eval)
     if name == "pvtv2_b5":
         return PVTv2Backbone(drop_path_rate=0.1 if drop_path_rate is None else drop_path_rate)
     if name == "swin_l":

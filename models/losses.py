@@ -67,7 +67,9 @@ def sigmoid_focal_loss(
     return loss.sum() / avg_factor
 
 
-def dice_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None, eps: float = 1e-6, avg_factor: float = 1.0) -> Tensor:
+def dice_loss(
+    pred: Tensor, target: Tensor, weight: Tensor | None = None, eps: float = 1e-6, avg_factor: float = 1.0
+) -> Tensor:
     """Official `DiceLoss` (no sigmoid): ``1 - 2 Σpt / (Σp² + eps + Σt² + eps)`` per mask.
 
     Args:
@@ -162,7 +164,9 @@ class PanopticCriterion(nn.Module):
         config: loss weights and options.
     """
 
-    def __init__(self, num_things: int, num_stuff: int, matcher: HungarianMatcher | None = None, config: LossConfig | None = None) -> None:
+    def __init__(
+        self, num_things: int, num_stuff: int, matcher: HungarianMatcher | None = None, config: LossConfig | None = None
+    ) -> None:
         super().__init__()
         self.num_things = num_things
         self.num_stuff = num_stuff
@@ -181,7 +185,10 @@ class PanopticCriterion(nn.Module):
         labels = torch.full((b, q), c, dtype=torch.long, device=logits.device)
         for i, (qi, gi) in enumerate(zip(matches.queries, matches.gts)):
             labels[i, qi.to(logits.device)] = targets[i]["thing_labels"][gi].to(logits.device)
-        out = {"cls": cfg.cls_weight * sigmoid_focal_loss(logits.flatten(0, 1), labels.flatten(), cfg.focal_alpha, cfg.focal_gamma, num_pos)}
+        out = {
+            "cls": cfg.cls_weight
+            * sigmoid_focal_loss(logits.flatten(0, 1), labels.flatten(), cfg.focal_alpha, cfg.focal_gamma, num_pos)
+        }
         if cfg.use_boxes and boxes is not None:
             pred, tgt, factors = [], [], []
             for i, (qi, gi) in enumerate(zip(matches.queries, matches.gts)):
@@ -191,20 +198,26 @@ class PanopticCriterion(nn.Module):
                 factors.append(boxes.new_tensor([w, h, w, h]).expand(len(qi), 4))
             pred_t, tgt_t, fac = torch.cat(pred), torch.cat(tgt), torch.cat(factors)
             out["l1"] = cfg.l1_weight * l1_loss(pred_t, tgt_t, num_pos)
-            out["giou"] = cfg.giou_weight * giou_loss(box_cxcywh_to_xyxy(pred_t) * fac, box_cxcywh_to_xyxy(tgt_t) * fac, num_pos)
+            out["giou"] = cfg.giou_weight * giou_loss(
+                box_cxcywh_to_xyxy(pred_t) * fac, box_cxcywh_to_xyxy(tgt_t) * fac, num_pos
+            )
         return out
 
     def _match_layer(self, logits: Tensor, boxes: Tensor | None, targets: list[dict[str, Tensor]]) -> _Matches:
         m = _Matches()
         for i, t in enumerate(targets):
             size = tuple(t["image_size"].tolist())
-            qi, gi = self.matcher.match(logits[i], None if boxes is None else boxes[i], t["thing_labels"], t["thing_boxes"], size)
+            qi, gi = self.matcher.match(
+                logits[i], None if boxes is None else boxes[i], t["thing_labels"], t["thing_boxes"], size
+            )
             m.queries.append(qi)
             m.gts.append(gi)
         return m
 
     # ----------------------------------------------------------------- forward
-    def forward(self, model: _Model, images: Tensor, pad_mask: Tensor, targets: list[dict[str, Tensor]]) -> tuple[Tensor, dict[str, float]]:
+    def forward(
+        self, model: _Model, images: Tensor, pad_mask: Tensor, targets: list[dict[str, Tensor]]
+    ) -> tuple[Tensor, dict[str, float]]:
         """Run the model on a batch and return the total loss and its parts.
 
         Args:
@@ -224,7 +237,7 @@ class PanopticCriterion(nn.Module):
         loc = model.locate(enc)
         num_layers = loc.logits.shape[0]
         if num_layers == 0:
-            raise ValueError("PanopticCriterion needs at least one location-decoder layer (box-free variant: not supported)")
+            raise ValueError("PanopticCriterion: the model returned no location-decoder output (logits of shape (0, ...))")
 
         joint = loc.logits.shape[-1] > self.num_things
         if joint:
@@ -346,7 +359,9 @@ class PanopticCriterion(nn.Module):
         stuff_labels = (~present).long().flatten()  # 0 = present (positive), 1 = absent (background)
         scale = cfg.stuff_cls_weight * (2.0 if cfg.double_stuff_cls else 1.0)
         for j, logits in stuff_cls_layers:
-            value = sigmoid_focal_loss(logits.reshape(-1, 1), stuff_labels, cfg.focal_alpha, cfg.focal_gamma, num_pos_st)
+            value = sigmoid_focal_loss(
+                logits.reshape(-1, 1), stuff_labels, cfg.focal_alpha, cfg.focal_gamma, num_pos_st
+            )
             losses[f"d{j}.loss_cls_stuff_f"] = scale * value * stuff_ratio
         return losses
 
@@ -372,5 +387,7 @@ class PanopticCriterion(nn.Module):
             pred = F.interpolate(pred[None], scale_factor=up, mode="bilinear", align_corners=False)[0]
         if pred.shape[0] == 0:
             return pred, target.new_zeros((0, *pred.shape[-2:]), dtype=pred.dtype)
-        tgt = F.interpolate(target[None].to(pred.dtype), size=tuple(pred.shape[-2:]), mode="bilinear", align_corners=False)[0]
+        tgt = F.interpolate(
+            target[None].to(pred.dtype), size=tuple(pred.shape[-2:]), mode="bilinear", align_corners=False
+        )[0]
         return pred, tgt

@@ -43,7 +43,9 @@ __all__ = [
 BLOCKED = 1e8
 
 
-def focal_cost(logits: Tensor, gt_labels: Tensor, alpha: float = 0.25, gamma: float = 2.0, eps: float = 1e-12) -> Tensor:
+def focal_cost(
+    logits: Tensor, gt_labels: Tensor, alpha: float = 0.25, gamma: float = 2.0, eps: float = 1e-12
+) -> Tensor:
     """mmdet `FocalLossCost` (unweighted).
 
     Args:
@@ -185,7 +187,12 @@ class HungarianMatcher:
         return cost
 
     def match(
-        self, logits: Tensor, boxes: Tensor | None, gt_labels: Tensor, gt_boxes: Tensor | None, image_size: tuple[int, int]
+        self,
+        logits: Tensor,
+        boxes: Tensor | None,
+        gt_labels: Tensor,
+        gt_boxes: Tensor | None,
+        image_size: tuple[int, int],
     ) -> tuple[Tensor, Tensor]:
         """Plain one-to-one Hungarian matching (`HungarianAssigner`).
 
@@ -199,7 +206,12 @@ class HungarianMatcher:
 
     @torch.no_grad()
     def filter_queries(
-        self, logits: Tensor, boxes: Tensor | None, gt_labels: Tensor, gt_boxes: Tensor | None, image_size: tuple[int, int]
+        self,
+        logits: Tensor,
+        boxes: Tensor | None,
+        gt_labels: Tensor,
+        gt_boxes: Tensor | None,
+        image_size: tuple[int, int],
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The last-layer thing-query filter (`HungarianAssigner_filter`).
 

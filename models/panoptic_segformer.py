@@ -173,7 +173,7 @@ class PanopticSegFormer(nn.Module):
     def __init__(self, cfg: PanopticSegFormerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = build_backbone(cfg.backbone, cfg.frozen_stages, cfg.backbone_drop_path)
+        self.backbone = build_backbone(cfg.backbone, cfg.frozen_stages, cfg.backbone_drop_path, cfg.norm_eval)
         channels = BACKBONE_CHANNELS[cfg.backbone]
         self.neck = ChannelMapper(channels, cfg.d_model, cfg.num_feature_levels, cfg.gn_groups)
         self.positional_encoding = SinePositionalEncoding(cfg.d_model // 2, normalize=True, offset=-0.5)

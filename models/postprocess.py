@@ -154,7 +154,13 @@ def _segments_from_maps(
             area = int(((category == label) & (instance == 0)).sum())
         if area > 0:
             segments.append(
-                {"label": int(label), "isthing": bool(isthing), "score": float(score), "instance": int(inst), "area": area}
+                {
+                    "label": int(label),
+                    "isthing": bool(isthing),
+                    "score": float(score),
+                    "instance": int(inst),
+                    "area": area,
+                }
             )
     return segments
 
@@ -301,7 +307,9 @@ def pixel_argmax(
             break
         kept = [k for k in kept if k not in small]
     category, instance, painted = _paint_ids(ids, kept, cands.labels, cands.scores, num_things, valid)
-    return PanopticResult(category=category, instance=instance, segments=_segments_from_maps(category, instance, painted))
+    return PanopticResult(
+        category=category, instance=instance, segments=_segments_from_maps(category, instance, painted)
+    )
 
 
 def maskformer_merge(
@@ -348,7 +356,9 @@ def maskformer_merge(
         elif label not in stuff_seen:
             stuff_seen.add(label)
             painted.append((label, False, float(cands.scores[k]), 0))
-    return PanopticResult(category=category, instance=instance, segments=_segments_from_maps(category, instance, painted))
+    return PanopticResult(
+        category=category, instance=instance, segments=_segments_from_maps(category, instance, painted)
+    )
 
 
 def heuristic_merge(
@@ -406,7 +416,9 @@ def heuristic_merge(
             cat_t.masked_fill_(m, label)
             stuff_score = float(scores[labels == label].max())
             painted.append((label, False, stuff_score, 0))
-    return PanopticResult(category=category, instance=instance, segments=_segments_from_maps(category, instance, painted))
+    return PanopticResult(
+        category=category, instance=instance, segments=_segments_from_maps(category, instance, painted)
+    )
 
 
 # Method name (as on the command line) -> function; a plain dict, not a registry.
@@ -418,7 +430,9 @@ POST_PROCESSORS = {
 }
 
 
-def post_process(method: str, cands: Candidates, num_things: int, out_size: tuple[int, int], **options: Any) -> PanopticResult:
+def post_process(
+    method: str, cands: Candidates, num_things: int, out_size: tuple[int, int], **options: Any
+) -> PanopticResult:
     """Dispatch on the command-line method name ("m", "p", "p*", "heuristic")."""
     try:
         fn = POST_PROCESSORS[method]

@@ -36,7 +36,9 @@ def test_dice_loss_hand_computed_no_sigmoid() -> None:
     d0 = 1 - 2 * 3 / (5 + eps + 2 + eps)
     d1 = 1 - 0 / (1 + eps + 0 + eps)
     assert float(dice_loss(pred, target)) == pytest.approx(d0 + d1, rel=1e-6)
-    assert float(dice_loss(pred, target, weight=torch.tensor([1.0, 0.0]), avg_factor=2.0)) == pytest.approx(d0 / 2, rel=1e-6)
+    assert float(dice_loss(pred, target, weight=torch.tensor([1.0, 0.0]), avg_factor=2.0)) == pytest.approx(
+        d0 / 2, rel=1e-6
+    )
     # Raw values above 1 are penalised (no sigmoid squashes them).
     assert float(dice_loss(target[:1] * 3, target[:1])) > 0.3
 
@@ -55,7 +57,14 @@ class _FixedModel(nn.Module):
     Queries are one-hot rows, so `segment` maps each gathered query back to its own mask in a bank.
     """
 
-    def __init__(self, logits: torch.Tensor, boxes: torch.Tensor, bank: torch.Tensor, stuff: torch.Tensor, stuff_logits: torch.Tensor) -> None:
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        bank: torch.Tensor,
+        stuff: torch.Tensor,
+        stuff_logits: torch.Tensor,
+    ) -> None:
         super().__init__()
         self.logits = nn.Parameter(logits)  # (L, B, Q, C)
         self.boxes = nn.Parameter(boxes)  # (L, B, Q, 4)

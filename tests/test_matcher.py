@@ -102,7 +102,9 @@ def test_official_filter_is_plain_hungarian_and_paper_runs_more_rounds() -> None
     assert rows.tolist() == plain_rows.tolist() and cols.tolist() == plain_cols.tolist()
     assert sel.tolist() == plain_rows.tolist()  # the one-round bug: exactly N_gt queries
     # Total cost of the plain match equals the brute-force optimum of the explicit weighted cost.
-    explicit = (2 * focal_cost(logits, gt_labels) + 5 * l1_cost(boxes, gt_boxes) + 2 * giou_cost(boxes, gt_boxes, size)).numpy()
+    explicit = (
+        2 * focal_cost(logits, gt_labels) + 5 * l1_cost(boxes, gt_boxes) + 2 * giou_cost(boxes, gt_boxes, size)
+    ).numpy()
     assert explicit[rows.numpy(), cols.numpy()].sum() == pytest.approx(_brute_force(explicit), rel=1e-5)
 
     paper = HungarianMatcher(MatcherConfig(rounds="paper", max_pos=3))
@@ -121,7 +123,13 @@ def test_official_filter_is_plain_hungarian_and_paper_runs_more_rounds() -> None
 
 def test_filter_with_no_ground_truth() -> None:
     m = HungarianMatcher()
-    rows, cols, sel = m.filter_queries(torch.randn(5, 3), _random_boxes(5, torch.Generator()), torch.zeros(0, dtype=torch.long), torch.zeros(0, 4), (10, 10))
+    rows, cols, sel = m.filter_queries(
+        torch.randn(5, 3),
+        _random_boxes(5, torch.Generator()),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, 4),
+        (10, 10),
+    )
     assert rows.numel() == cols.numel() == sel.numel() == 0
 
 

@@ -34,7 +34,12 @@ def _tiny_config(size: int):
 
 def _train_cfg(**kw) -> TrainConfig:
     base = TrainConfig(
-        lr=OVERFIT_LR, batch_size=2, augment=AugmentConfig(enabled=False), lr_drop=1.0, checkpoint_every=10**6, log_every=10**6
+        lr=OVERFIT_LR,
+        batch_size=2,
+        augment=AugmentConfig(enabled=False),
+        lr_drop=1.0,
+        checkpoint_every=10**6,
+        log_every=10**6,
     )
     return dataclasses.replace(base, **kw)
 
@@ -74,12 +79,33 @@ def test_tiny_config_overfits(overfit_run: dict) -> None:
 def test_cli_eval_and_mismatched_weights(overfit_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root, weights = overfit_run["root"], overfit_run["weights"]
     out = tmp_path / "eval_p"
-    assert main(["eval", "--weights", str(weights), "--data", str(root), "--out", str(out), "--split", "train2017",
-                 "--post-process", "p", "--max-images", "2", "-q"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--weights",
+                str(weights),
+                "--data",
+                str(root),
+                "--out",
+                str(out),
+                "--split",
+                "train2017",
+                "--post-process",
+                "p",
+                "--max-images",
+                "2",
+                "--boundary",
+                "-q",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "PQ" in printed and "Stuff" in printed
     result = json.loads((out / "pq.json").read_text())
     assert result["post_process"] == "p" and result["num_images"] == 2
+    assert "Boundary PQ" in printed and result["boundary_pq"]["All"]["n"] > 0
     assert len(json.loads((out / "pred.json").read_text())["annotations"]) == 2
     # Weights whose config has other class counts: one clear error, exit 2, naming the mismatch.
     bad = tmp_path / "bad"
@@ -88,8 +114,22 @@ def test_cli_eval_and_mismatched_weights(overfit_run: dict, tmp_path: Path, caps
     cfg = json.loads((weights.parent / "model.json").read_text())
     cfg["config"]["num_things"] += 1
     (bad / "model.json").write_text(json.dumps(cfg))
-    assert main(["eval", "--weights", str(bad / "model.safetensors"), "--data", str(root), "--out", str(tmp_path / "x"),
-                 "--split", "train2017"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--weights",
+                str(bad / "model.safetensors"),
+                "--data",
+                str(root),
+                "--out",
+                str(tmp_path / "x"),
+                "--split",
+                "train2017",
+            ]
+        )
+        == 2
+    )
     # Same class count but another architecture: the strict load lists the offending keys.
     cfg["config"]["num_things"] -= 1
     cfg["config"]["num_encoder_layers"] += 1
@@ -120,9 +160,25 @@ def test_training_resumes_exactly(tmp_path: Path) -> None:
 
 
 def test_cli_train_rejects_bad_arguments(tmp_path: Path) -> None:
-    assert main(["train", "--config", "nope", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--iters", "1"]) == 2
-    assert main(["train", "--config", "panoptic_segformer_tiny", "--data", str(tmp_path / "missing"),
-                 "--out", str(tmp_path / "o"), "--iters", "1"]) == 2
+    assert (
+        main(["train", "--config", "nope", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--iters", "1"]) == 2
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "panoptic_segformer_tiny",
+                "--data",
+                str(tmp_path / "missing"),
+                "--out",
+                str(tmp_path / "o"),
+                "--iters",
+                "1",
+            ]
+        )
+        == 2
+    )
 
 
 def test_augmentation_keeps_boxes_masks_and_images_aligned(synth_root: Path) -> None:
@@ -149,8 +205,8 @@ def test_augmentation_keeps_boxes_masks_and_images_aligned(synth_root: Path) -> 
             if things.any():
                 tight = masks_to_boxes(out.masks[torch.from_numpy(things)]).numpy()
                 box = out.boxes[things]
-                # mmdet clips boxes to the crop, so the mask's tight box lies inside the box (up to ~1 source px of nearest-resize error);
-                # without a crop the two agree.
+                # mmdet clips boxes to the crop, so the mask's tight box lies inside the box (up to ~1 source px
+                # of nearest-resize error); without a crop the two agree.
                 assert (tight[:, :2] >= box[:, :2] - 3.0).all() and (tight[:, 2:] <= box[:, 2:] + 3.0).all()
                 if crop_prob == 0.0:
                     assert np.abs(tight - box).max() <= 3.0  # nearest resize: up to ~1 source px
@@ -170,6 +226,13 @@ def test_augmentation_keeps_boxes_masks_and_images_aligned(synth_root: Path) -> 
         assert not t["thing_masks"][:, h:, :].any() and not t["thing_masks"][:, :, w:].any()
         # Boxes are normalised by the unpadded size.
         tight = masks_to_boxes(t["thing_masks"])
-        expect = torch.stack([(tight[:, 0] + tight[:, 2]) / 2 / w, (tight[:, 1] + tight[:, 3]) / 2 / h,
-                              (tight[:, 2] - tight[:, 0]) / w, (tight[:, 3] - tight[:, 1]) / h], 1)
+        expect = torch.stack(
+            [
+                (tight[:, 0] + tight[:, 2]) / 2 / w,
+                (tight[:, 1] + tight[:, 3]) / 2 / h,
+                (tight[:, 2] - tight[:, 0]) / w,
+                (tight[:, 3] - tight[:, 1]) / h,
+            ],
+            1,
+        )
         torch.testing.assert_close(t["thing_boxes"], expect, atol=0.03, rtol=0)

@@ -151,7 +151,9 @@ def test_mask_wise_invariants_on_random_candidates() -> None:
         assert s["score"] >= 0.25
     # Every painted thing kept at least 60 % of its binary mask.
     for s in [s for s in res.segments if s["isthing"]]:
-        idx = int(np.flatnonzero(np.isclose(res.candidate_scores, s["score"]) & (res.candidate_labels == s["label"]))[0])
+        idx = int(
+            np.flatnonzero(np.isclose(res.candidate_scores, s["score"]) & (res.candidate_labels == s["label"]))[0]
+        )
         binary = res.candidate_masks[idx] > 0.5
         assert s["area"] >= 0.6 * binary.sum() - 1e-9
 

@@ -326,7 +326,7 @@ def test_png_decoder_all_filter_types(tmp_path: Path, channels: int) -> None:
 
     rng = np.random.default_rng(channels)
     rgb = rng.integers(0, 256, (9, 11, channels), dtype=np.uint8)
-    rgb[3:6, 2:8] = 200  # flat area as in panoptic maps
+    rgb[3:8, 2:9] = 200  # flat area as in panoptic maps (exercises the flat-run shortcuts)
     data = _png_with_filters(rgb, [0, 1, 2, 3, 4, 4, 3, 2, 1])
     path = tmp_path / "f.png"
     path.write_bytes(data)

@@ -19,7 +19,9 @@ example:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", required=True, help="model.safetensors (model.json beside it) or checkpoint_last.pt")
+    parser.add_argument(
+        "--weights", required=True, help="model.safetensors (model.json beside it) or checkpoint_last.pt"
+    )
     parser.add_argument("--data", required=True, help="data set root")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--split", default="val2017", help="split to evaluate (default: val2017)")
@@ -28,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default=None, help="config name, for weights without model.json")
     parser.add_argument("--max-images", type=int, default=None, help="score only the first N images")
+    parser.add_argument("--boundary", action="store_true", help="also compute Boundary PQ")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 
@@ -48,11 +51,14 @@ def run(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         model_name=args.model,
         device=args.device,
+        boundary=args.boundary,
     )
-    pq = result["pq"]
-    print(f"{'':8s} {'PQ':>6s} {'SQ':>6s} {'RQ':>6s} {'N':>4s}")
-    for split in ("All", "Things", "Stuff"):
-        row = pq[split]
-        vals = [f"{100 * row[k]:6.1f}" if row[k] is not None else f"{'-':>6s}" for k in ("pq", "sq", "rq")]
-        print(f"{split:8s} {' '.join(vals)} {row['n']:4d}")
+    for key, title in (("pq", "Mask PQ"), ("boundary_pq", "Boundary PQ")):
+        if key not in result:
+            continue
+        print(f"{title:12s} {'PQ':>6s} {'SQ':>6s} {'RQ':>6s} {'N':>4s}")
+        for split in ("All", "Things", "Stuff"):
+            row = result[key][split]
+            vals = [f"{100 * row[k]:6.1f}" if row[k] is not None else f"{'-':>6s}" for k in ("pq", "sq", "rq")]
+            print(f"{split:12s} {' '.join(vals)} {row['n']:4d}")
     return 0

@@ -28,12 +28,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (checkpoint, weights, train_log.csv)")
     parser.add_argument("--iters", type=int, required=True, help="total training iterations")
     parser.add_argument("--split", default="train2017", help="training split (default: train2017)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per iteration (default: 1 as official per GPU; 2 for the tiny config)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="AdamW learning rate (default: 1.4e-4 as official; 1e-3 for the tiny config)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per iteration (default: 1 as official per GPU; 2 for the tiny config)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="AdamW learning rate (default: 1.4e-4 as official; 1e-3 for the tiny config)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, sampling and augmentation")
-    parser.add_argument("--no-augment", action="store_true", help="only the test resize (no flip / crop / scale jitter)")
+    parser.add_argument(
+        "--no-augment", action="store_true", help="only the test resize (no flip / crop / scale jitter)"
+    )
     parser.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     parser.add_argument("--init", default=None, help="start from these weights (model.safetensors or checkpoint)")
@@ -62,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     existing_dir(args.data, "--data")
-    cfg = dataclasses.replace(default_train_config(args.config), seed=args.seed,
-                              checkpoint_every=max(1, args.checkpoint_every))
+    cfg = dataclasses.replace(
+        default_train_config(args.config), seed=args.seed, checkpoint_every=max(1, args.checkpoint_every)
+    )
     if args.batch_size is not None:
         cfg = dataclasses.replace(cfg, batch_size=args.batch_size)
     if args.lr is not None:

@@ -79,7 +79,9 @@ def rescale_size(h: int, w: int, short: int, long: int) -> tuple[int, int]:
     return int(h * float(scale) + 0.5), int(w * float(scale) + 0.5)
 
 
-def _resize(image: np.ndarray, masks: Tensor, boxes: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Tensor, np.ndarray]:
+def _resize(
+    image: np.ndarray, masks: Tensor, boxes: np.ndarray, size: tuple[int, int]
+) -> tuple[np.ndarray, Tensor, np.ndarray]:
     """Resize image (bilinear), masks (nearest) and pixel xyxy boxes (mmdet: per-axis scale factors)."""
     h, w = image.shape[:2]
     nh, nw = size
@@ -121,10 +123,19 @@ def item_from_sample(sample: PanopticSample, dataset: PanopticDataset) -> TrainI
     t = build_targets(sample, dataset.categories)
     h, w = sample.id_map.shape
     tb = t["thing_boxes"].numpy()
-    thing_xyxy = np.stack(
-        [(tb[:, 0] - tb[:, 2] / 2) * w, (tb[:, 1] - tb[:, 3] / 2) * h, (tb[:, 0] + tb[:, 2] / 2) * w, (tb[:, 1] + tb[:, 3] / 2) * h],
-        axis=1,
-    ).astype(np.float32).reshape(-1, 4)
+    thing_xyxy = (
+        np.stack(
+            [
+                (tb[:, 0] - tb[:, 2] / 2) * w,
+                (tb[:, 1] - tb[:, 3] / 2) * h,
+                (tb[:, 0] + tb[:, 2] / 2) * w,
+                (tb[:, 1] + tb[:, 3] / 2) * h,
+            ],
+            axis=1,
+        )
+        .astype(np.float32)
+        .reshape(-1, 4)
+    )
     ns = t["stuff_labels"].numel()
     stuff_xyxy = np.tile(np.array([[0, 0, w, h]], np.float32), (ns, 1))
     return TrainItem(
@@ -208,7 +219,12 @@ def collate(
         is_thing = it.labels < num_things
         xyxy = torch.from_numpy(np.asarray(it.boxes, np.float32)).reshape(-1, 4)[is_thing]
         cxcywh = torch.stack(
-            [(xyxy[:, 0] + xyxy[:, 2]) / 2 / w, (xyxy[:, 1] + xyxy[:, 3]) / 2 / h, (xyxy[:, 2] - xyxy[:, 0]) / w, (xyxy[:, 3] - xyxy[:, 1]) / h],
+            [
+                (xyxy[:, 0] + xyxy[:, 2]) / 2 / w,
+                (xyxy[:, 1] + xyxy[:, 3]) / 2 / h,
+                (xyxy[:, 2] - xyxy[:, 0]) / w,
+                (xyxy[:, 3] - xyxy[:, 1]) / h,
+            ],
             dim=1,
         )
         targets.append(

@@ -2,7 +2,8 @@
 
 The test transform is the official one (`harness.data.transforms`): mmcv keep-ratio rescale to the config's
 `test_scale` (short side 800, long side <= 1333 for the COCO models), OpenCV bilinear on the uint8 image,
-ImageNet mean/std in RGB, batch size 1 with no padding. Weights are read by `models.checkpoint` (ours or official). Masks are resized straight to the original image size by the post-processor.
+ImageNet mean/std in RGB, batch size 1 with no padding. Weights are read by `models.checkpoint` (ours or
+official). Masks are resized straight to the original image size by the post-processor.
 
 Outputs in `out_dir`: `pred/` (PNG per image) + `pred.json` (via `harness.data.writer`), `pq.json`
 (`harness.metrics` result: All/Things/Stuff + per class) and, when only part of the split is scored,
@@ -31,8 +32,13 @@ from models.postprocess import POST_PROCESSORS, candidates_from_outputs, post_pr
 log = logging.getLogger(__name__)
 
 
-def load_model(weights: str | Path, model_name: str | None = None, num_things: int | None = None,
-               num_stuff: int | None = None, device: str = "cpu") -> PanopticSegFormer:
+def load_model(
+    weights: str | Path,
+    model_name: str | None = None,
+    num_things: int | None = None,
+    num_stuff: int | None = None,
+    device: str = "cpu",
+) -> PanopticSegFormer:
     """Build the model from weights and load them strictly (`models.checkpoint.load_model`).
 
     Accepts our format (`model.safetensors` + `model.json`, or the folder holding them), our training
@@ -67,7 +73,9 @@ def apply_test_transform(image_rgb: np.ndarray, cfg: PanopticSegFormerConfig) ->
     """
     from harness.data.transforms import apply_test_transform as mmcv_test_transform
 
-    prep = mmcv_test_transform(np.ascontiguousarray(image_rgb[..., ::-1]), cfg.test_scale, cfg.pixel_mean, cfg.pixel_std)
+    prep = mmcv_test_transform(
+        np.ascontiguousarray(image_rgb[..., ::-1]), cfg.test_scale, cfg.pixel_mean, cfg.pixel_std
+    )
     return torch.from_numpy(prep.image)[None]
 
 
@@ -103,6 +111,7 @@ def evaluate(
     model_name: str | None = None,
     device: str = "cpu",
     options: dict[str, Any] | None = None,
+    boundary: bool = False,
 ) -> dict[str, Any]:
     """Predict, write COCO panoptic files and score them.
 
@@ -115,6 +124,7 @@ def evaluate(
         model_name: config name for weights without a config.
         device: torch device.
         options: extra keyword options for the post-processor (override the config's).
+        boundary: also compute Boundary PQ (dilation 0.02, as boundary-iou-api for COCO).
 
     Returns:
         `harness.metrics` result: {"pq": {"All": {pq, sq, rq, n}, "Things": ..., "Stuff": ..., "per_class": ...},
@@ -122,6 +132,7 @@ def evaluate(
     """
     from tqdm import tqdm
 
+    from harness.metrics.pq import PQOptions
     from harness.metrics.pq_files import evaluate_pq_files
 
     if post_process_method not in POST_PROCESSORS:
@@ -156,7 +167,9 @@ def evaluate(
     if was_training:
         model.train()
     gt_json = dataset.json_path if n == len(dataset) else _gt_subset(dataset, scored_ids, out / "gt_subset.json")
-    result = evaluate_pq_files(gt_json, pred_json, gt_dir=dataset.png_dir, pred_dir=out / "pred")
+    result = evaluate_pq_files(
+        gt_json, pred_json, gt_dir=dataset.png_dir, pred_dir=out / "pred", options=PQOptions(boundary=boundary)
+    )
     result["post_process"] = post_process_method
     result["model"] = cfg.name
     atomic_write_json(out / "pq.json", result, indent=2)

@@ -99,14 +99,16 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 def save_weights(model: PanopticSegFormer, out_dir: Path) -> Path:
-    """Write `out_dir/model.safetensors` + `out_dir/model.json` (`models.checkpoint` format); returns the weights path."""
+    """Write `out_dir/model.safetensors` + `out_dir/model.json` (`models.checkpoint` format); returns the weights."""
     from models.checkpoint import save_checkpoint
 
     return save_checkpoint(model.state_dict(), model.cfg, out_dir, meta={"written_by": "harness.engine.train"})
 
 
 def _to_jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)))
+    return json.loads(
+        json.dumps(obj, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o))
+    )
 
 
 def _write_log(out_dir: Path, history: list[dict[str, float]]) -> None:
