@@ -156,12 +156,13 @@ def build_backbone(name: str, frozen_stages: int = 1, drop_path_rate: float | No
                    norm_eval: bool = True) -> nn.Module:
     """Build a backbone by its config name (``resnet18/50/101``, ``swin_l``, ``pvtv2_b5``); random init.
 
-    ``norm_eval`` (ResNet only) freezes BatchNorm as the official config does; turn it off when training from
-    scratch, since timm zero-initialises the last BN scale of every residual block.
+    ``norm_eval`` (ResNet only) freezes BatchNorm as the official config does. Note for random init: timm
+    zero-initialises the last BN scale of every residual block, so with frozen BatchNorm the residual branches stay
+    off and only the stem and the strided shortcut convolutions learn (a light backbone: the tiny config keeps this,
+    it overfits the synthetic data fastest); set ``norm_eval=False`` to train the full ResNet from scratch.
     """
     if name in ("resnet18", "resnet50", "resnet101"):
-        # A frozen zero-initialised BN scale would switch every residual branch off for good.
-        return ResNetBackbone(name, frozen_stages=frozen_stages, norm_eval=norm_eval, zero_init_last=not norm_eval)
+        return ResNetBackbone(name, frozen_stages=frozen_stages, norm_eval=norm_eval)
     if name == "pvtv2_b5":
         return PVTv2Backbone(drop_path_rate=0.1 if drop_path_rate is None else drop_path_rate)
     if name == "swin_l":

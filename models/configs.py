@@ -31,7 +31,7 @@ class PanopticSegFormerConfig:
     # Backbone
     backbone: str = "resnet50"
     frozen_stages: int = 1
-    norm_eval: bool = True  # ResNet BatchNorm frozen in eval mode (official, for pretrained weights)
+    norm_eval: bool = True  # ResNet BatchNorm frozen in eval mode (official); see build_backbone for random init
     backbone_drop_path: float | None = None
     # Neck / multi-scale features
     d_model: int = 256
@@ -145,7 +145,6 @@ def panoptic_segformer_tiny(num_things: int = 80, num_stuff: int = 53, **overrid
     defaults = {
         "backbone": "resnet18",
         "frozen_stages": -1,
-        "norm_eval": False,  # random init: BN must train (timm zero-inits each block's last BN gamma)
         "d_model": 64,
         "gn_groups": 16,
         "num_heads": 4,

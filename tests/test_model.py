@@ -254,9 +254,9 @@ def test_frozen_backbone_parts() -> None:
     assert not bb.layer3[0].bn1.weight.requires_grad
     model.train()
     assert not bb.layer3[0].bn1.training and model.bbox_head.training
-    # The tiny config trains from scratch: BatchNorm must learn (timm zero-inits each block's last BN scale).
+    # norm_eval=False trains BatchNorm (full ResNet from scratch).
     with torch.device("meta"):
-        tiny = PanopticSegFormer(panoptic_segformer_tiny()).train()
+        tiny = PanopticSegFormer(panoptic_segformer_tiny(norm_eval=False)).train()
     assert tiny.backbone.layer1[0].bn2.training and tiny.backbone.layer1[0].bn2.weight.requires_grad
 
 
