@@ -103,12 +103,61 @@ def stage_train_eval(stage: "Stage", args: argparse.Namespace, data: Path, out: 
     from harness.engine.train import train
 
     weights = train("panoptic_segformer_tiny", data, out, iters=args.train_iters)
-    result = evaluate(weights, data, out / "eval")
-    stage.outputs = {"weights": str(weights), "eval": str(out / "eval")}
+    result = evaluate(weights, data, out / "eval", boundary=True)
+    stage.outputs = {"weights": str(weights), "eval": str(out / "eval"),
+                     "loss curve": str(_loss_plot(out / "train_log.csv", out / "loss.png")),
+                     "predictions vs GT": str(_prediction_sheet(data, out / "eval", out / "predictions.png"))}
     for key, label in (("pq", "Mask PQ"), ("boundary_pq", "Boundary PQ")):
-        if key in result and result[key]["All"]["pq"] is not None:
-            stage.metrics[f"tiny model {label}"] = round(100 * result[key]["All"]["pq"], 2)
-    stage.note = f"{args.train_iters} iterations on CPU"
+        for split in ("All", "Things", "Stuff"):
+            value = result.get(key, {}).get(split, {}).get("pq")
+            if value is not None:
+                stage.metrics[f"tiny model {label} ({split})"] = round(100 * value, 2)
+    stage.note = f"{args.train_iters} iterations on CPU, evaluated on the {args.val} validation images"
+
+
+def _loss_plot(log_csv: Path, out_png: Path) -> Path:
+    """Training loss per iteration (raw and smoothed) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    log = pd.read_csv(log_csv)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(log["iter"], log["loss"], lw=0.5, alpha=0.4, label="loss")
+    ax.plot(log["iter"], log["loss"].rolling(25, min_periods=1).mean(), lw=1.5, label="moving mean (25)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("total loss")
+    ax.set_title("tiny Panoptic SegFormer on the synthetic dataset (CPU)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def _prediction_sheet(data: Path, eval_dir: Path, out_png: Path, count: int = 6) -> Path:
+    """Sheet of the first validation images: ground truth (top row) and prediction (bottom row)."""
+    from harness.data.coco_panoptic import read_id_png, read_image_rgb
+    from harness.viz import make_grid, render_panoptic, write_png
+
+    gt = json.loads((data / "annotations" / "panoptic_val2017.json").read_text())
+    pred = json.loads((eval_dir / "pred.json").read_text())
+    cats = {c["id"]: c for c in gt["categories"]}
+    pred_by_id = {a["image_id"]: a for a in pred["annotations"]}
+    file_by_id = {im["id"]: im["file_name"] for im in gt["images"]}
+    gt_anns = [a for a in sorted(gt["annotations"], key=lambda a: a["image_id"]) if a["image_id"] in pred_by_id]
+    rows: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    for ann in gt_anns[:count]:
+        image = read_image_rgb(data / "val2017" / file_by_id[ann["image_id"]])
+        p = pred_by_id[ann["image_id"]]
+        for row, a, folder, title in ((rows[0], ann, data / "annotations" / "panoptic_val2017", "GT"),
+                                      (rows[1], p, eval_dir / "pred", "prediction")):
+            ids = read_id_png(folder / a["file_name"])
+            row.append(render_panoptic(image, ids, a["segments_info"], cats, legend=False, title=title))
+    write_png(out_png, make_grid(rows[0] + rows[1], ncols=len(rows[0])))
+    return out_png
 
 
 def write_report(out: Path, stages: list["Stage"]) -> Path:

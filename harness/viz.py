@@ -16,28 +16,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from harness.data.format import VOID, rgb2id
+from harness.data.format import VOID
 from harness.errors import UserError
 from harness.io import atomic_write_bytes
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _BG = (24, 24, 24)
-
-
-def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as `(H, W, 3)` uint8 RGB; UserError naming the file if unreadable."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise UserError(f"cannot read image {path}")
-    return np.ascontiguousarray(img[..., ::-1])
-
-
-def read_id_map(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read a COCO panoptic PNG as `(H, W)` uint32 segment ids (0 = VOID)."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise UserError(f"cannot read panoptic PNG {path}")
-    return rgb2id(img[..., ::-1])
 
 
 def write_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:

@@ -32,14 +32,9 @@ SPLIT = "val2017"
 
 
 @pytest.fixture(scope="module")
-def dataset_root(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared synthetic data set (conftest's `synth_root`), or a small one made here."""
-    try:
-        return Path(request.getfixturevalue("synth_root"))
-    except pytest.FixtureLookupError:
-        from harness.data.synthetic import generate_dataset
-
-        return generate_dataset(tmp_path_factory.mktemp("synth"), 0, 4, seed=0, size=128, preview=False)
+def dataset_root(synth_root: Path) -> Path:
+    """The shared synthetic data set (read-only; copy it before breaking files)."""
+    return synth_root
 
 
 @pytest.fixture()

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", type=int, default=32, help="synthetic validation images (default: 32)")
     parser.add_argument("--size", type=int, default=256, help="long side of synthetic images (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
-    parser.add_argument("--train-iters", type=int, default=600, help="tiny-model training iterations (default: 600)")
+    parser.add_argument("--train-iters", type=int, default=1200, help="tiny-model training iterations (default: 1200)")
     parser.add_argument("--skip-train", action="store_true", help="skip the model training stage")
 
 

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from harness import viz
+    from harness.data.coco_panoptic import read_id_png, read_image_rgb
     from harness.commands._common import existing_file
     from harness.errors import DataError, UserError
 
@@ -101,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
             if int(s["category_id"]) not in cats:
                 raise DataError(f"{json_path}: segment id {s['id']} of {ann['file_name']} has unknown category_id "
                                 f"{s['category_id']}")
-        id_map = viz.read_id_map(png_path)
-        image = viz.read_rgb(img_path)
+        id_map = read_id_png(png_path)
+        image = read_image_rgb(img_path)
         if image.shape[:2] != id_map.shape:
             raise DataError(f"{img_path} is {image.shape[1]}x{image.shape[0]} but {png_path} is "
                             f"{id_map.shape[1]}x{id_map.shape[0]}")

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 
-from harness.data.format import VOID, CategoryMap, rgb2id
+from harness.data.format import VOID, CategoryMap
 from harness.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -213,49 +213,17 @@ def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
 
 
 def read_id_png(path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode a panoptic PNG to (H, W) uint32 segment ids (pyspng, else OpenCV, else PIL).
+    """Decode a panoptic PNG to (H, W) uint32 segment ids with the fastest decoder available.
+
+    One implementation serves the data layer, the metrics and the overlays
+    (`harness.metrics.pngio.read_id_map`: libdeflate + C kernel, else pyspng, OpenCV, PIL).
 
     Raises:
         DataError: missing, undecodable, not 8-bit RGB(A).
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"panoptic PNG not found: {path}") from None
-    rgb = _decode_png(data, path)
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
-        raise DataError(f"{path}: expected an 8-bit RGB panoptic PNG, got shape {rgb.shape} {rgb.dtype}")
-    return rgb2id(rgb)
+    from harness.metrics.pngio import read_id_map
 
-
-def _decode_png(data: bytes, path: Path) -> np.ndarray:
-    try:
-        import pyspng
-
-        return pyspng.load(data)
-    except ImportError:
-        pass
-    except Exception as exc:  # pyspng raises plain RuntimeError/ValueError on corrupt data
-        raise DataError(f"cannot decode PNG {path}: {exc}") from None
-    try:
-        import cv2
-
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if arr is not None:
-            if arr.ndim == 3:
-                arr = arr[..., [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) -> RGB(A)
-            return arr
-    except ImportError:
-        pass
-    from PIL import Image, UnidentifiedImageError
-    import io
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"cannot decode PNG {path}: {exc}") from None
+    return read_id_map(path)
 
 
 def segment_stats(id_map: np.ndarray) -> dict[int, tuple[int, tuple[float, float, float, float]]]:

@@ -581,13 +581,14 @@ def _remove_stale(root: Path, split: str, keep: set[str]) -> None:
 def write_preview(root: Path, out: Path, split: str = SPLITS[1], count: int = PREVIEW_COUNT) -> Path:
     """Render the first `count` images of `split` with panoptic overlays into one PNG sheet."""
     from harness import viz
+    from harness.data.coco_panoptic import read_id_png, read_image_rgb
 
     panoptic = json.loads((root / "annotations" / f"panoptic_{split}.json").read_text())
     cats = {c["id"]: c for c in panoptic["categories"]}
     tiles = []
     for img, ann in list(zip(panoptic["images"], panoptic["annotations"]))[:count]:
-        image = viz.read_rgb(root / split / img["file_name"])
-        id_map = viz.read_id_map(root / "annotations" / f"panoptic_{split}" / ann["file_name"])
+        image = read_image_rgb(root / split / img["file_name"])
+        id_map = read_id_png(root / "annotations" / f"panoptic_{split}" / ann["file_name"])
         tiles.append(viz.render_panoptic(image, id_map, ann["segments_info"], cats, legend=False,
                                          title=str(img["id"])))
     sheet = viz.make_grid(tiles, ncols=4)

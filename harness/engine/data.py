@@ -114,7 +114,7 @@ class TrainItem:
     masks: Tensor
     labels: Tensor
     boxes: np.ndarray
-    image_id: int = 0
+    image_id: int | str = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -143,7 +143,7 @@ def item_from_sample(sample: PanopticSample, dataset: PanopticDataset) -> TrainI
         masks=torch.cat([t["thing_masks"], t["stuff_masks"]]),
         labels=torch.cat([t["thing_labels"], t["stuff_labels"]]),
         boxes=np.concatenate([thing_xyxy, stuff_xyxy]).reshape(-1, 4),
-        image_id=int(sample.image_id) if isinstance(sample.image_id, (int, np.integer)) else 0,
+        image_id=sample.image_id,
     )
 
 
