@@ -148,6 +148,22 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], Pa
     return state, cfg
 
 
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``meta`` entry of our format's JSON file (e.g. the training data set's categories); {} when absent."""
+    p = Path(path)
+    if p.suffix in (".pth", ".pt"):
+        return {}
+    _, config = _paths(p)
+    if not config.is_file():
+        return {}
+    try:
+        doc = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise CheckpointError(f"bad config file {config}: {exc}") from exc
+    meta = doc.get("meta", {}) if isinstance(doc, dict) else {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def _is_training_checkpoint(path: Path) -> bool:
     """Our training engine's ``checkpoint_last.pt``: a dict with ``model`` and ``config`` entries."""
     try:

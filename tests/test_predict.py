@@ -158,3 +158,23 @@ def test_predict_user_errors(tiny_weights: tuple[Path, Path, Path], tmp_path: Pa
     assert "missing keys" in err and "Traceback" not in err
     assert main(["predict", "--weights", str(ours), "--image", str(tmp_path / "x.jpg"), "--out", out]) == 2
     assert "x.jpg" in capsys.readouterr().err
+
+
+def test_predict_takes_categories_stored_by_train(synth_root: Path, tmp_path: Path) -> None:
+    """Weights written by `harness train` carry the data set's categories; predict maps labels through them."""
+    from harness.commands.predict import _load_categories
+    from harness.data.coco_panoptic import PanopticDataset
+    from harness.engine.train import save_weights
+    from harness.errors import UserError
+    from models.checkpoint import read_meta
+
+    cats = PanopticDataset(synth_root, split="val2017").categories
+    model = PanopticSegFormer(panoptic_segformer_tiny(num_things=cats.num_things, num_stuff=cats.num_stuff))
+    save_weights(model, tmp_path / "w", [dict(c) for c in cats.categories])
+    stored = read_meta(tmp_path / "w")["categories"]
+    got = _load_categories(None, cats.num_things, cats.num_stuff, stored)
+    assert [c["id"] for c in got] == list(cats.ids)
+    assert _load_categories(None, cats.num_things, cats.num_stuff, None) is None  # not COCO-sized: unknown
+    assert len(_load_categories(None, 80, 53, None)) == 133  # COCO by default for COCO-sized models
+    with pytest.raises(UserError, match="stored with the weights"):
+        _load_categories(None, cats.num_things + 1, cats.num_stuff, stored)

@@ -52,26 +52,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def _load_categories(path: str | None, num_things: int, num_stuff: int) -> list[dict[str, Any]] | None:
-    """Categories in contiguous order (things first); None when unknown."""
+def _load_categories(path: str | None, num_things: int, num_stuff: int,
+                     stored: list[dict[str, Any]] | None = None) -> list[dict[str, Any]] | None:
+    """Categories in contiguous order (things first); None when unknown.
+
+    Order of precedence: `--categories`, the categories stored with the weights by `harness train`, then
+    COCO panoptic when the class counts are COCO's.
+    """
     import json
 
+    from harness.data.coco_panoptic import coco_categories
     from harness.data.format import CategoryMap
     from harness.errors import UserError
 
-    if path is None:
-        if (num_things, num_stuff) != (80, 53):
-            return None
-        src = Path(__file__).resolve().parents[1] / "data" / "coco_panoptic_categories.json"
+    if path is not None:
+        src = str(path)
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read categories from {src}: {exc}") from exc
+        cats = doc["categories"] if isinstance(doc, dict) and "categories" in doc else doc
+        if not isinstance(cats, list):
+            raise UserError(f"{src}: expected a list of categories or a dict with 'categories'")
+    elif stored:
+        src, cats = "the categories stored with the weights", stored
+    elif (num_things, num_stuff) == (80, 53):
+        src, cats = "COCO panoptic categories", coco_categories()
     else:
-        src = Path(path)
-    try:
-        doc = json.loads(src.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read categories from {src}: {exc}") from exc
-    cats = doc["categories"] if isinstance(doc, dict) and "categories" in doc else doc
-    if not isinstance(cats, list):
-        raise UserError(f"{src}: expected a list of categories or a dict with 'categories'")
+        return None
     try:
         cmap = CategoryMap.from_categories(cats)
     except ValueError as exc:
@@ -124,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from harness.errors import UserError
     from harness.io import atomic_write, atomic_write_bytes, atomic_write_json
     from harness.logging_utils import progress_disabled
-    from models.checkpoint import CheckpointError, load_model
+    from models.checkpoint import CheckpointError, load_model, read_meta
     from models.panoptic_segformer import outputs_at_layer
 
     try:
@@ -152,7 +160,11 @@ def run(args: argparse.Namespace) -> int:
         model.to(device)
     except (RuntimeError, AssertionError) as exc:
         raise UserError(f"cannot use device {args.device!r}: {exc}") from exc
-    categories = _load_categories(args.categories, cfg.num_things, cfg.num_stuff)
+    try:
+        stored = read_meta(weights).get("categories")
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from exc
+    categories = _load_categories(args.categories, cfg.num_things, cfg.num_stuff, stored)
     if categories is None:
         log.warning("no categories for %d+%d classes: category_id = contiguous index + 1 (use --categories)",
                     cfg.num_things, cfg.num_stuff)

@@ -98,11 +98,18 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     ]
 
 
-def save_weights(model: PanopticSegFormer, out_dir: Path) -> Path:
-    """Write `out_dir/model.safetensors` + `out_dir/model.json` (`models.checkpoint` format); returns the weights."""
+def save_weights(model: PanopticSegFormer, out_dir: Path, categories: list[dict[str, Any]] | None = None) -> Path:
+    """Write `out_dir/model.safetensors` + `out_dir/model.json` (`models.checkpoint` format); returns the weights.
+
+    The training set's categories (contiguous order) travel in the JSON's `meta`, so `predict` and `eval` write
+    the right category ids without being told.
+    """
     from models.checkpoint import save_checkpoint
 
-    return save_checkpoint(model.state_dict(), model.cfg, out_dir, meta={"written_by": "harness.engine.train"})
+    meta: dict[str, Any] = {"written_by": "harness.engine.train"}
+    if categories is not None:
+        meta["categories"] = categories
+    return save_checkpoint(model.state_dict(), model.cfg, out_dir, meta=meta)
 
 
 def _to_jsonable(obj: Any) -> Any:
@@ -263,7 +270,7 @@ def train(
         if (it + 1) % cfg_t.checkpoint_every == 0 or it + 1 == iters:
             checkpoint(it + 1)
     model.eval()
-    path = save_weights(model, out)
+    path = save_weights(model, out, [dict(c) for c in cats.categories])
     _write_log(out, history)
     log.info("wrote %s", path)
     return path
