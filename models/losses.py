@@ -117,7 +117,10 @@ class LossConfig:
         dice_eps: dice loss epsilon (1e-6).
         ratio_mode: "official" (batch GT-count ratios) or "none" (both 1).
         mask_upsample: predictions are upsampled by this factor before the dice loss (2: 1/8 -> 1/4).
-        use_boxes: include L1/GIoU (False for the box-free variant).
+        use_boxes: include the L1 (and GIoU) box losses.
+        use_giou: include the GIoU loss (False for the box-free variant).
+        box_target: "box" (GT boxes) or "mass_center": the box-free variant of Table 6 regresses the GT masks'
+            mass centres (cx, cy, 0, 0) with L1 only (paper App. A.1); the official code has no such variant.
         deep_supervision: include every location-decoder layer and every mask-decoder block.
     """
 
@@ -133,6 +136,8 @@ class LossConfig:
     ratio_mode: str = "official"
     mask_upsample: int = 2
     use_boxes: bool = True
+    use_giou: bool = True
+    box_target: str = "box"
     deep_supervision: bool = True
 
 
@@ -174,6 +179,21 @@ class PanopticCriterion(nn.Module):
         self.config = config or LossConfig()
         if self.config.ratio_mode not in ("official", "none"):
             raise ValueError(f"LossConfig.ratio_mode must be 'official' or 'none', got {self.config.ratio_mode!r}")
+        if self.config.box_target not in ("box", "mass_center"):
+            raise ValueError(f"LossConfig.box_target must be 'box' or 'mass_center', got {self.config.box_target!r}")
+
+    @staticmethod
+    def _center_targets(t: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Replace `thing_boxes` by the masks' mass centres as (cx, cy, 0, 0), normalised like the boxes."""
+        masks = t["thing_masks"].float()  # (Nt, H, W), padded to the batch size
+        h, w = t["image_size"].tolist()
+        area = masks.sum((1, 2)).clamp(min=1)
+        ys = torch.arange(masks.shape[1], dtype=masks.dtype, device=masks.device) + 0.5
+        xs = torch.arange(masks.shape[2], dtype=masks.dtype, device=masks.device) + 0.5
+        cx = (masks.sum(1) * xs).sum(1) / area / w
+        cy = (masks.sum(2) * ys).sum(1) / area / h
+        zeros = torch.zeros_like(cx)
+        return {**t, "thing_boxes": torch.stack([cx, cy, zeros, zeros], -1).to(t["thing_boxes"].dtype)}
 
     # ----------------------------------------------------------------- location decoder
     def _detection_layer(
@@ -198,9 +218,10 @@ class PanopticCriterion(nn.Module):
                 factors.append(boxes.new_tensor([w, h, w, h]).expand(len(qi), 4))
             pred_t, tgt_t, fac = torch.cat(pred), torch.cat(tgt), torch.cat(factors)
             out["l1"] = cfg.l1_weight * l1_loss(pred_t, tgt_t, num_pos)
-            out["giou"] = cfg.giou_weight * giou_loss(
-                box_cxcywh_to_xyxy(pred_t) * fac, box_cxcywh_to_xyxy(tgt_t) * fac, num_pos
-            )
+            if cfg.use_giou:
+                out["giou"] = cfg.giou_weight * giou_loss(
+                    box_cxcywh_to_xyxy(pred_t) * fac, box_cxcywh_to_xyxy(tgt_t) * fac, num_pos
+                )
         return out
 
     def _match_layer(self, logits: Tensor, boxes: Tensor | None, targets: list[dict[str, Tensor]]) -> _Matches:
@@ -239,6 +260,8 @@ class PanopticCriterion(nn.Module):
         if num_layers == 0:
             raise ValueError("PanopticCriterion: the model returned no location-decoder output (logits of shape (0, ...))")
 
+        if cfg.box_target == "mass_center":
+            targets = [self._center_targets(t) for t in targets]
         joint = loc.logits.shape[-1] > self.num_things
         if joint:
             targets = [self._joint_targets(t) for t in targets]

@@ -126,7 +126,9 @@ class MatcherConfig:
         max_pos: intended number of filter rounds (official 3).
         max_queries_per_round: rounds are limited to max_queries // N_gt (official 300).
         double_cls_weight: the official rematch doubles the class-cost weight (2 -> 4).
-        use_boxes: include the L1/GIoU costs (False for the box-free variant).
+        use_boxes: include the L1 (and GIoU) costs.
+        use_giou: include the GIoU cost (False for the box-free variant, whose "boxes" are mass centres
+            (cx, cy, 0, 0): the L1 cost then measures the centre distance).
     """
 
     cls_weight: float = 2.0
@@ -141,6 +143,7 @@ class MatcherConfig:
     max_queries_per_round: int = 300
     double_cls_weight: bool = True
     use_boxes: bool = True
+    use_giou: bool = True
 
 
 class HungarianMatcher:
@@ -183,7 +186,8 @@ class HungarianMatcher:
         cost = w * focal_cost(logits.float(), gt_labels, cfg.focal_alpha, cfg.focal_gamma)
         if cfg.use_boxes and boxes is not None and gt_boxes is not None:
             cost = cost + cfg.l1_weight * l1_cost(boxes.float(), gt_boxes.float())
-            cost = cost + cfg.giou_weight * giou_cost(boxes.float(), gt_boxes.float(), image_size)
+            if cfg.use_giou:
+                cost = cost + cfg.giou_weight * giou_cost(boxes.float(), gt_boxes.float(), image_size)
         return cost
 
     def match(

@@ -196,8 +196,11 @@ def train(
         if init.cfg.to_dict() != model_cfg.to_dict():
             raise UserError(f"--init {init_weights} holds another model config than {model_cfg.name}")
         model.load_state_dict(init.state_dict())
-    matcher_cfg = dataclasses.replace(cfg_t.matcher, use_boxes=not model_cfg.box_free)
-    loss_cfg = dataclasses.replace(cfg_t.loss, use_boxes=not model_cfg.box_free)
+    if model_cfg.box_free:  # Table 6 "6*": L1 on mass centres, no GIoU (paper App. A.1)
+        matcher_cfg = dataclasses.replace(cfg_t.matcher, use_giou=False)
+        loss_cfg = dataclasses.replace(cfg_t.loss, use_giou=False, box_target="mass_center")
+    else:
+        matcher_cfg, loss_cfg = cfg_t.matcher, cfg_t.loss
     criterion = PanopticCriterion(cats.num_things, cats.num_stuff, HungarianMatcher(matcher_cfg), loss_cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg_t), lr=cfg_t.lr, weight_decay=cfg_t.weight_decay)
     # Step decay computed from the iteration (not a scheduler object), so a resumed run with another
