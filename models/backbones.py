@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -115,40 +116,143 @@ class PVTv2Backbone(nn.Module):
         return outs[1:]
 
 
-class SwinBackbone(nn.Module):
-    """Swin-L window 7 (timm) returning stages 2-4 with one LayerNorm per output (``norm1..3``, as official).
+def _shifted_window_mask(hp: int, wp: int, window: int, shift: int, device: torch.device,
+                         dtype: torch.dtype) -> Tensor:
+    """Attention mask of the shifted windows for a ``hp x wp`` map (both multiples of ``window``), as official.
 
-    Note: timm pads feature maps to the window size *after* the cyclic shift and shrinks the window for maps
-    smaller than it, while the official Swin-Transformer-Object-Detection code pads *before* the shift and always
-    uses window 7; outputs can therefore differ from the official ones for sizes that are not multiples of
-    ``4 * 7 * 2**stage`` (documented difference; names and parameter counts are identical).
+    The padded map is split into 3 x 3 regions by the slices ``[0, -window)``, ``[-window, -shift)``,
+    ``[-shift, end)`` of each axis; two tokens of one window may attend to each other only when they lie in the same
+    region (0), else -100. Returns ``(num_windows, window**2, window**2)``.
+    """
+    region = torch.zeros(hp, wp, device=device, dtype=torch.float32)
+    bounds = ((0, -window), (-window, -shift), (-shift, None))
+    label = 0
+    for h0, h1 in bounds:
+        for w0, w1 in bounds:
+            region[h0:h1, w0:w1] = label
+            label += 1
+    region = region.view(hp // window, window, wp // window, window).permute(0, 2, 1, 3).reshape(-1, window * window)
+    different = region[:, None, :] != region[:, :, None]
+    return torch.zeros(different.shape, device=device, dtype=dtype).masked_fill(different, -100.0)
+
+
+def _to_windows(x: Tensor, window: int) -> Tensor:
+    """``(B, Hp, Wp, C) -> (B * Hp/window * Wp/window, window**2, C)``, windows in row-major order."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window, window, w // window, window, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, window * window, c)
+
+
+def _from_windows(windows: Tensor, window: int, h: int, w: int) -> Tensor:
+    """Inverse of :func:`_to_windows`: ``(B * nW, window**2, C) -> (B, h, w, C)``."""
+    c = windows.shape[-1]
+    x = windows.view(-1, h // window, w // window, window, window, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, h, w, c)
+
+
+def swin_block_official(block: nn.Module, x: Tensor, window: int, shift: int, mask: Tensor | None) -> Tensor:
+    """Run a timm ``SwinTransformerBlock``'s parameters with the official Swin-Transformer-Object-Detection order.
+
+    ``norm1`` -> zero-pad right/bottom to multiples of ``window`` -> cyclic shift by ``-shift`` -> window attention
+    (with ``mask`` for shifted blocks) -> reverse shift -> crop -> residual (drop path); then
+    ``x + drop_path(mlp(norm2(x)))``. The window is never shrunk and the shift never disabled.
+
+    Args:
+        block: timm ``SwinTransformerBlock`` (uses ``norm1``, ``attn``, ``drop_path1``, ``norm2``, ``mlp``,
+            ``drop_path2``).
+        x: ``(B, H, W, C)``.
+        window: window size (the size of ``block.attn``'s relative position table).
+        shift: 0 (W-MSA) or ``window // 2`` (SW-MSA).
+        mask: :func:`_shifted_window_mask` for the padded size of this stage, used when ``shift > 0``.
+    """
+    b, h, w, c = x.shape
+    y = block.norm1(x)
+    pad_b, pad_r = (-h) % window, (-w) % window
+    if pad_b or pad_r:
+        y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))
+    hp, wp = h + pad_b, w + pad_r
+    if shift:
+        y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+    y = block.attn(_to_windows(y, window), mask=mask if shift else None)
+    y = _from_windows(y, window, hp, wp)
+    if shift:
+        y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+    if pad_b or pad_r:
+        y = y[:, :h, :w, :]
+    x = x + block.drop_path1(y)
+    return x + block.drop_path2(block.mlp(block.norm2(x)))
+
+
+class SwinBackbone(nn.Module):
+    """Swin Transformer (default Swin-L window 7) with the official Swin-Transformer-Object-Detection forward.
+
+    Parameters are timm's (``patch_embed``, ``layers.{i}.downsample`` / ``.blocks.{j}``) plus one LayerNorm per
+    output (``norm{i}`` for ``i`` in ``out_indices``, as official); ``models.convert_official`` maps the official
+    names. The forward is the official one, not timm's:
+
+    * patch embedding: zero-pad the image right/bottom to a multiple of the patch size, conv, LayerNorm;
+    * every block pads its (normalised) map right/bottom to multiples of the window *before* the cyclic shift, uses
+      the full window (7) and shift (3 on odd blocks) on every map, even one smaller than the window, and the
+      shifted-window mask (-100) built once per stage for the padded size (:func:`swin_block_official`);
+      timm's own forward shifts before padding (and by default shrinks the window / drops the shift on small maps);
+    * patch merging zero-pads odd sizes to even (timm = official), then LayerNorm and reduction;
+    * stage ``i`` output (before the next merging, timm's ``layers.{i}`` output) goes through ``norm{i}``.
+
+    Attention runs through timm's ``WindowAttention`` (scaled ``q @ k^T`` + relative position bias + mask, softmax;
+    same index table as official). With ``TIMM_FUSED_ATTN=2`` timm would use ``scaled_dot_product_attention``
+    instead, equal up to rounding. ``tests/test_backbones_swin.py`` checks the whole forward against an
+    independent re-implementation of the official one. timm's ``grad_checkpointing`` flag is not used.
+
+    Args:
+        name: timm Swin model name.
+        drop_path_rate: stochastic depth, linear over all blocks (official rule).
+        out_indices: stages to return (official Panoptic SegFormer: ``(1, 2, 3)``).
+        **timm_kwargs: passed to ``timm.create_model`` (e.g. ``embed_dim``, ``depths``, ``num_heads`` for a small
+            model in tests).
     """
 
-    def __init__(self, name: str = "swin_large_patch4_window7_224", drop_path_rate: float = 0.3) -> None:
+    def __init__(self, name: str = "swin_large_patch4_window7_224", drop_path_rate: float = 0.3,
+                 out_indices: tuple[int, ...] = (1, 2, 3), **timm_kwargs: object) -> None:
         super().__init__()
         import timm
 
+        # always_partition: timm keeps the full window and shift for every stage (its own forward is not used).
         net = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
-                                strict_img_size=False, dynamic_img_size=True)
+                                strict_img_size=False, dynamic_img_size=True, always_partition=True, **timm_kwargs)
         self.patch_embed = net.patch_embed
         # Pad the input to a multiple of the patch size, as the official Swin (not floor).
         self.patch_embed.dynamic_img_pad = True
         self.layers = net.layers
+        self.window_sizes: list[int] = []
+        for layer in net.layers:
+            win_h, win_w = layer.blocks[0].attn.window_size
+            if win_h != win_w:
+                raise ValueError(f"square windows only, got {(win_h, win_w)}")
+            self.window_sizes.append(int(win_h))
         dims = [int(layer.blocks[0].norm1.normalized_shape[0]) for layer in net.layers]
-        self.out_channels = tuple(dims[1:])
-        self.norm1 = nn.LayerNorm(dims[1])
-        self.norm2 = nn.LayerNorm(dims[2])
-        self.norm3 = nn.LayerNorm(dims[3])
+        self.out_indices = tuple(out_indices)
+        self.out_channels = tuple(dims[i] for i in self.out_indices)
+        for i in self.out_indices:
+            self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """``(B, 3, H, W) -> [(B, 384, H/8, W/8), (B, 768, H/16, W/16), (B, 1536, H/32, W/32)]``."""
-        x = self.patch_embed(x)  # (B, H/4, W/4, C), NHWC
+        """``(B, 3, H, W) -> [(B, C_i, H_i, W_i) for i in out_indices]``, ``H_0 = ceil(H / 4)``, ``H_{i+1} =
+        ceil(H_i / 2)`` (Swin-L: ``[(B, 384, H/8, W/8), (B, 768, H/16, W/16), (B, 1536, H/32, W/32)]``)."""
+        x = self.patch_embed(x)  # (B, ceil(H/4), ceil(W/4), C), NHWC
         outs = []
         for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i >= 1:
-                norm = getattr(self, f"norm{i}")
-                outs.append(norm(x).permute(0, 3, 1, 2).contiguous())
+            x = layer.downsample(x)  # Identity for stage 0, else PatchMerging (pads odd sizes)
+            window = self.window_sizes[i]
+            shift = window // 2
+            h, w = x.shape[1], x.shape[2]
+            mask = None
+            if shift and len(layer.blocks) > 1:
+                mask = _shifted_window_mask(-(-h // window) * window, -(-w // window) * window, window, shift,
+                                            x.device, x.dtype)
+            for j, block in enumerate(layer.blocks):
+                x = swin_block_official(block, x, window, shift if j % 2 == 1 else 0, mask)
+            if i in self.out_indices:
+                outs.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())
         return outs
 
 
