@@ -23,6 +23,8 @@
 #include <torch/library.h>
 #include <torch/headeronly/version.h>
 
+#include "ms_deform_attn_common.h"
+
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -33,34 +35,6 @@
 
 namespace psf_ops {
 namespace {
-
-struct Dims {
-  int64_t N, S, M, D, Lq, L, P;
-};
-
-Dims check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                  const at::Tensor& sampling_loc, const at::Tensor& attn_weight) {
-  // The Python wrapper validates with clear ValueErrors; these checks guard direct op calls.
-  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (N, S, M, D), got ", value.sizes());
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
-              "ms_deform_attn: spatial_shapes must be (L, 2)");
-  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong, "ms_deform_attn: spatial_shapes must be int64");
-  TORCH_CHECK(level_start_index.scalar_type() == at::kLong, "ms_deform_attn: level_start_index must be int64");
-  TORCH_CHECK(sampling_loc.dim() == 6 && sampling_loc.size(5) == 2,
-              "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got ", sampling_loc.sizes());
-  TORCH_CHECK(attn_weight.dim() == 5, "ms_deform_attn: attention_weights must be (N, Lq, M, L, P)");
-  Dims d{value.size(0), value.size(1), value.size(2), value.size(3),
-         sampling_loc.size(1), sampling_loc.size(3), sampling_loc.size(4)};
-  TORCH_CHECK(sampling_loc.size(0) == d.N && sampling_loc.size(2) == d.M,
-              "ms_deform_attn: sampling_locations N/M mismatch");
-  TORCH_CHECK(spatial_shapes.size(0) == d.L && level_start_index.numel() == d.L,
-              "ms_deform_attn: number of levels mismatch");
-  TORCH_CHECK(attn_weight.sizes() == sampling_loc.sizes().slice(0, 5),
-              "ms_deform_attn: attention_weights shape mismatch");
-  TORCH_CHECK(sampling_loc.scalar_type() == value.scalar_type() && attn_weight.scalar_type() == value.scalar_type(),
-              "ms_deform_attn: value, sampling_locations and attention_weights must share a dtype");
-  return d;
-}
 
 // One bilinear sample: the four corner weights and pointers (a shared zero row for corners outside
 // the map) so the channel loop below is branch-free and vectorises.
@@ -216,7 +190,7 @@ void backward_impl(const scalar_t* value, const int64_t* shapes, const int64_t* 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
                                       const at::Tensor& level_start_index_in, const at::Tensor& sampling_loc_in,
                                       const at::Tensor& attn_weight_in) {
-  const Dims d = check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_loc_in, attn_weight_in);
+  const Dims d = check_shapes(value_in, spatial_shapes_in, level_start_index_in, sampling_loc_in, attn_weight_in);
   const at::Tensor value = value_in.contiguous(), spatial_shapes = spatial_shapes_in.contiguous();
   const at::Tensor level_start_index = level_start_index_in.contiguous(), sampling_loc = sampling_loc_in.contiguous();
   const at::Tensor attn_weight = attn_weight_in.contiguous();
@@ -233,7 +207,7 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& value_in, const at::Tensor& spatial_shapes_in, const at::Tensor& level_start_index_in,
     const at::Tensor& sampling_loc_in, const at::Tensor& attn_weight_in, const at::Tensor& grad_output_in) {
-  const Dims d = check_inputs(value_in, spatial_shapes_in, level_start_index_in, sampling_loc_in, attn_weight_in);
+  const Dims d = check_shapes(value_in, spatial_shapes_in, level_start_index_in, sampling_loc_in, attn_weight_in);
   TORCH_CHECK(grad_output_in.dim() == 3 && grad_output_in.size(0) == d.N && grad_output_in.size(1) == d.Lq &&
                   grad_output_in.size(2) == d.M * d.D,
               "ms_deform_attn_backward: grad_output must be (N, Lq, M*D), got ", grad_output_in.sizes());
