@@ -160,8 +160,8 @@ def _prediction_sheet(data: Path, eval_dir: Path, out_png: Path, count: int = 6)
     return out_png
 
 
-def write_report(out: Path, stages: list["Stage"]) -> Path:
-    """Markdown report of every stage (status, time, metrics, outputs)."""
+def write_report(out: Path, stages: list["Stage"], not_built: list[str] | None = None) -> Path:
+    """Markdown report of every stage (status, time, metrics, outputs) and of the parts not built yet."""
     lines = ["# psf-harness demo report", "", "Data: the embedded synthetic dataset (not COCO). Numbers are measured here.",
              "", "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} |" for s in stages]
@@ -174,6 +174,8 @@ def write_report(out: Path, stages: list["Stage"]) -> Path:
             lines += [f"| {k} | {v:.2f} |" for k, v in s.metrics.items()]
         if s.outputs:
             lines += [""] + [f"- {k}: `{v}`" for k, v in s.outputs.items()]
+    if not_built:
+        lines += ["", "## Not built yet", ""] + [f"- {item}" for item in not_built]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
     return report

@@ -24,6 +24,13 @@ DESCRIPTION = (
 
 log = logging.getLogger(__name__)
 
+# Parts of the harness that later issues add; the demo says so instead of faking them.
+NOT_BUILT = [
+    "baselines (DETR, D-DETR-MS, MaskFormer, Panoptic FCN)",
+    "query thing-preference statistics and per-layer result tables",
+    "paper tables and figures with paper and measured columns (`analysis/`), notebooks",
+]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
@@ -107,7 +114,12 @@ def run(args: argparse.Namespace) -> int:
         _timed(stage, fn)
         log.info("stage '%s': %s in %.1f s", name, stage.status, stage.seconds)
 
-    report = write_report(out, stages)
+    from harness.cli import COMMANDS
+
+    missing = [name for name, module in COMMANDS if not _built(f"harness.commands.{module}")]
+    report = write_report(out, stages, NOT_BUILT + [f"`harness {name}`" for name in missing])
+    for item in NOT_BUILT + [f"harness {name}" for name in missing]:
+        log.warning("not built yet: %s", item.replace("`", ""))
     (out / "stages.json").write_text(json.dumps([s.__dict__ for s in stages], indent=2))
     print(f"\nDemo finished. Report: {report.resolve()}")
     print(f"All outputs: {out.resolve()}")
