@@ -7,20 +7,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import torch
 
 from models.configs import panoptic_segformer_r50, panoptic_segformer_tiny
 from models.panoptic_segformer import PanopticSegFormer
 
-
-def _time(fn, repeat: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat
+from _timing import mean_time  # benchmarks/ is on sys.path when the script runs
 
 
 def main() -> int:
@@ -39,7 +32,7 @@ def main() -> int:
         x = torch.randn(2, 3, size, size)
         tiny.eval()
         with torch.no_grad():
-            t = _time(lambda: tiny(x), args.repeat)
+            t = mean_time(lambda: tiny(x), args.repeat)
         print(f"tiny forward  batch 2 {size}x{size}: {t * 1000:.0f} ms ({1 / t:.1f} it/s)")
         tiny.train()
 
@@ -51,13 +44,13 @@ def main() -> int:
             loss = loss + sum(m.mean() for m in masks.stuff_masks)
             loss.backward()
 
-        t = _time(step, args.repeat)
+        t = mean_time(step, args.repeat)
         print(f"tiny fwd+bwd  batch 2 {size}x{size}: {t * 1000:.0f} ms ({1 / t:.1f} it/s)")
     if not args.skip_r50:
         r50 = PanopticSegFormer(panoptic_segformer_r50()).eval()
         x = torch.randn(1, 3, 800, 1067)
         with torch.no_grad():
-            t = _time(lambda: r50(x), max(1, args.repeat // 5))
+            t = mean_time(lambda: r50(x), max(1, args.repeat // 5))
         print(f"R50 inference 1x800x1067 (no post-processing): {t:.2f} s/img")
     return 0
 

@@ -27,13 +27,7 @@ from models.losses import PanopticCriterion
 from models.panoptic_segformer import PanopticSegFormer
 from models.postprocess import POST_PROCESSORS, Candidates
 
-
-def _time(fn, repeat: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat
+from _timing import mean_time  # benchmarks/ is on sys.path when the script runs
 
 
 def main() -> int:
@@ -65,7 +59,7 @@ def main() -> int:
             loss, _ = crit(model, images, pad_mask, targets)
             loss.backward()
 
-        t = _time(step, args.repeat)
+        t = mean_time(step, args.repeat)
         print(f"tiny train step (fwd + matching + losses + bwd), batch 2 at 128 px: {t * 1000:.0f} ms")
 
         g = torch.Generator().manual_seed(0)
@@ -74,7 +68,7 @@ def main() -> int:
             torch.rand(k, generator=g), torch.randint(0, 133, (k,), generator=g), torch.rand(k, h, w, generator=g) * 1.2
         )
         for name, fn in POST_PROCESSORS.items():
-            t = _time(lambda fn=fn: fn(cands, 80, (800, 1067)), max(1, args.repeat // 2))
+            t = mean_time(lambda fn=fn: fn(cands, 80, (800, 1067)), max(1, args.repeat // 2))
             print(f"post-process {name:9s} 153 candidates -> 800x1067: {t * 1000:.0f} ms")
 
         if not args.skip_overfit:
