@@ -166,7 +166,8 @@ class MaskHead(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(self, memory: Tensor, query: Tensor, pos_query: Tensor | None, hw: list[tuple[int, int]],
-                key_padding_mask: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+                key_padding_mask: Tensor | None = None, num_blocks: int | None = None
+                ) -> tuple[list[Tensor], list[Tensor]]:
         """Decode masks.
 
         Args:
@@ -174,19 +175,25 @@ class MaskHead(nn.Module):
             query: ``(B, N, D)``; pos_query ``(B or 1, N, D)`` or None (re-added before every block, as official).
             hw: the three level sizes.
             key_padding_mask: ``(B, L)`` or None (official: None).
+            num_blocks: stop after this many blocks and skip the tail (the official commented-out early return
+                of ``MaskHead.forward``, used for Table 10); None runs every block and the tail.
 
         Returns:
             ``(masks, queries)``: ``num_layers + 1`` masks ``(B, N, H1, W1)`` (blocks then the tail) and the
-            ``num_layers`` block output queries ``(B, N, D)``.
+            ``num_layers`` block output queries ``(B, N, D)``; with ``num_blocks = k``, ``k`` of each.
         """
         h1, w1 = hw[0]
         b, n = query.shape[:2]
+        if num_blocks is not None and not 1 <= num_blocks <= len(self.blocks):
+            raise ValueError(f"num_blocks {num_blocks} out of range 1..{len(self.blocks)}")
         masks, queries = [], []
-        for block in self.blocks:
+        for block in self.blocks[:num_blocks]:
             q_in = query if pos_query is None else query + pos_query
             query, mask = block(q_in, memory, hw, key_padding_mask)
             masks.append(mask.reshape(b, n, h1, w1))
             queries.append(query)
+        if num_blocks is not None:
+            return masks, queries
         q_in = query if pos_query is None else query + pos_query
         _, mask = self.attnen(q_in, memory, hw, None)
         masks.append(mask.reshape(b, n, h1, w1))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,11 @@ from torch import Tensor, nn
 from models.backbones import BACKBONE_CHANNELS, build_backbone, load_pretrained_backbone
 from models.box_ops import inverse_sigmoid
 from models.configs import PanopticSegFormerConfig
+from models.inference import LAST_LAYER, TestTransformSpec, parse_layer
 from models.mask_decoder import MaskHead
 from models.neck import ChannelMapper
 from models.position_encoding import SinePositionalEncoding
+from models.postprocess import Candidates, PanopticResult, candidates_from_outputs, mask_wise_merge
 from models.transformer import DeformableTransformer
 
 
@@ -89,7 +92,10 @@ class MaskOutput:
     Attributes:
         thing_masks: ``num_thing_mask_layers + 1`` tensors ``(B, K, h, w)``: each block, then the tail (final).
         stuff_masks: ``num_stuff_mask_layers + 1`` tensors ``(B, Ns, h, w)``.
-        stuff_logits: ``num_stuff_mask_layers`` tensors ``(B, Ns)`` pre-sigmoid (stuff query j = stuff class j).
+        stuff_logits: ``num_stuff_mask_layers`` tensors ``(B, Ns)`` pre-sigmoid (stuff query j = stuff class j):
+            ``cls_stuff_branches[i]`` on block i's stuff query (the head trained on that block).
+        stuff_logits_last_head: the same with the last head ``cls_stuff_branches[-1]`` on every block's query
+            (what the official per-layer hook scores with; Table 10).
         thing_logits_mask: ``num_thing_mask_layers`` tensors ``(B, K, num_things)`` from ``cls_thing_branches``.
         thing_queries: per-block thing queries ``(B, K, D)``; stuff_queries likewise ``(B, Ns, D)``.
     """
@@ -97,6 +103,7 @@ class MaskOutput:
     thing_masks: list[Tensor]
     stuff_masks: list[Tensor]
     stuff_logits: list[Tensor]
+    stuff_logits_last_head: list[Tensor]
     thing_logits_mask: list[Tensor]
     thing_queries: list[Tensor]
     stuff_queries: list[Tensor]
@@ -254,31 +261,37 @@ class PanopticSegFormer(nn.Module):
                               reference=used_refs)
 
     # ------------------------------------------------------------------ mask decoder
-    def segment(self, enc: Encoded, thing_queries: Tensor) -> MaskOutput:
+    def segment(self, enc: Encoded, thing_queries: Tensor, num_blocks: int | None = None) -> MaskOutput:
         """Thing and stuff mask decoders.
 
         Args:
             enc: encoder output.
             thing_queries: ``(B, K, D)`` selected last-layer thing queries (no positional embedding).
+            num_blocks: stop both decoders after this many blocks, without the tails (Table 10); None = all.
         """
         head = self.bbox_head
         d = self.cfg.d_model
         b = thing_queries.shape[0]
         kpm = None if self.cfg.mask_ignore_padding else enc.mask_padding
-        t_masks, t_queries = head.things_mask_head(enc.mask_memory, thing_queries, None, enc.mask_hw, kpm)
+        t_masks, t_queries = head.things_mask_head(enc.mask_memory, thing_queries, None, enc.mask_hw, kpm,
+                                                   num_blocks=num_blocks)
         t_logits = [fc(q) for fc, q in zip(head.cls_thing_branches, t_queries)]
         if head.stuff_mask_head is not None:
             w = head.stuff_query.weight  # content first, pos second for stuff queries (official)
             s_query = w[:, :d][None].expand(b, -1, -1)
             s_pos = w[:, d:][None]
-            s_masks, s_queries = head.stuff_mask_head(enc.mask_memory, s_query, s_pos, enc.mask_hw, kpm)
+            s_masks, s_queries = head.stuff_mask_head(enc.mask_memory, s_query, s_pos, enc.mask_hw, kpm,
+                                                      num_blocks=num_blocks)
             s_logits = [fc(q).squeeze(-1) for fc, q in zip(head.cls_stuff_branches, s_queries)]
+            last_fc = head.cls_stuff_branches[-1]
+            s_logits_last = [last_fc(q).squeeze(-1) for q in s_queries]
         else:  # joint matching: no stuff decoder
             h, w_ = enc.mask_hw[0]
             empty = thing_queries.new_zeros((b, 0, h, w_))
-            s_masks, s_queries, s_logits = [empty], [], []
+            s_masks, s_queries, s_logits, s_logits_last = [empty], [], [], []
         return MaskOutput(thing_masks=t_masks, stuff_masks=s_masks, stuff_logits=s_logits,
-                          thing_logits_mask=t_logits, thing_queries=t_queries, stuff_queries=s_queries)
+                          stuff_logits_last_head=s_logits_last, thing_logits_mask=t_logits,
+                          thing_queries=t_queries, stuff_queries=s_queries)
 
     # ------------------------------------------------------------------ inference
     def select_things(self, loc: LocationOutput) -> tuple[Tensor, Tensor, Tensor]:
@@ -293,8 +306,13 @@ class PanopticSegFormer(nn.Module):
         scores, idx = prob.reshape(b, -1).topk(k, dim=1)
         return scores, idx % c, torch.div(idx, c, rounding_mode="floor")
 
-    def forward(self, images: Tensor, pad_mask: Tensor | None = None) -> dict[str, object]:
-        """Inference forward; see the model contract.
+    def forward(self, images: Tensor, pad_mask: Tensor | None = None,
+                mask_layer: int | None = None) -> dict[str, object]:
+        """Inference forward; see the model contract (``models.inference``).
+
+        ``mask_layer = k`` stops both mask decoders after block k (the official commented-out early return): the
+        masks are block k's own and the stuff scores come from the last stuff class head on block k's stuff
+        query; equal to ``outputs_at_layer(model(images), k - 1)`` at a fraction of the cost (Table 10 timing).
 
         Returns:
             ``thing_scores (B, k)``, ``thing_labels (B, k)``, ``thing_query_index (B, k)``, ``thing_boxes (B, k, 4)``
@@ -308,9 +326,14 @@ class PanopticSegFormer(nn.Module):
         gather = qidx[..., None]
         thing_queries = loc.queries.gather(1, gather.expand(-1, -1, loc.queries.shape[-1]))
         boxes = loc.boxes[-1].gather(1, gather.expand(-1, -1, 4))
-        masks = self.segment(enc, thing_queries)
+        if mask_layer is not None:
+            n_max = self.max_mask_layer()
+            if not 1 <= mask_layer <= n_max:
+                raise ValueError(f"mask_layer {mask_layer} out of range 1..{n_max}")
+        masks = self.segment(enc, thing_queries, num_blocks=mask_layer)
         if masks.stuff_logits:
-            stuff_scores = masks.stuff_logits[-1].sigmoid()
+            # Last stuff head in both cases: on the tail's input query (final), or on block k's query (official hook).
+            stuff_scores = masks.stuff_logits_last_head[-1].sigmoid()
         else:
             stuff_scores = scores.new_zeros((scores.shape[0], 0))
         return {
@@ -326,18 +349,64 @@ class PanopticSegFormer(nn.Module):
             "image_size": enc.image_size,
         }
 
+    # ------------------------------------------------------------------ models.inference.PanopticModel
+    def max_mask_layer(self) -> int:
+        """Largest block number both mask decoders have (the thing decoder alone with joint matching)."""
+        n = self.cfg.num_thing_mask_layers
+        return min(n, self.cfg.num_stuff_mask_layers) if self.cfg.decouple_queries else n
 
-def outputs_at_layer(outputs: dict[str, object], layer: int) -> dict[str, object]:
+    def test_transform(self) -> TestTransformSpec:
+        """The official mmcv test transform at the config's ``test_scale``, RGB, ImageNet mean/std, no padding."""
+        return TestTransformSpec(resize="mmcv", short=min(self.cfg.test_scale), long=max(self.cfg.test_scale),
+                                 mean=self.cfg.pixel_mean, std=self.cfg.pixel_std, channel_order="rgb",
+                                 size_divisor=1)
+
+    def mask_layers(self) -> list[str]:
+        """Blocks 1 .. n-1 of the mask decoders (n = :meth:`max_mask_layer`), then ``"last"`` (the tails).
+
+        For the official R50 (4 thing / 6 stuff blocks): 1, 2, 3, last: the rows of Table 10.
+        """
+        return [str(k) for k in range(1, self.max_mask_layer())] + [LAST_LAYER]
+
+    def candidates(self, outputs: dict[str, Any], index: int, layer: str = LAST_LAYER,
+                   valid_hw: tuple[int, int] | None = None) -> Candidates:
+        """Candidates of image ``index`` at mask layer ``layer`` (see :func:`outputs_at_layer`)."""
+        k = parse_layer(layer)
+        if k is not None:
+            outputs = outputs_at_layer(outputs, k - 1)
+        return candidates_from_outputs(outputs, index, self.cfg.num_things, valid_hw)
+
+    def post_process_options(self, method: str) -> dict[str, Any]:
+        """The config's merge thresholds for "m" (0.25, or 0.3 for Swin-L / PVTv2-B5); nothing for the others."""
+        if method != "m":
+            return {}
+        return {"thing_threshold": self.cfg.thing_threshold, "stuff_threshold": self.cfg.stuff_threshold,
+                "thing_overlap": self.cfg.thing_overlap, "stuff_overlap": self.cfg.stuff_overlap}
+
+    def own_post_process(self, outputs: dict[str, Any], index: int, out_size: tuple[int, int],
+                         valid_hw: tuple[int, int] | None = None) -> PanopticResult:
+        """The official post-processing of Panoptic SegFormer: mask-wise merging "(m)"."""
+        cands = candidates_from_outputs(outputs, index, self.cfg.num_things, valid_hw)
+        return mask_wise_merge(cands, self.cfg.num_things, out_size, **self.post_process_options("m"))
+
+
+def outputs_at_layer(outputs: dict[str, object], layer: int, stuff_head: str = "last") -> dict[str, object]:
     """Inference dict that uses mask-decoder block ``layer`` instead of the final tail (Table 10).
 
-    Block ``i`` (0-based) supplies the thing and stuff masks of that block and the stuff scores of
-    ``cls_stuff_branches[i]``, the head trained on that block (the official commented-out hook would reuse the
-    last head; reference §6.2). ``layer=-1`` returns the final (tail) outputs unchanged.
+    Official semantics (the commented-out early return in ``MaskHead.forward``, reference §6.2): block ``i``
+    (0-based) supplies the thing and stuff masks of that block (each computed from the query entering the
+    block's cross-attention; for stuff, after the block's self-attention and norm); thing scores stay those of
+    the location decoder; stuff scores are ``sigmoid(cls_stuff_branches[-1](stuff query after block i))``, the
+    last head. ``stuff_head="block"`` uses ``cls_stuff_branches[i]`` instead, the head trained on that block
+    (our option). ``layer=-1`` returns the final (tail) outputs unchanged.
 
     Args:
         outputs: :meth:`PanopticSegFormer.forward` result.
         layer: block index, or -1 for the final masks.
+        stuff_head: ``"last"`` (official) or ``"block"``.
     """
+    if stuff_head not in ("last", "block"):
+        raise ValueError(f"stuff_head must be 'last' or 'block', got {stuff_head!r}")
     if layer == -1:
         return dict(outputs)
     masks = outputs["masks"]
@@ -349,7 +418,8 @@ def outputs_at_layer(outputs: dict[str, object], layer: int) -> dict[str, object
     out["thing_masks"] = masks.thing_masks[layer]
     if masks.stuff_logits:
         out["stuff_masks"] = masks.stuff_masks[layer]
-        out["stuff_scores"] = masks.stuff_logits[layer].sigmoid()
+        logits = masks.stuff_logits_last_head if stuff_head == "last" else masks.stuff_logits
+        out["stuff_scores"] = logits[layer].sigmoid()
     return out
 
 

@@ -58,12 +58,17 @@ class Candidates:
         labels: (K,) long contiguous class indices (things 0..num_things-1, then stuff).
         masks: (K, h, w) float raw mask values (ReLU outputs at 1/8 resolution, no sigmoid).
         boxes: (K, 4) normalised cxcywh boxes for things (zeros for stuff), or None.
+        query_index: (K,) long index of the query that produced each candidate, or None: for Panoptic SegFormer
+            the location query for things (a query may appear under several labels) and
+            ``num_thing_queries + j`` for stuff query j (query-decoupled models); thing-preference statistics
+            group candidates by it.
     """
 
     scores: Tensor
     labels: Tensor
     masks: Tensor
     boxes: Tensor | None = None
+    query_index: Tensor | None = None
 
     def __post_init__(self) -> None:
         k = self.scores.shape[0]
@@ -72,6 +77,8 @@ class Candidates:
                 f"Candidates: scores {tuple(self.scores.shape)}, labels {tuple(self.labels.shape)} and "
                 f"masks {tuple(self.masks.shape)} must agree on K (masks (K, h, w))"
             )
+        if self.query_index is not None and self.query_index.shape[0] != k:
+            raise ValueError(f"Candidates: query_index {tuple(self.query_index.shape)} must have K = {k} entries")
 
 
 @dataclass
@@ -125,7 +132,13 @@ def candidates_from_outputs(
     if outputs.get("thing_boxes") is not None:
         tb = outputs["thing_boxes"][index].detach().float().cpu()
         boxes = torch.cat([tb, tb.new_zeros(num_stuff, 4)])
-    return Candidates(scores=scores, labels=labels, masks=masks, boxes=boxes)
+    query_index = None
+    if outputs.get("thing_query_index") is not None:
+        qi = outputs["thing_query_index"][index].detach().long().cpu()
+        loc = outputs.get("location")
+        num_queries = int(loc.logits.shape[-2]) if loc is not None else (int(qi.max()) + 1 if qi.numel() else 0)
+        query_index = torch.cat([qi, torch.arange(num_stuff) + num_queries])
+    return Candidates(scores=scores, labels=labels, masks=masks, boxes=boxes, query_index=query_index)
 
 
 def _resize(masks: Tensor, out_size: tuple[int, int]) -> Tensor:

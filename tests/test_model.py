@@ -124,10 +124,28 @@ def test_per_layer_shapes() -> None:
     first = outputs_at_layer(out, 0)
     assert torch.equal(first["thing_masks"], masks.thing_masks[0]) and torch.equal(first["stuff_masks"],
                                                                                    masks.stuff_masks[0])
-    assert torch.equal(first["stuff_scores"], masks.stuff_logits[0].sigmoid())
+    # Official hook: the last stuff class head on block 0's stuff query; the per-block head is our option.
+    last_fc = model.bbox_head.cls_stuff_branches[-1]
+    expected = last_fc(masks.stuff_queries[0]).squeeze(-1).sigmoid()
+    assert torch.allclose(first["stuff_scores"], expected)
+    assert torch.equal(first["thing_scores"], out["thing_scores"])
+    block = outputs_at_layer(out, 0, stuff_head="block")
+    assert torch.equal(block["stuff_scores"], masks.stuff_logits[0].sigmoid())
     assert outputs_at_layer(out, -1)["thing_masks"] is out["thing_masks"]
     with pytest.raises(ValueError, match="out of range"):
         outputs_at_layer(out, 2)
+    # The truncated forward (decoders stopped after block 1) gives the same outputs as slicing the full one.
+    with torch.no_grad():
+        trunc = model(x, mask_layer=1)
+    for key in ("thing_masks", "stuff_masks", "stuff_scores", "thing_scores"):
+        assert torch.allclose(trunc[key], first[key], atol=1e-6), key
+    assert model.mask_layers() == ["1", "last"]
+    cands = model.candidates(out, 1, "1")
+    assert torch.equal(cands.masks[: k], masks.thing_masks[0][1])
+    assert torch.equal(cands.query_index[:k], out["thing_query_index"][1])
+    assert cands.query_index[k:].tolist() == [50, 51, 52, 53]
+    with pytest.raises(ValueError, match="out of range"):
+        model(x, mask_layer=3)
 
 
 def test_mask_logits_from_attention_branch() -> None:

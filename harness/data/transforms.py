@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from harness.errors import UserError
+
+if TYPE_CHECKING:
+    from models.inference import TestTransformSpec
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -117,3 +121,21 @@ def collate(inputs: list[PreparedImage]) -> tuple["np.ndarray", "np.ndarray"]:
         images[i, :, :h, :w] = t.image
         mask[i, :h, :w] = False
     return images, mask
+
+
+def prepare(spec: "TestTransformSpec", image_rgb: np.ndarray) -> PreparedImage:
+    """Apply a model's official test transform (`models.inference.TestTransformSpec`) to an RGB image.
+
+    Args:
+        spec: the model's `test_transform()`.
+        image_rgb: ``(H, W, 3)`` uint8 RGB (as the data layer and the corruptions produce it).
+
+    Returns:
+        The prepared image, ``(3, h, w)`` float32 in the spec's channel order, padded to ``size_divisor``.
+    """
+    if spec.resize != "mmcv":
+        raise NotImplementedError(f"test transform {spec.resize!r} is not implemented yet")
+    if spec.channel_order != "rgb" or spec.size_divisor != 1:
+        raise NotImplementedError("the mmcv test transform is implemented for RGB input without padding only")
+    bgr = np.ascontiguousarray(image_rgb[..., ::-1])
+    return apply_test_transform(bgr, (spec.long, spec.short), spec.mean, spec.std)
