@@ -1,7 +1,8 @@
 """Our checkpoint format and strict loading.
 
-Format: a directory holding ``model.safetensors`` (the state dict) and ``model.json`` (``{"format", "config":
-<PanopticSegFormerConfig fields>, "meta"}``), or a ``X.safetensors`` file next to ``X.json``. This is the layout the
+Format: a directory holding ``model.safetensors`` (the state dict) and ``model.json`` (``{"format", "family",
+"config": <config fields>, "meta"}``), or a ``X.safetensors`` file next to ``X.json``. ``family`` names the model
+family in ``models.zoo`` (absent = ``panoptic_segformer``, as files written before baselines existed). This is the layout the
 training engine writes too (``harness/engine/train.py``), so every reader accepts every writer's output; a JSON
 that is the bare config dict is accepted as well.
 Loading is always strict: any missing, unexpected or shape-mismatched key raises :class:`CheckpointMismatchError`
@@ -18,8 +19,6 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
-
-from models.configs import PanopticSegFormerConfig
 
 FORMAT = "psf-harness/panoptic_segformer/v1"
 WEIGHTS_NAME = "model.safetensors"
@@ -89,13 +88,13 @@ def _paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     return p, p.with_suffix(".json")
 
 
-def save_checkpoint(state: Mapping[str, Tensor], cfg: PanopticSegFormerConfig, path: str | os.PathLike[str],
+def save_checkpoint(state: Mapping[str, Tensor], cfg: Any, path: str | os.PathLike[str],
                     meta: dict[str, Any] | None = None) -> Path:
     """Write ``state`` + ``cfg`` in our format (atomic: temp files then rename).
 
     Args:
         state: state dict (tensors are made contiguous; shared storage is fine).
-        cfg: model config.
+        cfg: model config (any family of ``models.zoo``).
         path: a directory (``model.safetensors`` + ``model.json`` inside) or ``X.safetensors`` (+ ``X.json``).
         meta: extra JSON-able info stored under ``meta`` in the config file (e.g. the source checkpoint).
 
@@ -104,10 +103,12 @@ def save_checkpoint(state: Mapping[str, Tensor], cfg: PanopticSegFormerConfig, p
     """
     from safetensors.torch import save_file
 
+    from models.zoo import family_of_config
+
     weights, config = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    doc = {"format": FORMAT, "config": cfg.to_dict(), "meta": meta or {}}
+    doc = {"format": FORMAT, "family": family_of_config(cfg).name, "config": cfg.to_dict(), "meta": meta or {}}
     for target, writer in ((weights, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT})),
                            (config, lambda p: p.write_text(json.dumps(doc, indent=2), encoding="utf-8"))):
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
@@ -127,7 +128,26 @@ def is_our_checkpoint(path: str | os.PathLike[str]) -> bool:
     return (p.is_dir() and (p / WEIGHTS_NAME).is_file()) or (p.is_file() and p.suffix == ".safetensors")
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], PanopticSegFormerConfig | None]:
+def config_from_doc(doc: Any) -> Any:
+    """The config object of a ``model.json`` document (or a training checkpoint's ``{"family", "config"}``).
+
+    Raises ``ValueError``/``KeyError``/``TypeError`` on a malformed document.
+    """
+    from models.zoo import families
+
+    if not isinstance(doc, dict):
+        raise TypeError(f"expected a JSON object, got {type(doc).__name__}")
+    family = doc.get("family", "panoptic_segformer")
+    fams = families()
+    if family not in fams:
+        raise ValueError(f"unknown model family {family!r} (known: {', '.join(fams)})")
+    data = doc["config"] if "config" in doc else doc
+    if not isinstance(data, dict):
+        raise TypeError(f"'config' must be a JSON object, got {type(data).__name__}")
+    return fams[family].config_from_dict(data)
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], Any | None]:
     """Read our format: ``(state, config or None when the JSON file is absent)``."""
     from safetensors.torch import load_file
 
@@ -142,7 +162,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], Pa
     if config.is_file():
         try:
             doc = json.loads(config.read_text(encoding="utf-8"))
-            cfg = PanopticSegFormerConfig.from_dict(doc["config"] if "config" in doc else doc)
+            cfg = config_from_doc(doc)
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"bad config file {config}: {exc}") from exc
     return state, cfg
@@ -180,22 +200,38 @@ def _is_training_checkpoint(path: Path) -> bool:
     return isinstance(obj, dict) and "model" in obj and "config" in obj
 
 
-def load_model(weights: str | os.PathLike[str], model: str | None = None, **overrides: Any
-               ) -> tuple[nn.Module, PanopticSegFormerConfig]:
-    """Build a model and load weights strictly, from our format or an official ``.pth`` (converted on the fly).
+def _with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    from models.zoo import family_of_config
+
+    if not overrides:
+        return cfg
+    return family_of_config(cfg).config_from_dict({**cfg.to_dict(), **overrides})
+
+
+def looks_released(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a file with a released-checkpoint suffix (pickled ``.pth``/``.pt``/``.pkl`` ...)."""
+    p = Path(path)
+    return p.is_file() and p.suffix in (".pth", ".pt", ".ckpt", ".bin", ".pkl")
+
+
+def load_model(weights: str | os.PathLike[str], model: str | None = None, source: str | None = None,
+               **overrides: Any) -> tuple[nn.Module, Any]:
+    """Build a model and load weights strictly, from our format or a released checkpoint (converted on the fly).
 
     Args:
-        weights: our directory / ``.safetensors`` file, our training ``checkpoint_last.pt``, or an official ``.pth``.
-        model: config name (``panoptic_segformer_r50`` ...). Required for official files and for our files
-            without a JSON config; for our files with a config it must agree with the stored name if given.
-        overrides: config fields to override (e.g. ``num_things``); class counts of official files default to COCO.
+        weights: our directory / ``.safetensors`` file, our training ``checkpoint_last.pt``, or a released file of
+            the model's family (official Panoptic SegFormer ``.pth``, DETR ``.pth``, MaskFormer ``.pkl`` ...).
+        model: model name (``panoptic_segformer_r50``, ``detr_r50_panoptic`` ...; ``models.zoo.model_names()``).
+            Required for released files and for our files without a JSON config; for our files with a config it
+            must agree with the stored name if given.
+        source: released format (a converter name of the family, ``--from`` of ``harness convert``); default:
+            the family's ``default_source``.
+        overrides: config fields to override (e.g. ``num_things``); class counts of released files default to COCO.
 
     Returns:
         ``(model in eval mode, config)``.
     """
-    from models.configs import get_config
-    from models.convert_official import convert_state_dict, looks_official, read_official
-    from models.panoptic_segformer import PanopticSegFormer
+    from models.zoo import build_model, family_of
 
     path = Path(weights)
     if is_our_checkpoint(path):
@@ -203,29 +239,42 @@ def load_model(weights: str | os.PathLike[str], model: str | None = None, **over
         if cfg is None:
             if model is None:
                 raise CheckpointError(f"{path}: no config JSON next to the weights; pass the model name")
-            cfg = get_config(model, **overrides)
+            cfg = _get_config(model, overrides)
         elif model is not None and cfg.name != model:
             raise CheckpointError(f"{path} holds {cfg.name!r}, not {model!r}")
-        elif overrides:
-            cfg = PanopticSegFormerConfig.from_dict({**cfg.to_dict(), **overrides})
-        source = str(path)
-    elif looks_official(path) and _is_training_checkpoint(path):
+        else:
+            cfg = _with_overrides(cfg, overrides)
+        where = str(path)
+    elif looks_released(path) and _is_training_checkpoint(path):
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
-        cfg = PanopticSegFormerConfig.from_dict({**obj["config"], **overrides})
+        cfg = _with_overrides(config_from_doc(obj), overrides)
         if model is not None and cfg.name != model:
             raise CheckpointError(f"{path} holds {cfg.name!r}, not {model!r}")
         state = obj["model"]
-        source = f"{path} (training checkpoint)"
-    elif looks_official(path):
+        where = f"{path} (training checkpoint)"
+    elif looks_released(path):
         if model is None:
-            raise CheckpointError(f"{path}: an official checkpoint needs the model name (e.g. panoptic_segformer_r50)")
-        cfg = get_config(model, **overrides)
-        raw, _ = read_official(path)
-        state = convert_state_dict(raw, cfg.backbone)
-        source = f"{path} (official, converted)"
+            raise CheckpointError(f"{path}: a released checkpoint needs the model name (e.g. panoptic_segformer_r50)")
+        cfg = _get_config(model, overrides)
+        fam = family_of(model)
+        src = source or fam.default_source
+        if src not in fam.converters:
+            raise CheckpointError(f"{path}: model {model!r} ({fam.name}) has no converter {src!r}; "
+                                  f"choose from {', '.join(fam.converters) or 'none'}")
+        state = fam.converters[src](path, cfg)
+        where = f"{path} ({src}, converted)"
     else:
-        raise CheckpointError(f"weights not found or not a known format: {path} "
-                              "(expected a directory with model.safetensors, a .safetensors file or an official .pth)")
-    net = PanopticSegFormer(cfg)
-    load_state_dict_strict(net, state, source)
+        raise CheckpointError(f"weights not found or not a known format: {path} (expected a directory with "
+                              "model.safetensors, a .safetensors file or a released .pth/.pkl checkpoint)")
+    net = build_model(cfg)
+    load_state_dict_strict(net, state, where)
     return net.eval(), cfg
+
+
+def _get_config(model: str, overrides: dict[str, Any]) -> Any:
+    from models.zoo import get_config
+
+    try:
+        return get_config(model, **overrides)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +30,8 @@ from torch import Tensor, nn
 
 from models.backbones import BACKBONE_CHANNELS, build_backbone, load_pretrained_backbone
 from models.box_ops import inverse_sigmoid
-from models.configs import PanopticSegFormerConfig
+from models.configs import MODEL_CONFIGS, PanopticSegFormerConfig
+from models.family import Family
 from models.inference import LAST_LAYER, TestTransformSpec, parse_layer
 from models.mask_decoder import MaskHead
 from models.neck import ChannelMapper
@@ -431,3 +433,21 @@ def build_model(cfg: PanopticSegFormerConfig) -> PanopticSegFormer:
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (buffers excluded; shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def _convert_official(path: Path, cfg: PanopticSegFormerConfig) -> dict[str, Tensor]:
+    """Released mmcv ``.pth`` (old or new key names) -> our state dict (``models.convert_official``)."""
+    from models.convert_official import convert_state_dict, read_official
+
+    raw, _ = read_official(path)
+    return convert_state_dict(raw, cfg.backbone)
+
+
+FAMILY = Family(
+    name="panoptic_segformer",
+    configs=MODEL_CONFIGS,
+    config_from_dict=PanopticSegFormerConfig.from_dict,
+    build=PanopticSegFormer,
+    converters={"official-psf": _convert_official},
+    default_source="official-psf",
+)
