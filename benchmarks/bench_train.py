@@ -21,7 +21,7 @@ from harness.data.coco_panoptic import PanopticDataset
 from harness.data.synthetic import generate_dataset
 from harness.engine.data import AugmentConfig, augment, collate, item_from_sample
 from harness.engine.evaluate import evaluate
-from harness.engine.train import TrainConfig, train
+from harness.engine.train import default_train_config, train
 from models.configs import panoptic_segformer_tiny
 from models.losses import PanopticCriterion
 from models.panoptic_segformer import PanopticSegFormer
@@ -72,11 +72,11 @@ def main() -> int:
             print(f"post-process {name:9s} 153 candidates -> 800x1067: {t * 1000:.0f} ms")
 
         if not args.skip_overfit:
-            tc = TrainConfig(
-                lr=1e-3,
-                batch_size=2,
+            tc = dataclasses.replace(
+                default_train_config(cfg.name),
                 augment=AugmentConfig(enabled=False),
-                lr_drop=1.0,
+                lr_drops=(),
+                warmup_iters=0,
                 checkpoint_every=10**6,
                 log_every=10**6,
             )

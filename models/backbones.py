@@ -30,6 +30,14 @@ BACKBONE_CHANNELS: dict[str, tuple[int, int, int]] = {
 }
 
 
+class _GroupNorm(nn.GroupNorm):
+    """GroupNorm taking only the channel count (timm's ``norm_layer`` call): 32 groups, fewer for thin layers
+    (at least 4 channels per group)."""
+
+    def __init__(self, num_channels: int, **kwargs: object) -> None:
+        super().__init__(max(1, min(32, num_channels // 4)), num_channels)
+
+
 class ResNetBackbone(nn.Module):
     """ResNet as configured by the official code (mmdet ``style='pytorch'``, ``frozen_stages=1``, ``norm_eval``).
 
@@ -39,20 +47,32 @@ class ResNetBackbone(nn.Module):
     Args:
         name: timm model name (``resnet18``, ``resnet50``, ``resnet101``).
         frozen_stages: -1 freezes nothing, 0 the stem, ``k`` the stem and ``layer1..k``.
-        norm_eval: Keep BatchNorm in eval mode during training.
+        norm_eval: Keep BatchNorm in eval mode during training (ignored with ``norm="gn"``).
+        zero_init_last: timm's zero init of each residual branch's last norm scale (harmless only when that
+            scale trains: with frozen BatchNorm it switches the branches off for good).
+        norm: ``"bn"`` (BatchNorm, official) or ``"gn"`` (GroupNorm, trainable, batch-independent: for training
+            from scratch with small batches, e.g. the tiny config).
+        width: stage width ``w`` (stages ``w, 2w, 4w, 8w``); None = the standard 64.
     """
 
     def __init__(self, name: str = "resnet50", frozen_stages: int = 1, norm_eval: bool = True,
-                 zero_init_last: bool = True) -> None:
+                 zero_init_last: bool = True, norm: str = "bn", width: int | None = None) -> None:
         super().__init__()
         import timm
 
+        kwargs: dict[str, object] = {}
+        if norm == "gn":
+            kwargs["norm_layer"] = _GroupNorm
+        elif norm != "bn":
+            raise ValueError(f"ResNet norm must be 'bn' or 'gn', got {norm!r}")
+        if width is not None:  # a narrower ResNet: stage widths (w, 2w, 4w, 8w), stem w
+            kwargs.update(channels=(width, 2 * width, 4 * width, 8 * width), stem_width=width)
         body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(2, 3, 4),
-                                 zero_init_last=zero_init_last)
+                                 zero_init_last=zero_init_last, **kwargs)
         for child_name, child in body.named_children():
             self.add_module(child_name, child)
         self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
+        self.norm_eval = norm_eval and norm == "bn"
         self.out_channels = tuple(body.feature_info.channels())
         self._freeze()
 
@@ -257,16 +277,19 @@ class SwinBackbone(nn.Module):
 
 
 def build_backbone(name: str, frozen_stages: int = 1, drop_path_rate: float | None = None,
-                   norm_eval: bool = True) -> nn.Module:
+                   norm_eval: bool = True, norm: str = "bn", width: int | None = None) -> nn.Module:
     """Build a backbone by its config name (``resnet18/50/101``, ``swin_l``, ``pvtv2_b5``); random init.
 
-    ``norm_eval`` (ResNet only) freezes BatchNorm as the official config does. Note for random init: timm
-    zero-initialises the last BN scale of every residual block, so with frozen BatchNorm the residual branches stay
-    off and only the stem and the strided shortcut convolutions learn (a light backbone: the tiny config keeps this,
-    it overfits the synthetic data fastest); set ``norm_eval=False`` to train the full ResNet from scratch.
+    ``norm_eval`` (ResNet only) freezes BatchNorm as the official config does, which is right for ImageNet weights
+    and wrong from scratch: timm zero-initialises the last norm scale of every residual block, so with frozen
+    BatchNorm the residual branches stay off for good and only the stem and the 1x1 strided shortcuts learn (a
+    backbone with an ~11-px receptive field; the reason the old tiny recipe learnt no things, docs/training.md).
+    ``norm="gn"`` (GroupNorm, trained) and ``width`` are for random-init training (the tiny config).
     """
     if name in ("resnet18", "resnet50", "resnet101"):
-        return ResNetBackbone(name, frozen_stages=frozen_stages, norm_eval=norm_eval)
+        return ResNetBackbone(name, frozen_stages=frozen_stages, norm_eval=norm_eval, norm=norm, width=width)
+    if norm != "bn" or width is not None:
+        raise ValueError(f"backbone norm / width options exist for ResNets only, not {name!r}")
     if name == "pvtv2_b5":
         return PVTv2Backbone(drop_path_rate=0.1 if drop_path_rate is None else drop_path_rate)
     if name == "swin_l":

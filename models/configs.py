@@ -1,8 +1,8 @@
 """Model configurations as plain dataclasses (no registry, no inheritance).
 
 ``panoptic_segformer_r50/_r101/_swin_l/_pvtv2_b5`` reproduce the official configs
-(``configs/panformer/*.py`` of zhiqi-li/Panoptic-SegFormer); ``panoptic_segformer_tiny`` is a CPU-sized model for
-the synthetic data set. Every paper ablation is a field here, never a copy of code:
+(``configs/panformer/*.py`` of zhiqi-li/Panoptic-SegFormer); ``panoptic_segformer_tiny`` (query decoupling) and
+``panoptic_segformer_tiny_joint`` (joint matching) are CPU-sized models for the synthetic data set. Every paper ablation is a field here, never a copy of code:
 
 * Table 6, location decoder depth: ``num_location_layers`` in {0, 1, 2, 6}; box-free ("6*", mass centres instead
   of boxes): ``box_free=True``. With 0 layers the content queries go straight to the heads and the mask decoder.
@@ -32,6 +32,8 @@ class PanopticSegFormerConfig:
     backbone: str = "resnet50"
     frozen_stages: int = 1
     norm_eval: bool = True  # ResNet BatchNorm frozen in eval mode (official); see build_backbone for random init
+    backbone_norm: str = "bn"  # ResNet only: "bn" (official) or "gn" (trainable GroupNorm, for training from scratch)
+    backbone_width: int | None = None  # ResNet only: stage width w (w, 2w, 4w, 8w); None = standard (64)
     backbone_drop_path: float | None = None
     # Neck / multi-scale features
     d_model: int = 256
@@ -137,31 +139,43 @@ def panoptic_segformer_pvtv2_b5(num_things: int = 80, num_stuff: int = 53,
     return _make("panoptic_segformer_pvtv2_b5", defaults, num_things, num_stuff, overrides)
 
 
-def panoptic_segformer_tiny(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> PanopticSegFormerConfig:
-    """CPU-sized model for the synthetic data: ResNet-18 (random init), d_model 64, 2 layers everywhere, 50 queries.
+# The tiny configs: same architecture and code path as the official ones, smaller numbers, for CPU training on the
+# synthetic data in minutes (docs/training.md: what was measured and why each number).
+_TINY: dict[str, Any] = {
+    "backbone": "resnet18",
+    "backbone_norm": "gn",  # random init: a trainable, batch-independent norm (frozen BN kills the residual branches)
+    "backbone_width": 32,  # ResNet-18 at half width (32-64-128-256)
+    "frozen_stages": -1,
+    "d_model": 64,
+    "gn_groups": 16,
+    "num_heads": 4,
+    "num_points": 2,
+    "dim_feedforward": 128,
+    "dropout": 0.0,
+    "num_encoder_layers": 2,
+    "num_location_layers": 2,
+    "num_thing_queries": 30,  # <= ~20 things per synthetic image
+    "num_thing_mask_layers": 2,
+    "num_stuff_mask_layers": 2,
+    "mask_num_heads": 4,
+    "mask_mlp_ratio": 2.0,
+    "max_per_image": 50,
+    "test_scale": (128, 128),  # the demo's synthetic images (long side 128)
+}
 
-    Trains at several iterations per second on 2 CPU cores at 128-256 px.
-    """
-    defaults = {
-        "backbone": "resnet18",
-        "frozen_stages": -1,
-        "d_model": 64,
-        "gn_groups": 16,
-        "num_heads": 4,
-        "num_points": 2,
-        "dim_feedforward": 128,
-        "dropout": 0.0,
-        "num_encoder_layers": 2,
-        "num_location_layers": 2,
-        "num_thing_queries": 50,
-        "num_thing_mask_layers": 2,
-        "num_stuff_mask_layers": 2,
-        "mask_num_heads": 4,
-        "mask_mlp_ratio": 2.0,
-        "max_per_image": 50,
-        "test_scale": (256, 256),
-    }
-    return _make("panoptic_segformer_tiny", defaults, num_things, num_stuff, overrides)
+
+def panoptic_segformer_tiny(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> PanopticSegFormerConfig:
+    """CPU-sized query-decoupled model for the synthetic data: half-width ResNet-18 (random init, GroupNorm),
+    d_model 64, 2 layers in every stage, 30 thing queries, test scale 128."""
+    return _make("panoptic_segformer_tiny", _TINY, num_things, num_stuff, overrides)
+
+
+def panoptic_segformer_tiny_joint(num_things: int = 80, num_stuff: int = 53,
+                                  **overrides: Any) -> PanopticSegFormerConfig:
+    """The tiny model with joint matching (Table 8, App. B.4): one query set for things and stuff, no stuff mask
+    decoder; ``num_things_queries = 30 + num_stuff`` as the paper's 353 = 300 + 53."""
+    defaults = {**_TINY, "decouple_queries": False, "num_thing_queries": _TINY["num_thing_queries"] + num_stuff}
+    return _make("panoptic_segformer_tiny_joint", defaults, num_things, num_stuff, overrides)
 
 
 MODEL_CONFIGS: dict[str, Callable[..., PanopticSegFormerConfig]] = {
@@ -170,6 +184,7 @@ MODEL_CONFIGS: dict[str, Callable[..., PanopticSegFormerConfig]] = {
     "panoptic_segformer_swin_l": panoptic_segformer_swin_l,
     "panoptic_segformer_pvtv2_b5": panoptic_segformer_pvtv2_b5,
     "panoptic_segformer_tiny": panoptic_segformer_tiny,
+    "panoptic_segformer_tiny_joint": panoptic_segformer_tiny_joint,
 }
 
 

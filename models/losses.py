@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou, masks_to_boxes
-from models.matcher import HungarianMatcher, resize_gt_masks
+from models.matcher import HungarianMatcher, MatcherConfig, resize_gt_masks
 
 __all__ = [
     "sigmoid_focal_loss",
@@ -42,6 +43,8 @@ __all__ = [
     "giou_loss",
     "LossConfig",
     "PanopticCriterion",
+    "build_criterion",
+    "reduce_mean_counts",
 ]
 
 
@@ -98,8 +101,24 @@ def giou_loss(pred_xyxy: Tensor, target_xyxy: Tensor, avg_factor: float = 1.0) -
     """mmdet `GIoULoss`: sum of ``1 - GIoU`` over aligned (N, 4) xyxy pairs divided by avg_factor."""
     if pred_xyxy.shape[0] == 0:
         return pred_xyxy.sum() * 0
+    if not torch.isfinite(pred_xyxy).all():  # diverged: report NaN (the engine names the term) instead of raising
+        return pred_xyxy.sum() * float("nan")
     giou = torch.diag(generalized_box_iou(pred_xyxy, target_xyxy))
     return (1 - giou).sum() / avg_factor
+
+
+def reduce_mean_counts(counts: list[float], device: torch.device) -> list[float]:
+    """Mean of each count over the processes of an initialised process group (identity for one process).
+
+    The loss normalisers (numbers of GT segments in the batch) use it, as DETR's `num_boxes` and mmdet's
+    `reduce_mean(num_total_pos)`: with it, gradients averaged over N processes equal one process's gradient on
+    the N local batches together.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return counts
+    t = torch.tensor(counts, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return [float(v) / dist.get_world_size() for v in t.tolist()]
 
 
 @dataclass
@@ -265,12 +284,15 @@ class PanopticCriterion(nn.Module):
         joint = loc.logits.shape[-1] > self.num_things
         if joint:
             targets = [self._joint_targets(t) for t in targets]
-        n_th = sum(int(t["thing_labels"].numel()) for t in targets)
-        n_st = sum(int(t["stuff_labels"].numel()) for t in targets)
-        num_pos_th = float(max(n_th, 1))
-        num_pos_st = float(max(n_st, 1))
+        # Batch GT counts, averaged over processes under torchrun (mmdet `reduce_mean`), so the averaged
+        # gradients equal one process's on the global batch.
+        n_th, n_st = reduce_mean_counts(
+            [float(sum(int(t["thing_labels"].numel()) for t in targets)),
+             float(sum(int(t["stuff_labels"].numel()) for t in targets))], device)
+        num_pos_th = max(n_th, 1.0)
+        num_pos_st = max(n_st, 1.0)
         if cfg.ratio_mode == "official" and not joint:
-            a, b_ = float(max(n_th, 1)), float(max(n_st, 1))
+            a, b_ = max(n_th, 1.0), max(n_st, 1.0)
             things_ratio, stuff_ratio = a / (a + b_), b_ / (a + b_)
         else:
             things_ratio = stuff_ratio = 1.0
@@ -414,3 +436,22 @@ class PanopticCriterion(nn.Module):
             target[None].to(pred.dtype), size=tuple(pred.shape[-2:]), mode="bilinear", align_corners=False
         )[0]
         return pred, tgt
+
+
+def build_criterion(cfg: Any, num_things: int, num_stuff: int, matcher: MatcherConfig | None = None,
+                    loss: LossConfig | None = None) -> PanopticCriterion:
+    """The Panoptic SegFormer training criterion of a model config (the family's `build_criterion`).
+
+    Args:
+        cfg: a `PanopticSegFormerConfig` (its `box_free` flag switches to mass-centre targets without GIoU).
+        num_things / num_stuff: class counts of the data set.
+        matcher / loss: options (default: official).
+    """
+    from dataclasses import replace
+
+    matcher = matcher or MatcherConfig()
+    loss = loss or LossConfig()
+    if getattr(cfg, "box_free", False):  # Table 6 "6*": L1 on mass centres, no GIoU (paper App. A.1)
+        matcher = replace(matcher, use_giou=False)
+        loss = replace(loss, use_giou=False, box_target="mass_center")
+    return PanopticCriterion(num_things, num_stuff, HungarianMatcher(matcher), loss)

@@ -80,7 +80,11 @@ def giou_cost(pred_boxes: Tensor, gt_boxes: Tensor, image_size: tuple[int, int])
     """
     h, w = image_size
     factor = pred_boxes.new_tensor([w, h, w, h])
-    return -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes) * factor, box_cxcywh_to_xyxy(gt_boxes) * factor)
+    bad = ~torch.isfinite(pred_boxes).all(-1)
+    if bad.any():  # diverged predictions: NaN costs (blocked by `hungarian`); the loss then reports the NaN
+        pred_boxes = torch.where(bad[:, None], pred_boxes.new_tensor([0.5, 0.5, 0.1, 0.1]), pred_boxes)
+    cost = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes) * factor, box_cxcywh_to_xyxy(gt_boxes) * factor)
+    return cost.masked_fill(bad[:, None], float("nan")) if bad.any() else cost
 
 
 def dice_cost(pred_masks: Tensor, gt_masks: Tensor, eps: float = 1e-3) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.backbones import BACKBONE_CHANNELS, build_backbone, load_pretrained_backbone
+from models.backbones import build_backbone, load_pretrained_backbone
 from models.box_ops import inverse_sigmoid
 from models.configs import MODEL_CONFIGS, PanopticSegFormerConfig
 from models.family import Family
@@ -182,8 +182,9 @@ class PanopticSegFormer(nn.Module):
     def __init__(self, cfg: PanopticSegFormerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = build_backbone(cfg.backbone, cfg.frozen_stages, cfg.backbone_drop_path, cfg.norm_eval)
-        channels = BACKBONE_CHANNELS[cfg.backbone]
+        self.backbone = build_backbone(cfg.backbone, cfg.frozen_stages, cfg.backbone_drop_path, cfg.norm_eval,
+                                       cfg.backbone_norm, cfg.backbone_width)
+        channels = self.backbone.out_channels
         self.neck = ChannelMapper(channels, cfg.d_model, cfg.num_feature_levels, cfg.gn_groups)
         self.positional_encoding = SinePositionalEncoding(cfg.d_model // 2, normalize=True, offset=-0.5)
         self.bbox_head = PanopticHead(cfg)

@@ -99,8 +99,9 @@ def test_per_layer_shapes() -> None:
     assert enc.level_start_index.tolist() == [0, 320, 400, 420]
     assert enc.valid_ratios.shape == (2, 4, 2) and torch.all(enc.valid_ratios == 1)
     assert enc.mask_memory.shape == (2, 420, cfg.d_model) and enc.mask_hw == [(16, 20), (8, 10), (4, 5)]
-    assert loc.logits.shape == (3, 2, 50, 6) and loc.boxes.shape == (3, 2, 50, 4)
-    assert loc.queries.shape == (2, 50, cfg.d_model)
+    q = cfg.num_thing_queries
+    assert loc.logits.shape == (3, 2, q, 6) and loc.boxes.shape == (3, 2, q, 4)
+    assert loc.queries.shape == (2, q, cfg.d_model)
     assert torch.all((loc.boxes > 0) & (loc.boxes < 1))
     k = cfg.max_per_image
     assert out["thing_scores"].shape == (2, k) and out["thing_labels"].shape == (2, k)
@@ -326,11 +327,12 @@ def test_neck_extra_level_reads_raw_c5() -> None:
 def test_pretrained_backbone_from_local_file(tmp_path: Path) -> None:
     """`pretrained_backbone` loads torchvision-style weights (classifier ignored) from a path; nothing downloads."""
     torch.manual_seed(5)
-    donor = PanopticSegFormer(panoptic_segformer_tiny(num_things=2, num_stuff=1)).backbone
+    bn = {"backbone_norm": "bn", "backbone_width": None}  # a standard (torchvision-layout) ResNet-18
+    donor = PanopticSegFormer(panoptic_segformer_tiny(num_things=2, num_stuff=1, **bn)).backbone
     state = dict(donor.state_dict())
     state["fc.weight"] = torch.zeros(1000, 512)
     path = tmp_path / "resnet18.pth"
     torch.save({"state_dict": state}, path)
-    model = PanopticSegFormer(panoptic_segformer_tiny(num_things=2, num_stuff=1, pretrained_backbone=str(path)))
+    model = PanopticSegFormer(panoptic_segformer_tiny(num_things=2, num_stuff=1, pretrained_backbone=str(path), **bn))
     assert torch.equal(model.backbone.layer3[1].conv2.weight, donor.layer3[1].conv2.weight)
     assert torch.equal(model.backbone.bn1.running_var, donor.bn1.running_var)

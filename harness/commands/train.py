@@ -1,97 +1,110 @@
-"""`harness train`: train a Panoptic SegFormer config on a COCO-panoptic-layout data set."""
+"""`harness train`: train a model config on a COCO-panoptic-layout data set (one process, or torchrun)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from harness.commands._common import existing_dir
-
-HELP = "train a Panoptic SegFormer config (resumable; writes model.safetensors + model.json)"
+HELP = "train a model config (resumable, torchrun-ready; writes model.safetensors + model.json)"
 DESCRIPTION = """Train a model config on a data set in COCO panoptic layout (e.g. the synthetic one).
 
-The optimiser is the official one (AdamW lr 1.4e-4, weight decay 1e-4, x0.1 lr for backbone /
-sampling_offsets / reference_points, gradient clipping 0.1, lr x0.1 at 3/4 of the iterations) and so is
-the augmentation (flip, resize / crop policies), scaled to the config's test size. Re-running with the
-same --out resumes from DIR/checkpoint_last.pt.
+Give the length as --iters N (optimisation steps) or --epochs E (passes over the training split), exactly one.
+The recipe is the official one (AdamW lr 1.4e-4 for a global batch of 8, weight decay 1e-4, x0.1 lr for
+backbone / sampling_offsets / reference_points, gradient clipping 0.1, lr x0.1 at 3/4 of the run, flip and
+resize / crop augmentation scaled to the config's test size); the tiny configs use the tiny recipe
+(docs/training.md). Re-running with the same --out resumes from DIR/checkpoint_last.pt (exactly: the sample
+order and augmentation are functions of the seed and the step). With torchrun each process takes
+--batch-size images per step; the global batch and the learning rate (optionally scaled linearly with
+--lr-scaling linear) are printed.
 
-example:
-  harness train --config panoptic_segformer_tiny --data runs/synth --out runs/tiny --iters 300
+examples:
+  harness train --config panoptic_segformer_tiny --data runs/synth --out runs/tiny --iters 3000 --val-every 500
+  torchrun --nproc-per-node 8 -m harness train --config panoptic_segformer_r50 --data coco --out runs/r50 \\
+      --epochs 24 --device cuda --amp
 """
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="model config name, e.g. panoptic_segformer_tiny")
+    parser.add_argument("--config", required=True, help="model name, e.g. panoptic_segformer_tiny")
     parser.add_argument("--data", required=True, help="data set root (<root>/<split>/, <root>/annotations/)")
-    parser.add_argument("--out", required=True, help="output folder (checkpoint, weights, train_log.csv)")
-    parser.add_argument("--iters", type=int, required=True, help="total training iterations")
+    parser.add_argument("--out", required=True, help="output folder (checkpoints, logs, weights)")
+    parser.add_argument("--iters", type=int, default=None, help="run length in optimisation steps")
+    parser.add_argument("--epochs", type=float, default=None, help="run length in epochs (lr x0.1 at 3/4)")
     parser.add_argument("--split", default="train2017", help="training split (default: train2017)")
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="images per iteration (default: 1 as official per GPU; 2 for the tiny config)",
-    )
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="AdamW learning rate (default: 1.4e-4 as official; 1e-3 for the tiny config)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, sampling and augmentation")
-    parser.add_argument(
-        "--no-augment", action="store_true", help="only the test resize (no flip / crop / scale jitter)"
-    )
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per step and process (default: 1 as official; 2 for the tiny configs)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="AdamW learning rate (default: 1.4e-4 as official; 1e-3 for the tiny configs)")
+    parser.add_argument("--lr-scaling", choices=("none", "linear"), default="none",
+                        help="none: use --lr as given (official); linear: lr x global batch / reference batch "
+                             "(8 official, 2 tiny)")
+    parser.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (official: 0)")
+    parser.add_argument("--amp", nargs="?", const="auto", default=None, choices=("auto", "bf16", "fp16"),
+                        help="mixed precision: bf16 where supported (CPU, recent GPUs), else fp16 on CUDA")
+    parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, sample order, augmentation")
+    parser.add_argument("--no-augment", action="store_true", help="only the test resize (no flip / crop / jitter)")
+    parser.add_argument("--val-every", type=int, default=0,
+                        help="steps between validations (PQ on --val-images images; 0 = at the end only)")
+    parser.add_argument("--val-images", type=int, default=None,
+                        help="validation images (default: 32 with --val-every, else 0 = no validation)")
+    parser.add_argument("--val-split", default="val2017", help="validation split (default: val2017)")
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     parser.add_argument("--init", default=None, help="start from these weights (model.safetensors or checkpoint)")
-    parser.add_argument(
-        "--filter-rounds",
-        choices=("official", "paper"),
-        default="official",
-        help="thing-query filter: official one round (default) or the paper's multi-round selection",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--filter-rounds", choices=("official", "paper"), default="official",
+                        help="Panoptic SegFormer thing-query filter: official one round, or the paper's rounds")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu; cuda under torchrun = "
+                                                        "cuda:LOCAL_RANK)")
 
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from harness.commands._common import existing_dir
     from harness.engine.data import AugmentConfig
     from harness.engine.train import default_train_config, train
     from harness.errors import UserError
-    from models.configs import MODEL_CONFIGS
     from models.matcher import MatcherConfig
+    from models.zoo import model_names
 
-    if args.config not in MODEL_CONFIGS:
-        raise UserError(f"unknown --config {args.config!r}; choose one of {', '.join(MODEL_CONFIGS)}")
-    if args.iters < 1:
+    if args.config not in model_names():
+        raise UserError(f"unknown --config {args.config!r}; choose one of {', '.join(model_names())}")
+    if (args.iters is None) == (args.epochs is None):
+        raise UserError("give exactly one of --iters and --epochs")
+    if args.iters is not None and args.iters < 1:
         raise UserError(f"--iters must be >= 1, got {args.iters}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.epochs is not None and not args.epochs > 0:
+        raise UserError(f"--epochs must be > 0, got {args.epochs}")
+    for name in ("batch_size", "warmup", "val_images"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "batch_size" else 0):
+            raise UserError(f"--{name.replace('_', '-')} must be >= {1 if name == 'batch_size' else 0}, got {value}")
+    if args.val_every < 0 or args.checkpoint_every < 1:
+        raise UserError("--val-every must be >= 0 and --checkpoint-every >= 1")
     existing_dir(args.data, "--data")
-    cfg = dataclasses.replace(
-        default_train_config(args.config), seed=args.seed, checkpoint_every=max(1, args.checkpoint_every)
-    )
+    cfg = default_train_config(args.config)
+    val_images = args.val_images if args.val_images is not None else (32 if args.val_every else 0)
+    changes = {"seed": args.seed, "checkpoint_every": args.checkpoint_every, "lr_scaling": args.lr_scaling,
+               "val_every": args.val_every, "val_images": val_images, "val_split": args.val_split, "amp": args.amp,
+               "matcher": dataclasses.replace(cfg.matcher, rounds=args.filter_rounds)}
     if args.batch_size is not None:
-        cfg = dataclasses.replace(cfg, batch_size=args.batch_size)
+        changes["batch_size"] = args.batch_size
     if args.lr is not None:
-        cfg = dataclasses.replace(cfg, lr=args.lr)
+        changes["lr"] = args.lr
+    if args.warmup is not None:
+        changes["warmup_iters"] = args.warmup
     if args.no_augment:
-        cfg = dataclasses.replace(cfg, augment=AugmentConfig(enabled=False))
-    cfg = dataclasses.replace(cfg, matcher=MatcherConfig(rounds=args.filter_rounds))
-    path = train(
-        args.config,
-        args.data,
-        args.out,
-        args.iters,
-        cfg,
-        split=args.split,
-        resume=not args.no_resume,
-        init_weights=args.init,
-        device=args.device,
-    )
+        changes["augment"] = AugmentConfig(enabled=False)
+    cfg = dataclasses.replace(cfg, **changes)
+    try:
+        path = train(args.config, args.data, args.out, iters=args.iters, epochs=args.epochs, train_cfg=cfg,
+                     split=args.split, resume=not args.no_resume, init_weights=args.init, device=args.device)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     print(path)
     return 0

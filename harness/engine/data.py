@@ -12,13 +12,18 @@ Images are resized with OpenCV bilinear (as mmcv), masks with nearest; boxes are
 arithmetically (scale, flip, crop + clip) as mmdet does, and a thing whose box or mask becomes empty
 after the crop is dropped. `AugmentConfig.scaled(f)` multiplies every size by f so that the same recipe
 fits small synthetic images.
+
+`SampleStream` is the deterministic, stateless order of training samples: global sample ``k`` (step ``k // G``,
+slot ``k % G`` of a global batch of G images) is image ``perm_e[k mod N]`` of epoch ``e = k // N`` with its own
+augmentation RNG. Nothing depends on what ran before, so a resumed run, and a run on any number of processes
+(process r takes slots ``r*B .. r*B+B-1`` of each global batch), sees exactly the same images and augmentations.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import cv2
 import numpy as np
@@ -27,6 +32,9 @@ from torch import Tensor
 
 from harness.data.coco_panoptic import PanopticDataset, PanopticSample
 from harness.data.targets import build_targets
+
+if TYPE_CHECKING:
+    from models.inference import TestTransformSpec
 
 
 @dataclass
@@ -189,17 +197,37 @@ def augment(item: TrainItem, cfg: AugmentConfig, test_scale: tuple[int, int], rn
     return dataclasses.replace(item, image=image, masks=masks, boxes=boxes, labels=labels)
 
 
-def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """(H, W, 3) uint8 RGB -> (3, H, W) float32 ``(x - mean) / std`` (mmcv Normalize, to_rgb)."""
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float], channel_order: str = "rgb") -> Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 ``(x - mean) / std`` in ``channel_order`` (mmcv Normalize).
+
+    ``channel_order="bgr"`` flips the channels first (mean and std are then given in BGR order, as the model's
+    ``test_transform()`` states them).
+    """
+    if channel_order not in ("rgb", "bgr"):
+        raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+    if channel_order == "bgr":
+        image = image[..., ::-1]
     x = torch.from_numpy(np.ascontiguousarray(image)).float()
     x = (x - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
     return x.permute(2, 0, 1).contiguous()
 
 
 def collate(
-    items: Sequence[TrainItem], num_things: int, mean: Sequence[float], std: Sequence[float]
+    items: Sequence[TrainItem],
+    num_things: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    channel_order: str = "rgb",
+    size_divisor: int = 1,
 ) -> tuple[Tensor, Tensor, list[dict[str, Tensor]]]:
     """Pad a list of items to one batch (bottom/right padding with 0 after normalisation, as mmdet).
+
+    Args:
+        items: augmented items (RGB images).
+        num_things: labels below this are things.
+        mean / std: per-channel normalisation in ``channel_order`` (0-255 scale).
+        channel_order: the network's input channel order ("rgb" or "bgr").
+        size_divisor: pad the batch to a multiple of this (1 = to the largest image only).
 
     Returns:
         images (B, 3, H, W), pad_mask (B, H, W) bool True on padding, and per-image targets for
@@ -207,12 +235,14 @@ def collate(
     """
     hmax = max(it.image.shape[0] for it in items)
     wmax = max(it.image.shape[1] for it in items)
+    if size_divisor > 1:
+        hmax, wmax = -(-hmax // size_divisor) * size_divisor, -(-wmax // size_divisor) * size_divisor
     images = torch.zeros((len(items), 3, hmax, wmax))
     pad_mask = torch.ones((len(items), hmax, wmax), dtype=torch.bool)
     targets = []
     for i, it in enumerate(items):
         h, w = it.image.shape[:2]
-        images[i, :, :h, :w] = normalize(it.image, mean, std)
+        images[i, :, :h, :w] = normalize(it.image, mean, std, channel_order)
         pad_mask[i, :h, :w] = False
         masks = torch.zeros((it.masks.shape[0], hmax, wmax), dtype=torch.bool)
         masks[:, :h, :w] = it.masks
@@ -238,3 +268,62 @@ def collate(
             }
         )
     return images, pad_mask, targets
+
+
+def collate_for(
+    items: Sequence[TrainItem], num_things: int, spec: "TestTransformSpec"
+) -> tuple[Tensor, Tensor, list[dict[str, Tensor]]]:
+    """:func:`collate` normalised as the model's ``test_transform()`` says (channel order, mean, std, padding)."""
+    return collate(items, num_things, spec.mean, spec.std, spec.channel_order, spec.size_divisor)
+
+
+def augment_for(spec: "TestTransformSpec", enabled: bool = True) -> AugmentConfig:
+    """The official augmentation scaled to a model's test scale (short side / 800), or only the test resize."""
+    if not enabled:
+        return AugmentConfig(enabled=False)
+    return AugmentConfig().scaled(spec.short / 800.0)
+
+
+class SampleStream:
+    """Deterministic, stateless stream of augmented training samples (see the module docstring).
+
+    Args:
+        dataset: the training split.
+        augment_cfg: augmentation settings.
+        test_scale: (long, short) of the model's test transform (used when augmentation is disabled).
+        seed: the run's seed.
+        global_batch: images per optimisation step over all processes.
+    """
+
+    def __init__(self, dataset: PanopticDataset, augment_cfg: AugmentConfig, test_scale: tuple[int, int],
+                 seed: int, global_batch: int) -> None:
+        if len(dataset) == 0:
+            raise ValueError("SampleStream needs a non-empty data set")
+        self.dataset = dataset
+        self.augment_cfg = augment_cfg
+        self.test_scale = test_scale
+        self.seed = int(seed)
+        self.global_batch = int(global_batch)
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Image order of ``epoch`` (a permutation of the data set, from the seed and the epoch only)."""
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, 1, epoch]).permutation(len(self.dataset)))
+        return self._perm[1]
+
+    def index(self, step: int, slot: int) -> int:
+        """Data set index of slot ``slot`` of the global batch of ``step`` (0-based)."""
+        k = step * self.global_batch + slot
+        return int(self.permutation(k // len(self.dataset))[k % len(self.dataset)])
+
+    def item(self, step: int, slot: int) -> TrainItem:
+        """The augmented sample of ``(step, slot)``; its augmentation RNG depends on (seed, step, slot) only."""
+        rng = np.random.default_rng([self.seed, 2, step, slot])
+        sample = self.dataset[self.index(step, slot)]
+        return augment(item_from_sample(sample, self.dataset), self.augment_cfg, self.test_scale, rng)
+
+    def local_items(self, step: int, rank: int, per_process: int) -> list[TrainItem]:
+        """This process's share of the global batch: slots ``rank * per_process`` onwards."""
+        first = rank * per_process
+        return [self.item(step, first + j) for j in range(per_process)]

@@ -1,22 +1,32 @@
-"""Training loop: AdamW with the official parameter groups, gradient clipping, step LR, resumable checkpoints.
+"""Training: the recipe (:class:`TrainConfig`), and :func:`train`, which runs it in readable steps.
 
 Official schedule (`configs/panformer/base.py`, see the reference §4): AdamW lr 1.4e-4, weight decay 1e-4 on
 every parameter, lr x0.1 for parameters whose name contains `backbone`, `sampling_offsets` or
 `reference_points`, L2 gradient clipping at 0.1, step decay x0.1 at 3/4 of the schedule (epoch 18 of 24),
-no warm-up, total batch 8 (1 per GPU). Here the schedule is counted in iterations.
+no warm-up, total batch 8 (1 per GPU x 8 GPUs). The schedule is given in steps (``iters``) or epochs.
 
-Outputs in `out_dir`:
-- `checkpoint_last.pt`: model + optimiser + RNG state + history, written atomically every
-  `checkpoint_every` iterations; a re-run with the same `out_dir` resumes from it.
-- `model.safetensors` + `model.json` (our weights format: tensors + the model config) at the end.
-- `train_log.csv`: iteration, loss terms, learning rate, seconds per iteration.
+The tiny configs (random-init backbone, minutes of CPU) use their own recipe (:func:`default_train_config`,
+docs/training.md explains every difference and why).
+
+Steps of :func:`train` (each in its own module):
+
+1. :mod:`harness.engine.train_setup`: open the data, resolve the config, schedule, model, criterion, optimiser —
+   every user mistake is reported before any work;
+2. :mod:`harness.engine.train_checkpoint`: resume from the run folder (refusing corrupt files and checkpoints of
+   another architecture or other categories);
+3. :mod:`harness.engine.train_step`: one step at a time on this process's share of the deterministic sample
+   stream (:class:`harness.engine.data.SampleStream`), gradients averaged over torchrun processes;
+4. :mod:`harness.engine.train_monitor`: the loss log, validation PQ every ``val_every`` steps, the learning curve;
+   checkpoints every ``checkpoint_every`` steps; the final weights (``model.safetensors`` + ``model.json``).
+
+Only rank 0 writes files. Outputs in ``out_dir``: ``checkpoint_last.pt`` / ``checkpoint_prev.pt``,
+``train_log.csv``, ``val_log.csv``, ``learning_curve.png``, ``model.safetensors`` + ``model.json``,
+``train_run.json`` (settings: batch sizes, lr scaling, schedule, device, AMP, world size).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 import time
@@ -24,23 +34,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from harness.data.coco_panoptic import PanopticDataset
-from harness.engine.data import AugmentConfig, augment, collate, item_from_sample
+from harness.engine.data import AugmentConfig, SampleStream, augment_for, collate_for
+from harness.engine.distributed import DistInfo, barrier, init_distributed
 from harness.errors import UserError
-from harness.io import atomic_write, atomic_write_text
+from harness.io import atomic_write_json
 from harness.logging_utils import progress_disabled
-from models.configs import PanopticSegFormerConfig, get_config
-from models.losses import LossConfig, PanopticCriterion
-from models.matcher import HungarianMatcher, MatcherConfig
-from models.panoptic_segformer import PanopticSegFormer
+from models.losses import LossConfig
+from models.matcher import MatcherConfig
 
 log = logging.getLogger(__name__)
 
+__all__ = ["TrainConfig", "default_train_config", "train", "save_weights", "TINY_CONFIGS"]
+
 CHECKPOINT = "checkpoint_last.pt"
+RUN_JSON = "train_run.json"
+# Configs trained from scratch on the synthetic data (their own recipe, see default_train_config).
+TINY_CONFIGS = ("panoptic_segformer_tiny", "panoptic_segformer_tiny_joint")
 
 
 @dataclass
@@ -48,18 +60,25 @@ class TrainConfig:
     """Optimisation settings (defaults = official).
 
     Attributes:
-        lr: AdamW learning rate.
+        lr: AdamW learning rate for ``reference_batch`` images per step.
         weight_decay: AdamW weight decay (all parameters).
         lr_mult_keys: parameter-name substrings whose lr is multiplied by lr_mult.
         lr_mult: multiplier for those parameters.
         grad_clip: max L2 norm of all gradients (<= 0 disables).
-        lr_drop: fraction of the iterations after which the lr is multiplied by 0.1.
-        batch_size: images per iteration.
-        seed: seeds the sampling order, the augmentation and the model initialisation.
-        checkpoint_every: iterations between checkpoints (the last iteration always writes one).
-        log_every: iterations between log lines.
+        lr_drops: fractions of the run after which the lr is multiplied by 0.1 (official: 3/4).
+        warmup_iters: linear lr warm-up steps (official: none).
+        batch_size: images per step and process.
+        reference_batch: the global batch the lr is stated for (official 8).
+        lr_scaling: "none" (official: the lr is used as given) or "linear" (lr x global batch / reference_batch).
+        seed: seeds the model initialisation, the sample order and the augmentation.
+        checkpoint_every: steps between checkpoints (the last step always writes one).
+        log_every: steps between log lines.
+        val_every: steps between validations (0 = only at the end when val_images > 0).
+        val_images: validation images scored each time (0 = no validation).
+        val_split: validation split name.
         augment: augmentation settings; None = official recipe scaled to the model's test scale.
-        matcher: matching options; loss: loss options.
+        amp: None (fp32), "auto", "bf16" or "fp16" autocast.
+        matcher / loss: Panoptic SegFormer matching and loss options (other families use their own defaults).
     """
 
     lr: float = 1.4e-4
@@ -67,213 +86,264 @@ class TrainConfig:
     lr_mult_keys: tuple[str, ...] = ("backbone", "sampling_offsets", "reference_points")
     lr_mult: float = 0.1
     grad_clip: float = 0.1
-    lr_drop: float = 0.75
+    lr_drops: tuple[float, ...] = (0.75,)
+    warmup_iters: int = 0
     batch_size: int = 1
+    reference_batch: int = 8
+    lr_scaling: str = "none"
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
+    val_every: int = 0
+    val_images: int = 0
+    val_split: str = "val2017"
     augment: AugmentConfig | None = None
+    amp: str | None = None
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
 
 def default_train_config(model_name: str) -> TrainConfig:
-    """The official recipe, except for our CPU-sized `panoptic_segformer_tiny` (random-init backbone, minutes of
-    training): lr 1e-3 and batch 2, which overfit 4 synthetic images in 100 iterations (tests/test_overfit.py)."""
-    if model_name == "panoptic_segformer_tiny":
-        return TrainConfig(lr=1e-3, batch_size=2)
+    """The official recipe, or for the tiny configs (random-init backbone, a few minutes of CPU) the tiny recipe:
+    lr 1e-3 with a 100-step warm-up, batch 2, full lr for the (random-init, GroupNorm) backbone; see
+    docs/training.md for the measurements behind it."""
+    if model_name in TINY_CONFIGS:
+        return TrainConfig(lr=1e-3, batch_size=2, reference_batch=2, warmup_iters=100,
+                           lr_mult_keys=("sampling_offsets", "reference_points"))
     return TrainConfig()
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Two AdamW groups: lr x lr_mult for names containing a `lr_mult_keys` substring (mmcv custom_keys)."""
-    base, mult = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (mult if any(k in name for k in cfg.lr_mult_keys) else base).append(p)
-    return [
-        {"params": base, "lr": cfg.lr, "name": "base"},
-        {"params": mult, "lr": cfg.lr * cfg.lr_mult, "name": "lr_mult"},
-    ]
+def save_weights(model: nn.Module, out_dir: Path, categories: list[dict[str, Any]] | None = None,
+                 cfg: Any = None) -> Path:
+    """Write `out_dir/model.safetensors` + `out_dir/model.json` (`models.checkpoint` format, with the family);
+    the training set's categories (contiguous order) travel in the JSON's `meta`. Returns the weights path.
 
-
-def save_weights(model: PanopticSegFormer, out_dir: Path, categories: list[dict[str, Any]] | None = None) -> Path:
-    """Write `out_dir/model.safetensors` + `out_dir/model.json` (`models.checkpoint` format); returns the weights.
-
-    The training set's categories (contiguous order) travel in the JSON's `meta`, so `predict` and `eval` write
-    the right category ids without being told.
-    """
+    ``cfg`` defaults to ``model.cfg``."""
     from models.checkpoint import save_checkpoint
 
     meta: dict[str, Any] = {"written_by": "harness.engine.train"}
     if categories is not None:
         meta["categories"] = categories
-    return save_checkpoint(model.state_dict(), model.cfg, out_dir, meta=meta)
+    return save_checkpoint(model.state_dict(), cfg if cfg is not None else model.cfg, out_dir, meta=meta)
 
 
-def _to_jsonable(obj: Any) -> Any:
-    return json.loads(
-        json.dumps(obj, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o))
-    )
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o)
+                                 else str(o)))
 
 
-def _write_log(out_dir: Path, history: list[dict[str, float]]) -> None:
-    if not history:
-        return
-    keys = sorted({k for row in history for k in row}, key=lambda k: (k not in ("iter", "loss", "lr", "sec"), k))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(out_dir / "train_log.csv", buf.getvalue())
+@dataclass
+class _Run:
+    """Everything built by step 1 (see the module docstring)."""
+
+    out: Path
+    info: DistInfo
+    cfg: Any
+    family: str
+    train_cfg: TrainConfig
+    dataset: Any
+    val_dataset: Any
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    stream: SampleStream
+    amp: Any
+    scaler: Any
+    categories: list[dict[str, Any]]
+    global_batch: int
+    lr_scale: float
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    def write(tmp: Path) -> None:
-        torch.save(state, tmp)
+def _setup(config: Any, data_root: str | Path, out_dir: str | Path, iters: int | None, epochs: float | None,
+           train_cfg: TrainConfig | None, split: str, init_weights: str | Path | None, device: str,
+           overrides: dict[str, Any]) -> _Run:
+    """Step 1: check every input, then build the run (nothing is written yet)."""
+    from harness.engine import train_setup as setup
+    from harness.engine.train_step import amp_settings
+    from models.zoo import build_model, family_of_config
 
-    atomic_write(path, write)
+    if (iters is None) == (epochs is None):
+        raise UserError("give exactly one of --iters and --epochs")
+    dataset = setup.open_split(data_root, split)
+    cats = dataset.categories
+    cfg = setup.resolve_config(config, cats.num_things, cats.num_stuff, **overrides)
+    tc = train_cfg or default_train_config(cfg.name)
+    if tc.batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {tc.batch_size}")
+    val_dataset = setup.open_split(data_root, tc.val_split, "validation") if tc.val_images > 0 else None
+    amp = amp_settings(tc.amp, device)
+    info = init_distributed(device)
+    global_batch = tc.batch_size * info.world_size
+    schedule = setup.make_schedule(tc, len(dataset), global_batch, iters, epochs)
+    lr_scale = setup.lr_scale_for(tc, global_batch)
+    torch.manual_seed(tc.seed)  # identical initialisation on every process
+    model = build_model(cfg).to(info.device)
+    if init_weights is not None:
+        setup.load_init_weights(model, cfg, init_weights)
+    criterion = setup.build_criterion(cfg, cats.num_things, cats.num_stuff, tc)
+    optimizer = setup.build_optimizer(model, tc, lr_scale)
+    spec = model.test_transform()
+    aug = tc.augment if tc.augment is not None else augment_for(spec)
+    stream = SampleStream(dataset, aug, (spec.long, spec.short), tc.seed, global_batch)
+    scaler = torch.amp.GradScaler("cuda") if amp.dtype == torch.float16 else None
+    return _Run(out=Path(out_dir), info=info, cfg=cfg, family=family_of_config(cfg).name, train_cfg=tc,
+                dataset=dataset, val_dataset=val_dataset, model=model, criterion=criterion, optimizer=optimizer,
+                schedule=schedule, stream=stream, amp=amp, scaler=scaler,
+                categories=[dict(c) for c in cats.categories], global_batch=global_batch, lr_scale=lr_scale)
+
+
+def _resume(run: _Run) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]], bool]:
+    """Step 2: ``(start step, loss history, validation rows, last checkpoint valid)`` from the run folder."""
+    from harness.engine.train_checkpoint import check_compatible, find_resume_checkpoint
+
+    state, last_valid = find_resume_checkpoint(run.out)
+    if state is None:
+        return 0, [], [], last_valid
+    where = run.out / CHECKPOINT
+    check_compatible(state, where, run.family, run.cfg.to_dict(), run.categories)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    log.info("resumed from %s at step %d", where, state["step"])
+    return int(state["step"]), list(state["history"]), list(state.get("val_history", [])), last_valid
+
+
+def _describe(run: _Run) -> dict[str, Any]:
+    tc, s = run.train_cfg, run.schedule
+    return {"model": run.cfg.name, "family": run.family, "world_size": run.info.world_size,
+            "batch_per_process": tc.batch_size, "global_batch": run.global_batch,
+            "base_lr": tc.lr, "lr_scaling": tc.lr_scaling, "effective_lr": tc.lr * run.lr_scale,
+            "total_steps": s.total_steps, "steps_per_epoch": s.steps_per_epoch,
+            "epochs": round(s.total_steps / s.steps_per_epoch, 3), "lr_drop_steps": list(s.drop_at),
+            "warmup_steps": s.warmup_steps, "device": run.info.device, "backend": run.info.backend,
+            "amp": run.amp.name, "train_images": len(run.dataset), "seed": tc.seed,
+            "train_config": _jsonable(tc), "model_config": run.cfg.to_dict()}
 
 
 def train(
-    config: PanopticSegFormerConfig | str,
+    config: Any,
     data_root: str | Path,
     out_dir: str | Path,
-    iters: int,
+    iters: int | None = None,
     train_cfg: TrainConfig | None = None,
     split: str = "train2017",
     resume: bool = True,
     init_weights: str | Path | None = None,
     device: str = "cpu",
+    epochs: float | None = None,
     **config_overrides: Any,
 ) -> Path:
-    """Train a Panoptic SegFormer on a COCO-panoptic-layout data set and return the weights path.
+    """Train a model of any family on a COCO-panoptic-layout data set and return the weights path.
 
     Args:
-        config: a model config, or a config name (`models.configs`); class counts come from the data set.
-        data_root: data set root (`<root>/<split>/`, `<root>/annotations/panoptic_<split>.json`).
-        out_dir: output folder (checkpoint, weights, log).
-        iters: total iterations (a resumed run continues up to this number).
-        train_cfg: optimisation settings (default: `default_train_config(config name)`).
+        config: a model config, or a model name (``models.zoo``); class counts come from the data set.
+        data_root: data set root (``<root>/<split>/``, ``<root>/annotations/panoptic_<split>.json``).
+        out_dir: output folder (checkpoints, logs, weights).
+        iters / epochs: run length, exactly one (a resumed run continues up to it).
+        train_cfg: optimisation settings (default: :func:`default_train_config` of the config's name).
         split: training split name.
-        resume: continue from `out_dir/checkpoint_last.pt` when present.
-        init_weights: optional weights to start from (our `.safetensors` or a training checkpoint).
-        device: torch device.
-        **config_overrides: model config fields to override when `config` is a name.
+        resume: continue from the run folder's checkpoint when present.
+        init_weights: optional weights to start from (ours, or a training checkpoint), same config.
+        device: torch device (under torchrun with CUDA each process takes ``cuda:<LOCAL_RANK>``).
+        **config_overrides: model config fields to override when ``config`` is a name.
 
     Returns:
-        Path of `out_dir/model.safetensors`.
+        Path of ``out_dir/model.safetensors``.
     """
+    from harness.engine.train_checkpoint import save_checkpoint
+    from harness.engine.train_monitor import plot_learning_curve, validate, write_train_log, write_val_log
+    from harness.engine.train_step import step_seed, train_step
+
+    run = _setup(config, data_root, out_dir, iters, epochs, train_cfg, split, init_weights, device,
+                 config_overrides)
+    tc, info, total = run.train_cfg, run.info, run.schedule.total_steps
+    start, history, val_rows, last_valid = _resume(run) if resume else (0, [], [], True)
+    desc = _describe(run)
+    if info.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.out / RUN_JSON, desc, indent=2)
+        log.info("training %s: %d process(es) x batch %d = global batch %d, lr %.3g (x%.3g, %s scaling), "
+                 "%d steps (%.2f epochs of %d images), AMP %s, device %s", run.cfg.name, info.world_size,
+                 tc.batch_size, run.global_batch, tc.lr * run.lr_scale, run.lr_scale, tc.lr_scaling, total,
+                 desc["epochs"], len(run.dataset), run.amp.name, info.device)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    base_lrs = [g["initial_lr"] for g in run.optimizer.param_groups]
+    spec = run.model.test_transform()
+    num_things = run.cfg.num_things
+    title = f"{run.cfg.name} on {Path(data_root).name} ({info.device}, global batch {run.global_batch})"
+
+    def checkpoint(step: int) -> None:
+        nonlocal last_valid
+        if info.is_main:
+            save_checkpoint(run.out, {
+                "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict() if run.scaler is not None else None, "step": step,
+                "history": history, "val_history": val_rows, "config": run.cfg.to_dict(), "family": run.family,
+                "categories": run.categories, "train_config": _jsonable(tc), "run": desc}, last_valid)
+            last_valid = True
+            write_train_log(run.out, history)
+        barrier(info)
+
+    def validation(step: int) -> None:
+        if info.is_main and run.val_dataset is not None:
+            row = validate(run.model, run.val_dataset, tc.val_images, info.device)
+            row = {"step": step, "epoch": round(step / run.schedule.steps_per_epoch, 3), **row}
+            val_rows[:] = [r for r in val_rows if r["step"] != step] + [row]
+            write_val_log(run.out, val_rows)
+            plot_learning_curve(run.out, history, val_rows, title)
+            log.info("step %d: validation PQ %.2f (Things %.2f, Stuff %.2f) on %d images", step, row["pq"],
+                     row["pq_th"], row["pq_st"], row["images"])
+        barrier(info)
+
     from tqdm import tqdm
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dataset = PanopticDataset(data_root, split=split)
-    if len(dataset) == 0:
-        raise UserError(f"no training images in {dataset.json_path}")
-    cats = dataset.categories
-    if isinstance(config, str):
-        try:
-            model_cfg = get_config(config, num_things=cats.num_things, num_stuff=cats.num_stuff, **config_overrides)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-    else:
-        model_cfg = config
-    cfg_t = train_cfg or default_train_config(model_cfg.name)
-    if (model_cfg.num_things, model_cfg.num_stuff) != (cats.num_things, cats.num_stuff):
-        raise UserError(
-            f"model config has {model_cfg.num_things} thing / {model_cfg.num_stuff} stuff classes but "
-            f"{dataset.json_path} has {cats.num_things} / {cats.num_stuff}"
-        )
-
-    torch.manual_seed(cfg_t.seed)
-    model = PanopticSegFormer(model_cfg).to(device)
-    if init_weights is not None:
-        from harness.engine.evaluate import load_model
-
-        init = load_model(init_weights, model_cfg.name, cats.num_things, cats.num_stuff)
-        if init.cfg.to_dict() != model_cfg.to_dict():
-            raise UserError(f"--init {init_weights} holds another model config than {model_cfg.name}")
-        model.load_state_dict(init.state_dict())
-    if model_cfg.box_free:  # Table 6 "6*": L1 on mass centres, no GIoU (paper App. A.1)
-        matcher_cfg = dataclasses.replace(cfg_t.matcher, use_giou=False)
-        loss_cfg = dataclasses.replace(cfg_t.loss, use_giou=False, box_target="mass_center")
-    else:
-        matcher_cfg, loss_cfg = cfg_t.matcher, cfg_t.loss
-    criterion = PanopticCriterion(cats.num_things, cats.num_stuff, HungarianMatcher(matcher_cfg), loss_cfg)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg_t), lr=cfg_t.lr, weight_decay=cfg_t.weight_decay)
-    # Step decay computed from the iteration (not a scheduler object), so a resumed run with another
-    # --iters follows the new schedule.
-    drop_at = max(1, int(round(iters * cfg_t.lr_drop)))
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    aug_cfg = cfg_t.augment
-    if aug_cfg is None:
-        aug_cfg = AugmentConfig().scaled(min(model_cfg.test_scale) / 800.0)
-    rng = np.random.default_rng(cfg_t.seed)
-    order: list[int] = []
-    start, history = 0, []
-
-    ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state["config"] != model_cfg.to_dict():
-            raise UserError(f"{ckpt_path} was written for another model config; use a new --out or --no-resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        order, start, history = state["order"], state["iter"], state["history"]
-        log.info("resumed from %s at iteration %d", ckpt_path, start)
-
-    def checkpoint(it: int) -> None:
-        _save_checkpoint(
-            ckpt_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-                "order": order,
-                "iter": it,
-                "history": history,
-                "config": model_cfg.to_dict(),
-                "train_config": _to_jsonable(cfg_t),
-            },
-        )
-        _write_log(out, history)
-
-    model.train()
-    bar = tqdm(range(start, iters), initial=start, total=iters, desc="train", disable=progress_disabled())
-    for it in bar:
+    run.model.train()
+    bar = tqdm(range(start, total), initial=start, total=total, desc="train",
+               disable=progress_disabled() or not info.is_main)
+    for step in bar:
         t0 = time.perf_counter()
-        for group, base_lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base_lr * (0.1 if it >= drop_at else 1.0)
-        items = []
-        for _ in range(cfg_t.batch_size):
-            if not order:  # a new epoch: reshuffle
-                order = [int(i) for i in rng.permutation(len(dataset))]
-            sample = dataset[order.pop()]
-            items.append(augment(item_from_sample(sample, dataset), aug_cfg, model_cfg.test_scale, rng))
-        images, pad_mask, targets = collate(items, cats.num_things, model_cfg.pixel_mean, model_cfg.pixel_std)
-        images, pad_mask = images.to(device), pad_mask.to(device)
-        loss, logs = criterion(model, images, pad_mask, targets)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss at iteration {it + 1}: {logs}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg_t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg_t.grad_clip)
-        optimizer.step()
-        row = {"iter": it + 1, "lr": optimizer.param_groups[0]["lr"], "sec": time.perf_counter() - t0, **logs}
+        factor = run.schedule.factor(step)
+        for group, base_lr in zip(run.optimizer.param_groups, base_lrs):
+            group["lr"] = base_lr * factor
+        items = run.stream.local_items(step, info.rank, tc.batch_size)
+        images, pad_mask, targets = collate_for(items, num_things, spec)
+        batch = (images.to(info.device), pad_mask.to(info.device), [_to(t, info.device) for t in targets])
+        torch.manual_seed(step_seed(tc.seed, step, info.rank))
+        try:
+            result = train_step(run.model, run.criterion, run.optimizer, batch, step, info, run.amp,
+                                tc.grad_clip, run.scaler, params)
+        except UserError as exc:
+            if info.is_main:
+                write_train_log(run.out, history)
+                if (run.out / CHECKPOINT).is_file():
+                    exc.args = (f"{exc.args[0]}; last good checkpoint kept: {run.out / CHECKPOINT}",)
+            raise
+        row = {"step": step + 1, "epoch": round((step + 1) / run.schedule.steps_per_epoch, 4),
+               "lr": run.optimizer.param_groups[0]["lr"], "sec": round(time.perf_counter() - t0, 4),
+               "grad_norm": result.grad_norm, **result.logs}
         history.append(row)
-        bar.set_postfix(loss=f"{logs['loss']:.3f}")
-        if (it + 1) % cfg_t.log_every == 0:
-            log.info("iter %d/%d loss %.4f lr %.2e", it + 1, iters, logs["loss"], row["lr"])
-        if (it + 1) % cfg_t.checkpoint_every == 0 or it + 1 == iters:
-            checkpoint(it + 1)
-    model.eval()
-    path = save_weights(model, out, [dict(c) for c in cats.categories])
-    _write_log(out, history)
-    log.info("wrote %s", path)
+        bar.set_postfix(loss=f"{result.logs['loss']:.3f}")
+        done = step + 1
+        if done % tc.log_every == 0 and info.is_main:
+            log.info("step %d/%d loss %.4f lr %.2e", done, total, result.logs["loss"], row["lr"])
+        if tc.val_images > 0 and ((tc.val_every and done % tc.val_every == 0) or done == total):
+            validation(done)
+        if done % tc.checkpoint_every == 0 or done == total:
+            checkpoint(done)
+    if start >= total and tc.val_images > 0 and not any(r["step"] == total for r in val_rows):
+        validation(total)
+    run.model.eval()
+    path = run.out / "model.safetensors"
+    if info.is_main:
+        path = save_weights(run.model, run.out, run.categories, run.cfg)
+        write_train_log(run.out, history)
+        plot_learning_curve(run.out, history, val_rows, title)
+        log.info("wrote %s", path)
+    barrier(info)
     return path
+
+
+def _to(target: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
