@@ -68,7 +68,7 @@ from models.transformer import DeformableTransformer
 
 __all__ = ["DeformableDETRConfig", "DeformableDETRPanoptic", "CONFIGS", "FAMILY", "convert_deformable_detr",
            "deformable_detr_r50_ms", "deformable_detr_r50_ms_refine", "deformable_detr_tiny", "HEAD_PREFIXES",
-           "build_criterion"]
+           "build_criterion", "convert_state_dict", "to_official_names"]
 
 LABEL_SPACES = ("coco_detection_id", "contiguous")
 HEAD_PREFIXES = ("bbox_attention.", "mask_head.")  # the panoptic head: never in a released file
@@ -277,8 +277,9 @@ class DeformableDETRPanoptic(nn.Module):
         memory = tr.encoder(x, lvl_pos, shapes, starts, ratios, mask_flat)
         b = images.shape[0]
         query_pos, tgt = torch.split(self.query_embed.weight, self.cfg.d_model, dim=1)  # position first
-        query_pos = query_pos.unsqueeze(0).expand(b, -1, -1)
-        tgt = tgt.unsqueeze(0).expand(b, -1, -1)
+        # repeat, not expand: a view of a parameter made under no_grad breaks FlopCounterMode's module hooks
+        query_pos = query_pos.unsqueeze(0).repeat(b, 1, 1)
+        tgt = tgt.unsqueeze(0).repeat(b, 1, 1)
         init_ref = tr.reference_points(query_pos).sigmoid()
         refine = self.bbox_embed if self.cfg.with_box_refine else None
         hs, refs = tr.decoder(tgt, query_pos, init_ref, memory, shapes, starts, ratios, mask_flat, refine)
@@ -471,6 +472,32 @@ def convert_state_dict(state: dict[str, Tensor], cfg: DeformableDETRConfig, sour
         if new in out:
             raise CheckpointError(f"{source}: two keys map to {new!r}")
         out[new] = v
+    return out
+
+
+def to_official_names(state: dict[str, Tensor], cfg: DeformableDETRConfig) -> dict[str, Tensor]:
+    """Inverse of :func:`convert_state_dict` for the detector keys (head keys dropped): our names -> Deformable
+    DETR's, with the decoder's ``bbox_embed`` aliases re-created for box refinement (export and tests)."""
+    inv_enc = {v: k for k, v in _ENCODER_RENAMES.items()}
+    inv_dec = {v: k for k, v in _DECODER_RENAMES.items()}
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(HEAD_PREFIXES):
+            continue
+        k = "transformer.level_embed" if key == "transformer.level_embeds" else key
+        m = re.match(r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.(.*)$", k)
+        if m:
+            part, idx, rest = m.groups()
+            table = inv_enc if part == "encoder" else inv_dec
+            for ours in sorted(table, key=len, reverse=True):
+                if rest.startswith(ours + "."):
+                    k = f"transformer.{part}.layers.{idx}.{table[ours]}.{rest[len(ours) + 1:]}"
+                    break
+        out[k] = value
+    if cfg.with_box_refine:
+        for k, v in list(out.items()):
+            if k.startswith("bbox_embed."):
+                out["transformer.decoder." + k] = v
     return out
 
 

@@ -38,7 +38,7 @@ from models.inference import LAST_LAYER, TestTransformSpec, parse_layer
 from models.position_encoding import SinePositionalEncoding
 from models.postprocess import Candidates, PanopticResult
 
-__all__ = ["DETRConfig", "DETRPanoptic", "CONFIGS", "FAMILY", "convert_detr", "build_criterion", "detr_r50_panoptic",
+__all__ = ["DETRConfig", "DETRPanoptic", "CONFIGS", "FAMILY", "convert_detr", "convert_state_dict", "build_criterion", "detr_r50_panoptic",
            "detr_r101_panoptic", "detr_tiny"]
 
 LABEL_SPACES = ("coco_panoptic_id", "contiguous")
@@ -211,7 +211,8 @@ class DETRPanoptic(nn.Module):
         mask = F.interpolate(pad_mask[None].float(), size=c5.shape[-2:]).to(torch.bool)[0]
         pos = detr.backbone[1](mask).to(c5.dtype)
         src_proj = detr.input_proj(c5)
-        hs, memory = detr.transformer(src_proj, mask, detr.query_embed.weight, pos)
+        query_pos = detr.query_embed.weight.unsqueeze(1).repeat(1, images.shape[0], 1)
+        hs, memory = detr.transformer(src_proj, mask, query_pos, pos)
         logits = detr.class_embed(hs)
         boxes = detr.bbox_embed(hs).sigmoid()
         bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)
@@ -330,8 +331,13 @@ def convert_detr(path: Path, cfg: DETRConfig) -> dict[str, Tensor]:
     SegFormer or a box-only DETR file); the strict load in ``models.checkpoint`` lists any other mismatch.
     """
     state, _ = read_released_pth(path)
-    check_family(state, ("detr.transformer.", "detr.backbone."), "DETR panoptic", str(path))
-    return state
+    return convert_state_dict(state, str(path))
+
+
+def convert_state_dict(state: dict[str, Tensor], source: str = "<state dict>") -> dict[str, Tensor]:
+    """Check that ``state`` is a DETR panoptic state dict (``detr.*`` keys) and return it (identity key map)."""
+    check_family(state, ("detr.transformer.", "detr.backbone."), "DETR panoptic", source)
+    return dict(state)
 
 
 FAMILY = Family(
