@@ -71,6 +71,16 @@ def test_released_file_round_trip_with_args_namespace(tmp_path: Path) -> None:
         assert torch.equal(a[k], b[k])
     state, extra = read_released_pth(path)
     assert extra["epoch"] == 3 and "detr.class_embed.weight" in state
+    # harness convert -> our format -> the same model again (config round trip through model.json).
+    from harness.cli import main
+
+    out = tmp_path / "conv"
+    assert main(["convert", "--from", "detr", "--model", "detr_tiny", "--in", str(path), "--out", str(out),
+                 "--num-things", "3", "--num-stuff", "2"]) == 0
+    again, cfg3 = load_model(out)
+    assert cfg3 == cfg2 and isinstance(again, DETRPanoptic)
+    with torch.no_grad():
+        assert torch.equal(again(x)["pred_masks"], a["pred_masks"])
 
 
 def test_wrong_family_checkpoint_is_named(tmp_path: Path) -> None:

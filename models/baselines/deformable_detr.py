@@ -200,6 +200,7 @@ class DeformableDETRPanoptic(nn.Module):
     """
 
     default_post_process = "own"
+    mask_stride = 4  # candidates' masks are at 1/4 of the input; ``valid_hw`` (optional) is in these pixels
 
     def __init__(self, cfg: DeformableDETRConfig) -> None:
         super().__init__()
@@ -334,7 +335,8 @@ class DeformableDETRPanoptic(nn.Module):
         if parse_layer(layer) is not None:
             raise ValueError(f"{self.cfg.name} has only the layer 'last', got {layer!r}")
         scores, labels, query = self._select(outputs, index)
-        masks = self._masks(outputs, index, valid_hw).detach().float().cpu()[query].sigmoid()
+        masks = self._masks(outputs, index, valid_hw)
+        masks = masks[query.to(masks.device)].detach().float().sigmoid().cpu()
         boxes = outputs["pred_boxes"][index].detach().float().cpu()[query]
         return Candidates(scores=scores, labels=labels, masks=masks, boxes=boxes, query_index=query)
 
@@ -353,7 +355,7 @@ class DeformableDETRPanoptic(nn.Module):
             masks = outputs["pred_masks"][index]
         else:
             masks = self._masks(outputs, index, valid_hw)
-        masks = masks.detach().float().cpu()[query[keep]]
+        masks = masks[query[keep].to(masks.device)].detach().float()
         processed = tuple(int(v) for v in outputs["valid_sizes"][index].tolist())
         return detr_panoptic_postprocess(scores[keep], labels[keep], masks, labels[keep] < self.cfg.num_things,
                                          processed, out_size)

@@ -172,6 +172,7 @@ class DETRPanoptic(nn.Module):
     """DETR's ``DETRsegm``: :class:`DETR` + ``bbox_attention`` + ``mask_head``; implements ``PanopticModel``."""
 
     default_post_process = "own"
+    mask_stride = 4  # candidates' masks are at 1/4 of the input; ``valid_hw`` (optional) is in these pixels
 
     def __init__(self, cfg: DETRConfig) -> None:
         super().__init__()
@@ -274,7 +275,7 @@ class DETRPanoptic(nn.Module):
             masks = outputs["pred_masks"][index]
         else:
             masks = self._masks(outputs, index, valid_hw)
-        masks = masks[keep.to(masks.device)].detach().float().cpu()
+        masks = masks[keep.to(masks.device)].detach().float()
         return detr_panoptic_postprocess(scores[keep], labels[keep], masks, labels[keep] < self.cfg.num_things,
                                          processed, out_size)
 

@@ -66,7 +66,7 @@ def detr_panoptic_postprocess(scores: Tensor, labels: Tensor, mask_logits: Tenso
         scores: ``(K,)`` class confidence of each kept query (carried into the segments; DETR never uses it).
         labels: ``(K,)`` long contiguous class of each kept query.
         mask_logits: ``(K, h, w)`` mask logits of the kept queries at stride 4 (already cropped, unless reproducing
-            the padding bug).
+            the padding bug), on any device (the resize and argmax run there, as upstream).
         is_thing: ``(K,)`` bool.
         processed_size: ``(h, w)`` of the image fed to the network (before padding): the argmax resolution.
         out_size: ``(H, W)`` of the original image.
@@ -92,8 +92,8 @@ def detr_panoptic_postprocess(scores: Tensor, labels: Tensor, mask_logits: Tenso
     def ids_and_area(m: Tensor, n: int, dedup: bool) -> tuple[np.ndarray, list[int]]:
         if n == 0:
             ids = torch.zeros((h, w), dtype=torch.long)
-        else:
-            ids = m.transpose(0, 1).softmax(-1).argmax(-1).view(h, w)
+        else:  # on the masks' device, as upstream; only the id map goes to the CPU for PIL
+            ids = m.transpose(0, 1).softmax(-1).argmax(-1).view(h, w).cpu()
         if dedup:
             for group in stuff_groups.values():
                 for j in group[1:]:
@@ -109,7 +109,8 @@ def detr_panoptic_postprocess(scores: Tensor, labels: Tensor, mask_logits: Tenso
         if not any(small):
             break
         keep = [q for q, s in zip(keep, small) if not s]
-        full, area = ids_and_area(masks[keep], len(keep), dedup=False)
+        full, area = ids_and_area(masks[torch.tensor(keep, dtype=torch.long, device=masks.device)], len(keep),
+                                  dedup=False)
     if not keep:
         return PanopticResult(category=category, instance=instance)
     segments = []
