@@ -273,3 +273,21 @@ def test_tiny_trains_with_falling_loss(synth_root: Path) -> None:
          "stuff_masks": torch.ones(1, 8, 8, dtype=torch.bool)}
     with pytest.raises(ValueError, match="label_space='contiguous'"):
         det._targets(t, torch.device("cpu"))
+
+
+def test_r50_refine_raw_dump_shapes_on_a_small_input() -> None:
+    torch.manual_seed(0)
+    model = DeformableDETRPanoptic(deformable_detr_r50_ms_refine()).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 96))
+
+    class Prep:
+        ori_shape = (480, 720)
+
+    raw = model.dump_raw(out, 0, Prep(), model.own_post_process(out, 0, (480, 720)))
+    assert {k: v.shape for k, v in raw.items()} == {
+        "pred_logits": (300, 91), "pred_boxes": (300, 4), "aux_logits": (6, 300, 91), "aux_boxes": (6, 300, 4),
+        "topk_scores": (100,), "topk_labels": (100,), "topk_boxes": (100, 4)}
+    assert out["pred_masks"].shape == (1, 300, 16, 24)
+    c = model.candidates(out, 0)
+    assert c.masks.shape == (100, 16, 24) and int(c.labels.max()) < 80  # detection label space: things only

@@ -324,3 +324,40 @@ def test_tiny_trains_with_falling_loss(synth_root: Path) -> None:
     assert np.isfinite(losses).all() and losses[-1] < 0.85 * losses[0], losses
     with pytest.raises(ValueError, match="classes"):
         build_criterion(cfg, cats.num_things + 1, cats.num_stuff)
+
+
+def test_r50_raw_dump_shapes_on_a_small_input() -> None:
+    """The released R50 layout end to end at 64x96 (random weights): the issue's raw keys and shapes."""
+    from harness.data.transforms import prepare
+
+    torch.manual_seed(0)
+    model = DETRPanoptic(detr_r50_panoptic()).eval()
+    spec = model.test_transform()
+    small = spec.__class__(resize="pil", short=64, long=96)
+    prep = prepare(small, np.random.default_rng(0).integers(0, 256, (120, 170, 3), dtype=np.uint8))
+    assert prep.img_shape == (64, 90)
+    with torch.no_grad():
+        out = model(torch.from_numpy(prep.image)[None])
+    raw = model.dump_raw(out, 0, prep, model.own_post_process(out, 0, prep.ori_shape))
+    shapes = {k: v.shape for k, v in raw.items()}
+    assert shapes == {"pred_logits": (100, 251), "pred_boxes": (100, 4), "pred_masks": (100, 16, 23),
+                      "aux_logits": (6, 100, 251), "aux_boxes": (6, 100, 4), "panoptic_category": (120, 170)}
+    np.testing.assert_array_equal(raw["aux_logits"][-1], raw["pred_logits"])
+
+
+def test_predict_path_on_a_synthetic_image(synth_root: Path) -> None:
+    """What `harness predict` does through the contract: read, prepare, forward, own post-processing, dump."""
+    from harness.data.coco_panoptic import PanopticDataset
+    from harness.data.transforms import prepare
+
+    ds = PanopticDataset(synth_root, "val2017")
+    sample = ds[0]
+    torch.manual_seed(0)
+    model = DETRPanoptic(detr_tiny(num_things=ds.categories.num_things, num_stuff=ds.categories.num_stuff)).eval()
+    prep = prepare(model.test_transform(), sample.image)
+    with torch.no_grad():
+        out = model(torch.from_numpy(prep.image)[None])
+    own = model.own_post_process(out, 0, prep.ori_shape)
+    assert own.category.shape == sample.image.shape[:2]
+    raw = model.dump_raw(out, 0, prep, own)
+    assert np.array_equal(raw["panoptic_category"] >= 0, own.category >= 0)

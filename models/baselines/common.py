@@ -21,6 +21,14 @@ Small on purpose; each piece is what more than one released code base does the s
 * :data:`COCO_PANOPTIC_IDS` -- category ids in our contiguous order (80 things, then 53 stuff, each ascending), so
   ``models`` can map released label spaces (DETR's panoptic ids, Deformable DETR's detection ids) without importing
   ``harness``.
+* :class:`ConfigDict` -- ``to_dict`` / ``from_dict`` for config dataclasses (what ``models.family.Family`` needs);
+  :class:`ConvertedState` -- a converter's state dict carrying its :class:`PartialLoad` (``harness convert`` stores
+  it in ``model.json``); :class:`Joiner` / :class:`BackboneBody` -- DETR's ``backbone.0.body.*`` / ``backbone.1``
+  layout; :func:`valid_sizes` -- unpadded ``(h, w)`` per image from a padding mask.
+
+Using them in another family: ``TorchvisionResNet`` covers torchvision-layout ResNets only (detectron2's MSRA
+ResNet, stride in the 1x1 conv, has other names); ``FrozenBatchNorm2d(n, eps)`` fits detectron2's FrozenBN numerics;
+a converter returns ``ConvertedState`` only when it leaves keys at initialisation.
 """
 
 from __future__ import annotations
@@ -201,24 +209,28 @@ def read_released_pth(path: str | Path, allow_pickle: bool = False) -> tuple[dic
 
 
 # Key patterns that identify a family's released (or our) state dict; the first match wins.
-_FAMILY_SIGNS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Panoptic SegFormer (use --from official-psf)", ("bbox_head.transformer.", "bbox_head.things_mask_head.",
-                                                     "bbox_head.mask_head.")),
-    ("DETR panoptic (use --from detr)", ("detr.transformer.", "detr.class_embed.")),
-    ("Deformable DETR (use --from deformable-detr)", ("transformer.level_embed", "transformer.reference_points.",
-                                                      "transformer.enc_output.")),
-    ("MaskFormer (use --from maskformer)", ("sem_seg_head.predictor.", "sem_seg_head.pixel_decoder.")),
-    ("Panoptic FCN (use --from panoptic-fcn)", ("position_head.", "kernel_head.", "feature_encoder.")),
-    ("DETR detection (box-only; the panoptic model needs a DETR panoptic file)", ("transformer.decoder.norm.",)),
+# (family, where it belongs: models and --from, key prefixes)
+_FAMILY_SIGNS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("Panoptic SegFormer", "panoptic_segformer_* models, --from official-psf",
+     ("bbox_head.transformer.", "bbox_head.things_mask_head.", "bbox_head.mask_head.")),
+    ("DETR panoptic", "detr_*_panoptic models, --from detr", ("detr.transformer.", "detr.class_embed.")),
+    ("Deformable DETR", "deformable_detr_* models, --from deformable-detr",
+     ("transformer.level_embed", "transformer.reference_points.", "transformer.enc_output.")),
+    ("MaskFormer", "maskformer_* models, --from maskformer",
+     ("sem_seg_head.predictor.", "sem_seg_head.pixel_decoder.")),
+    ("Panoptic FCN", "panoptic_fcn_* models, --from panoptic-fcn",
+     ("position_head.", "kernel_head.", "feature_encoder.")),
+    ("DETR detection (box-only)", "no panoptic model: DETR panoptic needs the *-panoptic-*.pth files",
+     ("transformer.decoder.norm.",)),
 )
 
 
-def guess_family(keys: Iterable[str]) -> str | None:
-    """A human-readable family name for a state dict's keys (see ``_FAMILY_SIGNS``), or None."""
+def guess_family(keys: Iterable[str]) -> tuple[str, str] | None:
+    """``(family name, where it belongs)`` for a state dict's keys (see ``_FAMILY_SIGNS``), or None."""
     keys = list(keys)
-    for family, signs in _FAMILY_SIGNS:
-        if any(k.startswith(s) or k == s for k in keys for s in signs):
-            return family
+    for family, where, signs in _FAMILY_SIGNS:
+        if any(k.startswith(s) for k in keys for s in signs):
+            return family, where
     return None
 
 
@@ -235,7 +247,7 @@ def check_family(state: Mapping[str, Tensor], expected_prefixes: tuple[str, ...]
     if any(k.startswith(p) for k in state for p in expected_prefixes):
         return
     found = guess_family(state)
-    what = f"it looks like a {found} checkpoint" if found else "its keys match no known family"
+    what = f"it looks like a {found[0]} checkpoint ({found[1]})" if found else "its keys match no known family"
     sample = ", ".join(sorted(state)[:3])
     raise CheckpointError(f"{source} is not a {expected} checkpoint: {what} (first keys: {sample})")
 

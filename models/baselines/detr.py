@@ -38,8 +38,8 @@ from models.inference import LAST_LAYER, TestTransformSpec, parse_layer
 from models.position_encoding import SinePositionalEncoding
 from models.postprocess import Candidates, PanopticResult
 
-__all__ = ["DETRConfig", "DETRPanoptic", "CONFIGS", "FAMILY", "convert_detr", "convert_state_dict", "build_criterion", "detr_r50_panoptic",
-           "detr_r101_panoptic", "detr_tiny"]
+__all__ = ["DETRConfig", "DETRPanoptic", "CONFIGS", "FAMILY", "convert_detr", "convert_state_dict", "build_criterion",
+           "detr_r50_panoptic", "detr_r101_panoptic", "detr_tiny"]
 
 LABEL_SPACES = ("coco_panoptic_id", "contiguous")
 

@@ -1,4 +1,4 @@
-"""DETR building blocks (facebookresearch/detr ``models/transformer.py``, ``models/segmentation.py``, ``models/detr.py``).
+"""DETR building blocks (facebookresearch/detr ``models/transformer.py``, ``segmentation.py``, ``detr.py``).
 
 Attribute names equal DETR's, so the released state dicts load with an identity key map:
 
