@@ -33,10 +33,8 @@ a converter returns ``ConvertedState`` only when it leaves keys at initialisatio
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -45,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from models.checkpoint import CheckpointError
+from models.safe_load import UnsafeCheckpointError, torch_load
 
 log = logging.getLogger(__name__)
 
@@ -170,29 +169,21 @@ def valid_sizes(pad_mask: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- released files
-def read_released_pth(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def read_released_pth(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a released PyTorch checkpoint: ``(state_dict, other top-level entries)``.
 
     Accepts ``{"model": sd, ...}`` (DETR, Deformable DETR, detectron2 ``.pth``), ``{"state_dict": sd, ...}`` (mmcv)
-    or a bare state dict; a ``module.`` prefix (DistributedDataParallel) is stripped. Loads with
-    ``weights_only=True``, allow-listing ``argparse.Namespace`` (DETR's training files store their ``args``).
-    Other pickled objects raise :class:`CheckpointError` naming the file, unless ``allow_pickle`` (then the file is
-    unpickled fully: only do that for files you trust).
+    or a bare state dict; a ``module.`` prefix (DistributedDataParallel) is stripped. Loads through
+    ``models.safe_load.torch_load`` (``weights_only=True`` plus an allowlist with ``argparse.Namespace``, which DETR's
+    training files store as ``args``); any other pickled object raises :class:`CheckpointError` naming the file.
     """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not allow_pickle:
-            raise CheckpointError(f"{p} holds pickled objects other than tensors ({exc}); refusing to unpickle it "
-                                  "(pass allow_pickle=True for a file you trust)") from exc
-        log.warning("%s holds objects other than tensors; unpickling it fully", p)
-        obj = torch.load(str(p), map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {p} as a PyTorch checkpoint: {exc}") from exc
+        obj = torch_load(p)
+    except UnsafeCheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p}: expected a dict (with 'model' or 'state_dict'), got {type(obj).__name__}")
     for key in ("model", "state_dict"):
