@@ -206,6 +206,7 @@ def _format(row: dict[str, Any]) -> str:
         return format(v, fmt)
 
     size = f"{row['height']}x{row['width']}"
+    note = "; paper at 1200x800" if row["paper_gflops"] is not None and size != "1200x800" else ""
     lines = [
         f"model          {row['model']}  (input {row['batch']}x3x{size}, {row['device']}, "
         f"{row['threads']} threads, load {num(row['load_avg'], '.2f')}, {platform.processor() or platform.machine()})",
@@ -214,7 +215,7 @@ def _format(row: dict[str, Any]) -> str:
         f"{'#P mmcv (M)':14} {num(row['params_trainable_m'], '12.2f')} {num(row['paper_params_m'], '10.1f')}   "
         "requires_grad only (mmcv's count, the paper's #P)",
         f"{'GFLOPs mmcv':14} {num(row['gflops_mmcv'], '12.1f')} {num(row['paper_gflops'], '10.1f')}   "
-        f"paper convention (1 per multiply-add){'' if size == '1200x800' else '; paper at 1200x800'}",
+        f"paper convention (1 per multiply-add){note}",
         f"{'GFLOPs ours':14} {num(row['gflops'], '12.1f')} {'':10}   torch counter + formulas (2 per multiply-add)",
         f"{'images/s':14} {num(row['images_per_s'], '12.2f')} {num(row['paper_fps'], '10.1f')}   "
         f"post-process {row['post_process']}; paper: one V100, post-processing included",
