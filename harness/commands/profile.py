@@ -25,7 +25,7 @@ Builds a model by name (random weights, or --weights), then prints and optionall
                       get_flops.py), mask decoders included: R50 214.2 G, R101 286 G.
   images_per_s        forward passes of a (batch, 3, H, W) random input after warm-up, CUDA-synchronised;
                       with --post-process also candidates + merge at the input size (as the paper's FPS)
-  paper_*             the paper's numbers for this model (Table 1 / 5), for comparison
+  paper_*             the paper's numbers for this model (Table 1 / 5) and how they were counted
 
 FLOPs do not depend on the weights; images/s of a Panoptic SegFormer depends on them only through the
 post-processing. Timing under load is an upper bound: the command logs the load average.
@@ -37,24 +37,28 @@ Examples:
 
 log = logging.getLogger(__name__)
 
-# The paper's cost numbers (Table 1 #P/#F; Table 5/10 FPS on one V100, post-processing included). Baselines'
-# numbers are their own papers' (DETR: Detectron2's counter averaged over 100 COCO images), not mmcv's.
-PAPER_COST: dict[str, dict[str, float]] = {
-    "panoptic_segformer_r50": {"params_m": 51.0, "gflops": 214.2, "fps": 7.8},
-    "panoptic_segformer_r101": {"params_m": 69.9, "gflops": 286.0},
-    "panoptic_segformer_swin_l": {"params_m": 221.4, "gflops": 816.0},
-    "panoptic_segformer_pvtv2_b5": {"params_m": 104.9, "gflops": 349.0},
-    "detr_r50_panoptic": {"params_m": 42.9, "gflops": 247.5, "fps": 4.9},
-    "detr_r101_panoptic": {"params_m": 61.8, "gflops": 306.0},
-    "maskformer_r50_panoptic": {"params_m": 45.0, "gflops": 181.0},
-    "maskformer_swin_l_panoptic": {"params_m": 212.0, "gflops": 792.0},
-    "panoptic_fcn_r50_3x": {"params_m": 37.0, "gflops": 244.0},
+# The paper's cost numbers: Table 1 #P/#F, Table 5 FLOPs and FPS (one V100, post-processing included). Panoptic
+# SegFormer's come from mmcv's counter at 1200x800 (#P: parameters with requires_grad); the baselines' from their
+# own papers (DETR: Detectron2's counter averaged over 100 COCO val images, #P all parameters), so they compare
+# with this command's numbers only roughly.
+_PSF = "mmcv counter, 1200x800 input, #P = requires_grad"
+_OWN = "the method's own paper (own counter and input sizes; #P = all parameters)"
+PAPER_COST: dict[str, dict[str, Any]] = {
+    "panoptic_segformer_r50": {"params_m": 51.0, "gflops": 214.2, "fps": 7.8, "convention": _PSF},
+    "panoptic_segformer_r101": {"params_m": 69.9, "gflops": 286.0, "convention": _PSF},
+    "panoptic_segformer_swin_l": {"params_m": 221.4, "gflops": 816.0, "convention": _PSF},
+    "panoptic_segformer_pvtv2_b5": {"params_m": 104.9, "gflops": 349.0, "convention": _PSF},
+    "detr_r50_panoptic": {"params_m": 42.9, "gflops": 247.5, "fps": 4.9,
+                          "convention": "Detectron2 counter, mean over 100 COCO val images; #P = all parameters"},
+    "detr_r101_panoptic": {"params_m": 61.8, "gflops": 306.0, "convention": _OWN},
+    "maskformer_r50_panoptic": {"params_m": 45.0, "gflops": 181.0, "convention": _OWN},
+    "maskformer_swin_l_panoptic": {"params_m": 212.0, "gflops": 792.0, "convention": _OWN},
+    "panoptic_fcn_r50_3x": {"params_m": 37.0, "gflops": 244.0, "convention": _OWN},
 }
-PAPER_FLOPS_SIZE = (1200, 800)  # official tools/ana_tools/get_flops.py default input (H, W)
 
 COLUMNS = ["model", "weights", "height", "width", "batch", "params_m", "params_trainable_m", "gflops",
            "gflops_mmcv", "images_per_s", "sec_per_image", "post_process", "warmup", "iters", "device",
-           "threads", "load_avg", "paper_params_m", "paper_gflops", "paper_fps", "paper_flops_size"]
+           "threads", "load_avg", "paper_params_m", "paper_gflops", "paper_fps", "paper_convention"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -171,7 +175,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
                post_process=args.post_process, warmup=args.warmup, iters=args.iters, device=str(device),
                threads=torch.get_num_threads(), paper_params_m=paper.get("params_m"),
                paper_gflops=paper.get("gflops"), paper_fps=paper.get("fps"),
-               paper_flops_size=f"{PAPER_FLOPS_SIZE[0]}x{PAPER_FLOPS_SIZE[1]}" if paper else None)
+               paper_convention=paper.get("convention"))
     if not args.no_flops:
         # One forward serves both conventions: mmcv's module hooks around PyTorch's counter.
         reports: dict[str, Any] = {}
@@ -206,20 +210,24 @@ def _format(row: dict[str, Any]) -> str:
         return format(v, fmt)
 
     size = f"{row['height']}x{row['width']}"
-    note = "; paper at 1200x800" if row["paper_gflops"] is not None and size != "1200x800" else ""
+    psf = row["paper_convention"] == _PSF
+    note = "; paper at 1200x800" if psf and size != "1200x800" else ""
     lines = [
         f"model          {row['model']}  (input {row['batch']}x3x{size}, {row['device']}, "
         f"{row['threads']} threads, load {num(row['load_avg'], '.2f')}, {platform.processor() or platform.machine()})",
         f"{'':14} {'measured':>12} {'paper':>10}",
-        f"{'#P (M)':14} {num(row['params_m'], '12.2f')} {'':10}   all parameters",
-        f"{'#P mmcv (M)':14} {num(row['params_trainable_m'], '12.2f')} {num(row['paper_params_m'], '10.1f')}   "
-        "requires_grad only (mmcv's count, the paper's #P)",
+        f"{'#P (M)':14} {num(row['params_m'], '12.2f')} {num(None if psf else row['paper_params_m'], '10.1f')}"
+        "   all parameters",
+        f"{'#P mmcv (M)':14} {num(row['params_trainable_m'], '12.2f')} "
+        f"{num(row['paper_params_m'] if psf else None, '10.1f')}   requires_grad only (mmcv's count)",
         f"{'GFLOPs mmcv':14} {num(row['gflops_mmcv'], '12.1f')} {num(row['paper_gflops'], '10.1f')}   "
-        f"paper convention (1 per multiply-add){note}",
+        f"mmcv rules, 1 per multiply-add (Table 1's convention){note}",
         f"{'GFLOPs ours':14} {num(row['gflops'], '12.1f')} {'':10}   torch counter + formulas (2 per multiply-add)",
         f"{'images/s':14} {num(row['images_per_s'], '12.2f')} {num(row['paper_fps'], '10.1f')}   "
         f"post-process {row['post_process']}; paper: one V100, post-processing included",
     ]
+    if row["paper_convention"] and not psf:
+        lines.append(f"paper numbers: {row['paper_convention']}")
     return "\n".join(lines)
 
 
