@@ -141,6 +141,10 @@ class LossConfig:
         box_target: "box" (GT boxes) or "mass_center": the box-free variant of Table 6 regresses the GT masks'
             mass centres (cx, cy, 0, 0) with L1 only (paper App. A.1); the official code has no such variant.
         deep_supervision: include every location-decoder layer and every mask-decoder block.
+        detection_rounds: Hungarian rounds of the location decoder's class and box losses (official 1: one-to-one).
+            k > 1 matches every GT to up to k queries (one-to-many; each round blocks the queries matched before),
+            which the tiny recipe uses to learn from scratch in minutes; duplicates that this teaches are removed by
+            the mask-wise merge's overlap rule. The mask decoder's queries stay the official selection.
     """
 
     cls_weight: float = 2.0
@@ -158,6 +162,7 @@ class LossConfig:
     use_giou: bool = True
     box_target: str = "box"
     deep_supervision: bool = True
+    detection_rounds: int = 1
 
 
 class _Model(Protocol):
@@ -247,8 +252,9 @@ class PanopticCriterion(nn.Module):
         m = _Matches()
         for i, t in enumerate(targets):
             size = tuple(t["image_size"].tolist())
-            qi, gi = self.matcher.match(
-                logits[i], None if boxes is None else boxes[i], t["thing_labels"], t["thing_boxes"], size
+            qi, gi = self.matcher.match_rounds(
+                logits[i], None if boxes is None else boxes[i], t["thing_labels"], t["thing_boxes"], size,
+                self.config.detection_rounds,
             )
             m.queries.append(qi)
             m.gts.append(gi)
@@ -315,6 +321,8 @@ class PanopticCriterion(nn.Module):
                     matches.queries.append(qi)
                     matches.gts.append(gi)
                     selected.append(sel)
+                if cfg.detection_rounds > 1:  # one-to-many detection loss; the mask decoder keeps `selected`
+                    matches = self._match_layer(logits_l, boxes_l, targets)
             for k, v in self._detection_layer(logits_l, boxes_l, targets, matches, num_pos_th).items():
                 losses[f"d{layer}.loss_{k}"] = v * things_ratio
 

@@ -213,6 +213,34 @@ class HungarianMatcher:
         return hungarian(self.cost_matrix(logits, boxes, gt_labels, gt_boxes, image_size))
 
     @torch.no_grad()
+    def match_rounds(
+        self,
+        logits: Tensor,
+        boxes: Tensor | None,
+        gt_labels: Tensor,
+        gt_boxes: Tensor | None,
+        image_size: tuple[int, int],
+        rounds: int,
+    ) -> tuple[Tensor, Tensor]:
+        """One-to-many matching: ``rounds`` Hungarian rounds, each blocking the queries matched before (at most
+        Q // G rounds), so every GT gets up to ``rounds`` queries. ``rounds=1`` is :meth:`match`.
+
+        Returns:
+            (query indices, gt indices) of all rounds, concatenated.
+        """
+        num_gt, num_queries = gt_labels.numel(), logits.shape[0]
+        if num_gt == 0 or rounds <= 1:
+            return self.match(logits, boxes, gt_labels, gt_boxes, image_size)
+        cost = self.cost_matrix(logits, boxes, gt_labels, gt_boxes, image_size).detach().cpu().clone()
+        qs, gs = [], []
+        for _ in range(min(rounds, num_queries // num_gt)):
+            r, c = hungarian(cost)
+            qs.append(r)
+            gs.append(c)
+            cost[r] = BLOCKED
+        return torch.cat(qs), torch.cat(gs)
+
+    @torch.no_grad()
     def filter_queries(
         self,
         logits: Tensor,

@@ -1,28 +1,76 @@
-"""`harness demo` end to end on a tiny synthetic set (every stage, a few training iterations)."""
+"""`harness demo --quick` end to end (every stage, a few training steps), resuming, --fresh and bad input."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+
+import pandas as pd
+import pytest
 
 from harness.cli import main
 
 
-def test_demo_runs_every_stage_and_reports(tmp_path: Path, capsys) -> None:
-    out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "--train", "4", "--val", "2", "--size", "96", "--train-iters", "3", "-q"])
-    assert rc == 0
-    printed = capsys.readouterr().out
-    assert str((out / "report.md").resolve()) in printed
-    stages = {s["name"]: s for s in json.loads((out / "stages.json").read_text())}
-    assert all(s["status"] == "ok" for s in stages.values()), stages
-    oracle = stages["oracle Mask PQ / Boundary PQ"]["metrics"]
-    assert oracle["exact Mask PQ"] == 100.0 and oracle["exact Boundary PQ"] == 100.0
-    # Losing a 2-px rim costs more boundary quality than mask quality.
-    assert oracle["eroded_2px Boundary PQ"] < oracle["eroded_2px Mask PQ"] < 100.0
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, float]:
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    t0 = time.perf_counter()
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["demo", "--quick", "--out", str(out), "-q"]) == 0
+    return out, buf.getvalue(), time.perf_counter() - t0
+
+
+def test_quick_demo_runs_every_stage_and_reports(quick_demo: tuple[Path, str, float]) -> None:
+    out, printed, _ = quick_demo
+    assert str((out / "report.md").resolve()) in printed and "clean PQ" in printed
+    doc = json.loads((out / "demo.json").read_text())
+    stages = {s["name"]: s for s in doc["stages"]}
+    assert all(s["status"].startswith("ok") for s in stages.values()), stages
     for stage in stages.values():
         for path in stage["outputs"].values():
             assert Path(path).exists(), path
+    for key in ("qd", "joint"):
+        assert (out / f"train_{key}" / "learning_curve.png").is_file()
+        assert (out / f"train_{key}" / "val_log.csv").is_file()
+    table = pd.read_csv(out / "results.csv")
+    assert set(table["model"]) == {"panoptic_segformer_tiny", "panoptic_segformer_tiny_joint"}
+    assert {"m", "p", "p*"} <= set(table["post_process"])
     report = (out / "report.md").read_text()
-    assert "## Not built yet" in report and "baselines" in report
-    assert "tiny model Mask PQ (All)" in report
+    assert "synthetic data" in report and "tiny models" in report and "cores" in report
+    assert "learning_curve.png" in report
+
+
+def test_rerun_reuses_finished_stages(quick_demo: tuple[Path, str, float]) -> None:
+    out, _, first = quick_demo
+    before = json.loads((out / "demo.json").read_text())["stages"]
+    t0 = time.perf_counter()
+    assert main(["demo", "--quick", "--out", str(out), "-q"]) == 0
+    assert time.perf_counter() - t0 < max(20.0, first / 3)
+    after = json.loads((out / "demo.json").read_text())["stages"]
+    done = [s["name"] for s in before if s["status"] == "ok"]
+    assert done and all(a["seconds"] == b["seconds"] for a, b in zip(after, before) if a["name"] in done)
+
+
+def test_other_settings_are_refused_and_fresh_starts_over(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.demo_stages import QUICK, DemoRun
+
+    out = tmp_path / "demo"
+    run = DemoRun(out, QUICK)
+    run.save()
+    (out / "leftover.txt").write_text("x")
+    assert main(["demo", "--quick", "--iters", "99", "--out", str(out), "-q"]) == 2
+    assert "other settings" in capsys.readouterr().err and (out / "leftover.txt").exists()
+    DemoRun(out, QUICK, fresh=True)
+    assert not (out / "leftover.txt").exists()
+    # --fresh never deletes a folder that is not a demo's.
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "thesis.tex").write_text("x")
+    assert main(["demo", "--quick", "--fresh", "--out", str(other), "-q"]) == 2
+    assert (other / "thesis.tex").exists()
+    assert main(["demo", "--quick", "--eval-images", "99", "--out", str(tmp_path / "x"), "-q"]) == 2

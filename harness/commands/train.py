@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from harness.commands._common import device, float_range, int_range
+
 HELP = "train a model config (resumable, torchrun-ready; writes model.safetensors + model.json)"
 DESCRIPTION = """Train a model config on a data set in COCO panoptic layout (e.g. the synthetic one).
 
@@ -30,60 +32,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="model name, e.g. panoptic_segformer_tiny")
     parser.add_argument("--data", required=True, help="data set root (<root>/<split>/, <root>/annotations/)")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, logs, weights)")
-    parser.add_argument("--iters", type=int, default=None, help="run length in optimisation steps")
-    parser.add_argument("--epochs", type=float, default=None, help="run length in epochs (lr x0.1 at 3/4)")
+    parser.add_argument("--iters", type=int_range(1), default=None, help="run length in optimisation steps")
+    parser.add_argument("--epochs", type=float_range(0, lo_open=True), default=None, help="run length in epochs (lr x0.1 at 3/4)")
     parser.add_argument("--split", default="train2017", help="training split (default: train2017)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=int_range(1), default=None,
                         help="images per step and process (default: 1 as official; 2 for the tiny configs)")
-    parser.add_argument("--lr", type=float, default=None,
+    parser.add_argument("--lr", type=float_range(0, lo_open=True), default=None,
                         help="AdamW learning rate (default: 1.4e-4 as official; 1e-3 for the tiny configs)")
     parser.add_argument("--lr-scaling", choices=("none", "linear"), default="none",
                         help="none: use --lr as given (official); linear: lr x global batch / reference batch "
                              "(8 official, 2 tiny)")
-    parser.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (official: 0)")
+    parser.add_argument("--warmup", type=int_range(0), default=None, help="linear lr warm-up steps (official: 0)")
     parser.add_argument("--amp", nargs="?", const="auto", default=None, choices=("auto", "bf16", "fp16"),
                         help="mixed precision: bf16 where supported (CPU, recent GPUs), else fp16 on CUDA")
-    parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, sample order, augmentation")
+    parser.add_argument("--seed", type=int_range(0), default=0, help="seed for initialisation, sample order, augmentation")
     parser.add_argument("--no-augment", action="store_true", help="only the test resize (no flip / crop / jitter)")
-    parser.add_argument("--val-every", type=int, default=0,
+    parser.add_argument("--val-every", type=int_range(0), default=0,
                         help="steps between validations (PQ on --val-images images; 0 = at the end only)")
-    parser.add_argument("--val-images", type=int, default=None,
+    parser.add_argument("--val-images", type=int_range(0), default=None,
                         help="validation images (default: 32 with --val-every, else 0 = no validation)")
     parser.add_argument("--val-split", default="val2017", help="validation split (default: val2017)")
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    parser.add_argument("--checkpoint-every", type=int_range(1), default=100, help="steps between checkpoints")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     parser.add_argument("--init", default=None, help="start from these weights (model.safetensors or checkpoint)")
     parser.add_argument("--filter-rounds", choices=("official", "paper"), default="official",
                         help="Panoptic SegFormer thing-query filter: official one round, or the paper's rounds")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu; cuda under torchrun = "
-                                                        "cuda:LOCAL_RANK)")
+    parser.add_argument("--device", type=device, default="cpu",
+                        help="torch device (default: cpu; with torchrun, cuda means cuda:LOCAL_RANK)")
 
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from harness.commands._common import existing_dir
+    from harness.commands._common import check_device, check_output, existing_dir
     from harness.engine.data import AugmentConfig
     from harness.engine.train import default_train_config, train
     from harness.errors import UserError
-    from models.matcher import MatcherConfig
     from models.zoo import model_names
 
     if args.config not in model_names():
         raise UserError(f"unknown --config {args.config!r}; choose one of {', '.join(model_names())}")
     if (args.iters is None) == (args.epochs is None):
         raise UserError("give exactly one of --iters and --epochs")
-    if args.iters is not None and args.iters < 1:
-        raise UserError(f"--iters must be >= 1, got {args.iters}")
-    if args.epochs is not None and not args.epochs > 0:
-        raise UserError(f"--epochs must be > 0, got {args.epochs}")
-    for name in ("batch_size", "warmup", "val_images"):
-        value = getattr(args, name)
-        if value is not None and value < (1 if name == "batch_size" else 0):
-            raise UserError(f"--{name.replace('_', '-')} must be >= {1 if name == 'batch_size' else 0}, got {value}")
-    if args.val_every < 0 or args.checkpoint_every < 1:
-        raise UserError("--val-every must be >= 0 and --checkpoint-every >= 1")
     existing_dir(args.data, "--data")
+    check_output(args.out, "--out", kind="dir", input_dirs=[args.data])
+    check_device(args.device)
     cfg = default_train_config(args.config)
     val_images = args.val_images if args.val_images is not None else (32 if args.val_every else 0)
     changes = {"seed": args.seed, "checkpoint_every": args.checkpoint_every, "lr_scaling": args.lr_scaling,

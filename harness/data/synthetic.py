@@ -105,9 +105,9 @@ _GROUND = ("grass", "water", "brick", "road", "sand")
 
 # Thing shape parameters: radius range as a fraction of the long image side, allowed fills.
 _THING_RADIUS: dict[str, tuple[float, float]] = {
-    "disc": (0.035, 0.10), "box": (0.045, 0.11), "triangle": (0.055, 0.12), "star": (0.055, 0.12),
-    "cross": (0.045, 0.11), "ring": (0.045, 0.10), "stick": (0.08, 0.22), "bead": (0.008, 0.02),
-    "leaf": (0.05, 0.11), "hexagon": (0.045, 0.11),
+    "disc": (0.045, 0.13), "box": (0.06, 0.14), "triangle": (0.07, 0.155), "star": (0.07, 0.155),
+    "cross": (0.06, 0.14), "ring": (0.06, 0.13), "stick": (0.1, 0.25), "bead": (0.018, 0.032),
+    "leaf": (0.065, 0.14), "hexagon": (0.06, 0.14),
 }
 _THING_FILLS: dict[str, tuple[str, ...]] = {
     "disc": ("plain", "gradient", "stripes"), "box": ("plain", "stripes", "checker"),
@@ -179,8 +179,8 @@ def _jitter(rng: np.random.Generator, colour: tuple[int, ...] | np.ndarray, amou
 
 def _thing_colour(rng: np.random.Generator, name: str) -> np.ndarray:
     # Mostly near the class colour (learnable), sometimes arbitrary (shape must decide).
-    if rng.random() < 0.75:
-        return _jitter(rng, _BY_NAME[name].color, 45)
+    if rng.random() < 0.9:
+        return _jitter(rng, _BY_NAME[name].color, 30)
     return rng.integers(0, 256, 3).astype(np.float32)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from harness.data.coco_panoptic import PanopticDataset
-from harness.errors import DataError, UserError
+from harness.errors import UserError
 
 if TYPE_CHECKING:
     from harness.engine.train import TrainConfig
@@ -37,10 +37,7 @@ def open_split(data_root: str | Path, split: str, role: str = "training") -> Pan
         found = sorted(p.stem.removeprefix("panoptic_") for p in (root / "annotations").glob("panoptic_*.json"))
         raise UserError(f"{role} split {split!r} not found under {root} (expected {root / split}/ and {json_path}; "
                         f"splits present: {', '.join(found) or 'none'})")
-    try:
-        dataset = PanopticDataset(root, split=split)
-    except DataError:
-        raise
+    dataset = PanopticDataset(root, split=split)  # a malformed split raises DataError naming the file
     if len(dataset) == 0:
         raise UserError(f"no {role} images in {dataset.json_path}")
     return dataset
