@@ -154,7 +154,7 @@ _TINY: dict[str, Any] = {
     "dropout": 0.0,
     "num_encoder_layers": 2,
     "num_location_layers": 2,
-    "num_thing_queries": 30,  # <= ~20 things per synthetic image
+    "num_thing_queries": 20,  # the synthetic images hold 6 things on average, at most ~12
     "num_thing_mask_layers": 2,
     "num_stuff_mask_layers": 2,
     "mask_num_heads": 4,
@@ -166,14 +166,14 @@ _TINY: dict[str, Any] = {
 
 def panoptic_segformer_tiny(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> PanopticSegFormerConfig:
     """CPU-sized query-decoupled model for the synthetic data: half-width ResNet-18 (random init, GroupNorm),
-    d_model 64, 2 layers in every stage, 30 thing queries, test scale 128."""
+    d_model 64, 2 layers in every stage, 20 thing queries, test scale 128."""
     return _make("panoptic_segformer_tiny", _TINY, num_things, num_stuff, overrides)
 
 
 def panoptic_segformer_tiny_joint(num_things: int = 80, num_stuff: int = 53,
                                   **overrides: Any) -> PanopticSegFormerConfig:
     """The tiny model with joint matching (Table 8, App. B.4): one query set for things and stuff, no stuff mask
-    decoder; ``num_things_queries = 30 + num_stuff`` as the paper's 353 = 300 + 53."""
+    decoder; ``num_thing_queries = 20 + num_stuff`` as the paper's 353 = 300 + 53."""
     defaults = {**_TINY, "decouple_queries": False, "num_thing_queries": _TINY["num_thing_queries"] + num_stuff}
     return _make("panoptic_segformer_tiny_joint", defaults, num_things, num_stuff, overrides)
 

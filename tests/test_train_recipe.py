@@ -53,3 +53,41 @@ def test_tiny_configs_are_the_full_architecture_with_smaller_numbers() -> None:
     # The official recipe stays the default of the full configs.
     r = get_config("panoptic_segformer_r50")
     assert (r.backbone_norm, r.backbone_width, r.norm_eval, r.num_thing_queries) == ("bn", None, True, 300)
+
+
+def test_match_rounds_gives_each_gt_up_to_k_distinct_queries() -> None:
+    from models.matcher import HungarianMatcher
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 4, generator=g)
+    boxes = torch.rand(7, 4, generator=g) * 0.5 + 0.25
+    labels = torch.tensor([0, 3])
+    gt_boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.1, 0.3]])
+    m = HungarianMatcher()
+    q1, g1 = m.match(logits, boxes, labels, gt_boxes, (64, 64))
+    q, gi = m.match_rounds(logits, boxes, labels, gt_boxes, (64, 64), rounds=3)
+    assert len(q) == 6 and len(set(q.tolist())) == 6  # 3 rounds x 2 GT, never the same query twice
+    assert sorted(gi.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert q[:2].tolist() == q1.tolist() and gi[:2].tolist() == g1.tolist()  # round 1 = one-to-one matching
+    q, _ = m.match_rounds(logits, boxes, labels, gt_boxes, (64, 64), rounds=9)
+    assert len(q) == 6  # at most Q // G = 3 rounds
+
+
+def test_augmentation_policies() -> None:
+    import numpy as np
+
+    from harness.engine.data import TrainItem, augment, augment_for
+    from models.inference import TestTransformSpec
+
+    spec = TestTransformSpec(short=128, long=128)
+    item = TrainItem(image=np.zeros((96, 128, 3), np.uint8), masks=torch.zeros((0, 96, 128), dtype=torch.bool),
+                     labels=torch.zeros(0).long(), boxes=np.zeros((0, 4), np.float32))
+    rng = np.random.default_rng(0)
+    sizes = {augment(item, augment_for(spec, "flip"), (128, 128), rng).image.shape[:2] for _ in range(8)}
+    assert sizes == {(96, 128)}  # flips only: always the test scale
+    sizes = {augment(item, augment_for(spec, "official"), (128, 128), rng).image.shape[:2] for _ in range(16)}
+    assert len(sizes) > 3  # scale and crop jitter
+    import pytest
+
+    with pytest.raises(ValueError):
+        augment_for(spec, "mosaic")

@@ -46,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", nargs="?", const="auto", default=None, choices=("auto", "bf16", "fp16"),
                         help="mixed precision: bf16 where supported (CPU, recent GPUs), else fp16 on CUDA")
     parser.add_argument("--seed", type=int_range(0), default=0, help="seed for initialisation, sample order, augmentation")
-    parser.add_argument("--no-augment", action="store_true", help="only the test resize (no flip / crop / jitter)")
+    parser.add_argument("--augment", choices=("official", "flip", "none"), default=None,
+                        help="official: flip + resize/crop jitter scaled to the test size (default of the full "
+                             "configs); flip: flips at the test scale (tiny default); none: the test resize only")
+    parser.add_argument("--no-augment", action="store_true", help="same as --augment none")
     parser.add_argument("--val-every", type=int_range(0), default=0,
                         help="steps between validations (PQ on --val-images images; 0 = at the end only)")
     parser.add_argument("--val-images", type=int_range(0), default=None,
@@ -65,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from harness.commands._common import check_device, check_output, existing_dir
-    from harness.engine.data import AugmentConfig
     from harness.engine.train import default_train_config, train
     from harness.errors import UserError
     from models.zoo import model_names
@@ -88,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
         changes["lr"] = args.lr
     if args.warmup is not None:
         changes["warmup_iters"] = args.warmup
-    if args.no_augment:
-        changes["augment"] = AugmentConfig(enabled=False)
+    if args.no_augment or args.augment is not None:
+        changes["augment_policy"] = "none" if args.no_augment else args.augment
     cfg = dataclasses.replace(cfg, **changes)
     try:
         path = train(args.config, args.data, args.out, iters=args.iters, epochs=args.epochs, train_cfg=cfg,

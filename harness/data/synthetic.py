@@ -105,9 +105,9 @@ _GROUND = ("grass", "water", "brick", "road", "sand")
 
 # Thing shape parameters: radius range as a fraction of the long image side, allowed fills.
 _THING_RADIUS: dict[str, tuple[float, float]] = {
-    "disc": (0.045, 0.13), "box": (0.06, 0.14), "triangle": (0.07, 0.155), "star": (0.07, 0.155),
-    "cross": (0.06, 0.14), "ring": (0.06, 0.13), "stick": (0.1, 0.25), "bead": (0.018, 0.032),
-    "leaf": (0.065, 0.14), "hexagon": (0.06, 0.14),
+    "disc": (0.063, 0.18), "box": (0.08, 0.2), "triangle": (0.1, 0.215), "star": (0.1, 0.215),
+    "cross": (0.08, 0.2), "ring": (0.08, 0.18), "stick": (0.12, 0.3), "bead": (0.035, 0.05),
+    "leaf": (0.09, 0.2), "hexagon": (0.08, 0.2),
 }
 _THING_FILLS: dict[str, tuple[str, ...]] = {
     "disc": ("plain", "gradient", "stripes"), "box": ("plain", "stripes", "checker"),
@@ -308,10 +308,10 @@ def render_image(seed: int, split: str, index: int, size: int = 256) -> SynthIma
 
     # Things, clutter blobs and crowd clumps, shuffled into one paint order.
     plan: list[tuple[str, Any]] = []
-    for _ in range(int(rng.integers(3, 10))):
+    for _ in range(int(rng.integers(2, 7))):
         name = THING_CLASSES[int(rng.choice(len(THING_CLASSES), p=_THING_WEIGHTS))].name
         plan.append(("thing", name))
-    plan += [("thing", "bead")] * int(rng.choice([0, 0, 2, 4, 6]))
+    plan += [("thing", "bead")] * int(rng.choice([0, 0, 1, 2, 3]))
     plan += [("void", None)] * int(rng.choice([0, 0, 0, 1, 2]))
     if rng.random() < 0.3:
         plan.append(("crowd", "bead"))

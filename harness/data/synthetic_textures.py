@@ -175,7 +175,7 @@ def draw_shape(seg: np.ndarray, name: str, cx: float, cy: float, r: float, rng: 
         return cx - r, cy - r, cx + r + 1, cy + r + 1
     if name == "stick":
         long_side = max(seg.shape)
-        th = max(1, int(round(long_side * rng.uniform(0.01, 0.02))))
+        th = max(1, int(round(long_side * rng.uniform(0.03, 0.045))))
         dx, dy = r * np.cos(theta), r * np.sin(theta)
         p0 = (int(round((cx - dx) * 16)), int(round((cy - dy) * 16)))
         p1 = (int(round((cx + dx) * 16)), int(round((cy + dy) * 16)))

@@ -277,10 +277,23 @@ def collate_for(
     return collate(items, num_things, spec.mean, spec.std, spec.channel_order, spec.size_divisor)
 
 
-def augment_for(spec: "TestTransformSpec", enabled: bool = True) -> AugmentConfig:
-    """The official augmentation scaled to a model's test scale (short side / 800), or only the test resize."""
-    if not enabled:
+AUGMENT_POLICIES = ("official", "flip", "none")
+
+
+def augment_for(spec: "TestTransformSpec", policy: str = "official") -> AugmentConfig:
+    """Augmentation for a model's test scale.
+
+    Args:
+        spec: the model's test transform.
+        policy: "official" (flip + the two resize / crop policies, sizes scaled by test short side / 800), "flip"
+            (flip, then the test resize: every image at the test scale) or "none" (the test resize only).
+    """
+    if policy == "none":
         return AugmentConfig(enabled=False)
+    if policy == "flip":
+        return AugmentConfig(crop_prob=0.0, scales=(spec.short,), max_size=spec.long)
+    if policy != "official":
+        raise ValueError(f"augmentation policy must be one of {', '.join(AUGMENT_POLICIES)}, got {policy!r}")
     return AugmentConfig().scaled(spec.short / 800.0)
 
 
