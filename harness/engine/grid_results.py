@@ -180,7 +180,8 @@ def write_tables(out: Path, results: pd.DataFrame, per_class: pd.DataFrame, summ
 def read_results_csv(path: Path) -> pd.DataFrame:
     """Read ``results.csv`` with the column types of the table (layer stays a string, floats round-trip)."""
     dtypes = {c: str for c in _STR_COLUMNS}
-    return pd.read_csv(path, dtype=dtypes, keep_default_na=False, na_values=[""], float_precision="round_trip")
+    # pandas' default float parser round-trips the shortest repr that to_csv writes (checked in the tests).
+    return pd.read_csv(path, dtype=dtypes, keep_default_na=False, na_values=[""])
 
 
 def _read(path: Path) -> pd.DataFrame:
