@@ -174,6 +174,7 @@ class _CellRunner:
     def finish_cell(self, elapsed: float) -> None:
         assert self.state is not None
         plan = self.plan
+        self.state.wall_seconds = elapsed
         parts = all_gather_objects(self.dist, self.state)
         self.state = None
         if self.dist.is_main:

@@ -120,10 +120,17 @@ def _as_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def make_loader(dataset: GridImages, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
-    """The DataLoader of a run: batches within cells, ``workers`` processes (0 = main process)."""
+    """The DataLoader of a run: batches within cells, ``workers`` processes (0 = main process).
+
+    Workers start with ``spawn``: a forked child inherits OpenCV's and OpenMP's thread pools in whatever state the
+    parent left them and can deadlock on its first OpenCV call (observed with ``cv2.setNumThreads``).
+    """
+    import multiprocessing
+
     return DataLoader(dataset, batch_sampler=CellBatches(dataset.items, batch_size), num_workers=workers,
                       collate_fn=_as_list, pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      prefetch_factor=4 if workers else None, persistent_workers=False,
+                      multiprocessing_context=multiprocessing.get_context("spawn") if workers else None)
 
 
 def collate_images(batch: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor | None]:

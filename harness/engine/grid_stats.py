@@ -189,6 +189,7 @@ class CellState:
         cost: CPU seconds by stage, summed over images (informative, for the log and benchmarks).
         thing_preference: merged thing-preference statistics (clean cell only).
         device / started_at / commit: row metadata.
+        wall_seconds: wall-clock time of the cell in the slowest process (first batch to last result).
     """
 
     cell: Cell
@@ -200,6 +201,7 @@ class CellState:
     device: str = ""
     started_at: str = ""
     commit: str = ""
+    wall_seconds: float = 0.0
 
     @classmethod
     def empty(cls, cell: Cell, row_keys: Iterable[str], num_classes: int, boundary: bool, ap: bool,
@@ -258,6 +260,7 @@ class CellState:
         self.started_at = min(s for s in (self.started_at, other.started_at) if s) if (
             self.started_at or other.started_at) else ""
         self.commit = self.commit or other.commit
+        self.wall_seconds = max(self.wall_seconds, other.wall_seconds)
 
     def sec_per_image(self, layer: str) -> float:
         seconds, images = self.timing.get(layer, (0.0, 0))

@@ -11,6 +11,7 @@ Layout of one file::
      "rows": [{"post_process", "layer", "mask": ExactPQ, "boundary": ExactPQ | null, "ap": {...} | null,
                "detections": [[position, [COCO results ...]], ...] | null}],
      "timing": {layer: [seconds, images]}, "cost": {stage: seconds}, "device", "started_at", "commit",
+     "wall_seconds",
      "thing_preference": <base64 pickle of ThingPreferenceStats> | null}
 """
 
@@ -65,7 +66,8 @@ def write_cell(out: Path, state: CellState, shard: str | None, keep_detections: 
     doc = {"format": CELL_FORMAT, "cell": {"corruption": state.cell.corruption, "severity": state.cell.severity},
            "positions": sorted(state.positions), "shard": shard, "rows": rows,
            "timing": state.timing, "cost": state.cost, "device": state.device, "started_at": state.started_at,
-           "commit": state.commit, "thing_preference": _encode_object(state.thing_preference)}
+           "commit": state.commit, "wall_seconds": state.wall_seconds,
+           "thing_preference": _encode_object(state.thing_preference)}
     return atomic_write_json(cell_path(out, state.cell), doc)
 
 
@@ -104,7 +106,8 @@ def read_cell(path: Path, row_pairs: Sequence[tuple[str, str]], num_classes: int
                           {k: [float(v[0]), int(v[1])] for k, v in doc["timing"].items()},
                           {k: float(v) for k, v in doc.get("cost", {}).items()},
                           _decode_object(doc.get("thing_preference")), str(doc.get("device", "")),
-                          str(doc.get("started_at", "")), str(doc.get("commit", "")))
+                          str(doc.get("started_at", "")), str(doc.get("commit", "")),
+                          float(doc.get("wall_seconds", 0.0)))
         shard = doc.get("shard")
     except (KeyError, TypeError, ValueError, IndexError, pickle.UnpicklingError) as exc:
         raise UserError(f"{path} is not a valid cell file ({exc}); {hint}") from None
