@@ -63,12 +63,13 @@ def weights(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
 
 
 GRID = dict(corruptions="fog,gaussian_noise", severities="1", post_process="m,p,heuristic", layers="all",
-            boundary=True)
+            boundary=True, thing_preference=True)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, weights: Path, synth_root: Path) -> Path:
-    """One unsharded grid run: clean + fog 1 + gaussian_noise 1, m/p/heuristic, layers 1 and last, Boundary PQ."""
+    """One unsharded grid run: clean + fog 1 + gaussian_noise 1, m/p/heuristic, layers 1 and last, Boundary PQ,
+    thing-preference statistics."""
     out = tmp_path_factory.mktemp("grid") / "ref"
     grid(weights, synth_root, out, save_predictions=True, **GRID)
     return out
@@ -167,6 +168,8 @@ def test_three_shards_merge_to_the_unsharded_run(reference: Path, weights: Path,
         a = json.loads((merged / "cells" / f"{cell}.json").read_text())
         b = json.loads((reference / "cells" / f"{cell}.json").read_text())
         assert [(r["mask"], r["boundary"]) for r in a["rows"]] == [(r["mask"], r["boundary"]) for r in b["rows"]]
+    pd.testing.assert_frame_equal(pd.read_parquet(merged / "thing_preference.parquet"),
+                                  pd.read_parquet(reference / "thing_preference.parquet"))
     # The merged predictions equal the unsharded ones file for file.
     rel = Path("predictions/panoptic_segformer_tiny/fog_1/m_last")
     assert json.loads((merged / rel / "panoptic.json").read_text()) == json.loads(
@@ -206,7 +209,7 @@ def test_refuses_other_settings_and_hand_edited_results(reference: Path, weights
     snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.is_symlink()}
     base = ["eval", "--weights", str(weights), "--data", str(synth_root), "--out", str(out), "--workers", "0",
             "--score-workers", "0", "--corruptions", "fog,gaussian_noise", "--severities", "1", "--post-process",
-            "m,p,heuristic", "--layers", "all", "--boundary", "--save-predictions"]
+            "m,p,heuristic", "--layers", "all", "--boundary", "--thing-preference", "--save-predictions"]
     capsys.readouterr()
     assert main(base[:-1] + ["--severities", "2"]) == 2  # other settings (and no --save-predictions)
     errors = _errors(capsys)
@@ -234,6 +237,28 @@ def _errors(capsys: pytest.CaptureFixture) -> list[str]:
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return [line for line in err.splitlines() if line.startswith("ERROR")]
+
+
+def test_thing_preference_equals_direct_count(reference: Path, weights: Path, synth_root: Path) -> None:
+    """The grid's per-query table equals ThingPreferenceStats fed image by image with the model's candidates."""
+    from harness.data.coco_panoptic import PanopticDataset
+    from harness.data.transforms import prepare
+    from harness.engine.evaluate import load_model
+    from harness.metrics.thing_preference import ThingPreferenceStats
+
+    model = load_model(weights)
+    stats = ThingPreferenceStats.for_model(model)
+    ds = PanopticDataset(synth_root)
+    with torch.inference_mode():
+        for iid in sorted(ds.image_ids):
+            sample = ds[ds.index_of(iid)]
+            x = torch.from_numpy(prepare(model.test_transform(), sample.image).image)[None]
+            stats.add(model.candidates(model(x), 0, "last"), sample, sample.image.shape[:2])
+    got = pd.read_parquet(reference / "thing_preference.parquet")
+    pd.testing.assert_frame_equal(got, stats.per_query())
+    assert stats.per_query()[["n_things", "n_stuff"]].to_numpy().sum() > 0
+    bins = pd.read_csv(reference / "thing_preference_bins.csv")
+    assert bins["bin"].tolist()[-2:] == ["none", "total"] and bins["queries"].iloc[-1] == stats.num_queries
 
 
 def test_summary_csv(reference: Path) -> None:

@@ -18,7 +18,8 @@ import pytest
 from test_eval_grid import grid, metrics, trained_tiny
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = ["--corruptions", "fog,gaussian_noise", "--severities", "1", "--post-process", "m,p", "--boundary"]
+SETTINGS = ["--corruptions", "fog,gaussian_noise", "--severities", "1", "--post-process", "m,p", "--boundary",
+            "--thing-preference"]
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +30,12 @@ def weights(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory, weights: Path, synth_root: Path) -> pd.DataFrame:
+def single(tmp_path_factory: pytest.TempPathFactory, weights: Path, synth_root: Path) -> Path:
     """The uninterrupted single-process run, inline scoring."""
     out = tmp_path_factory.mktemp("single") / "run"
-    return grid(weights, synth_root, out, corruptions="fog,gaussian_noise", severities="1", post_process="m,p",
-                boundary=True)
+    grid(weights, synth_root, out, corruptions="fog,gaussian_noise", severities="1", post_process="m,p",
+         boundary=True, thing_preference=True)
+    return out
 
 
 def _env() -> dict[str, str]:
@@ -45,7 +47,15 @@ def _args(weights: Path, data: Path, out: Path) -> list[str]:
             "--timing-images", "1", "-q", *SETTINGS]
 
 
-def test_sigkill_then_resume_equals_uninterrupted(single: pd.DataFrame, weights: Path, synth_root: Path,
+def _same_run(a: Path, b: Path) -> None:
+    pd.testing.assert_frame_equal(metrics(pd.read_parquet(a / "results.parquet")),
+                                  metrics(pd.read_parquet(b / "results.parquet")))
+    pd.testing.assert_frame_equal(pd.read_parquet(a / "per_class.parquet"), pd.read_parquet(b / "per_class.parquet"))
+    pd.testing.assert_frame_equal(pd.read_parquet(a / "thing_preference.parquet"),
+                                  pd.read_parquet(b / "thing_preference.parquet"))
+
+
+def test_sigkill_then_resume_equals_uninterrupted(single: Path, weights: Path, synth_root: Path,
                                                    tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "harness", "eval", *_args(weights, synth_root, out), "--workers", "0",
@@ -63,10 +73,10 @@ def test_sigkill_then_resume_equals_uninterrupted(single: pd.DataFrame, weights:
     assert not (out / "cells" / "fog_1.json").exists(), "killed too late to test resumption"
     done = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    pd.testing.assert_frame_equal(metrics(pd.read_parquet(out / "results.parquet")), metrics(single))
+    _same_run(out, single)
 
 
-def test_two_gloo_processes_equal_one(single: pd.DataFrame, weights: Path, synth_root: Path,
+def test_two_gloo_processes_equal_one(single: Path, weights: Path, synth_root: Path,
                                       tmp_path: Path) -> None:
     out = tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -75,13 +85,11 @@ def test_two_gloo_processes_equal_one(single: pd.DataFrame, weights: Path, synth
            *_args(weights, synth_root, out), "--workers", "0", "--score-workers", "0"]
     done = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    two = pd.read_parquet(out / "results.parquet")
-    pd.testing.assert_frame_equal(metrics(two), metrics(single))
-    assert two["device"].str.startswith("2 x cpu").all()
+    _same_run(out, single)
+    assert pd.read_parquet(out / "results.parquet")["device"].str.startswith("2 x cpu").all()
 
 
-def test_worker_processes_equal_inline(single: pd.DataFrame, weights: Path, synth_root: Path,
-                                       tmp_path: Path) -> None:
-    pooled = grid(weights, synth_root, tmp_path / "run", corruptions="fog,gaussian_noise", severities="1",
-                  post_process="m,p", boundary=True, workers=1, score_workers=1)
-    pd.testing.assert_frame_equal(metrics(pooled), metrics(single))
+def test_worker_processes_equal_inline(single: Path, weights: Path, synth_root: Path, tmp_path: Path) -> None:
+    grid(weights, synth_root, tmp_path / "run", corruptions="fog,gaussian_noise", severities="1", post_process="m,p",
+         boundary=True, thing_preference=True, workers=1, score_workers=1)
+    _same_run(tmp_path / "run", single)

@@ -37,7 +37,7 @@ import torch
 from harness.engine.distributed import DistInfo, all_gather_objects, barrier, init_distributed, shutdown
 from harness.engine.grid_config import CLEAN_CELL, Cell, GridOptions, source_commit
 from harness.engine.grid_data import GridImages, collate_images, make_loader, valid_mask_size
-from harness.engine.grid_plan import GridPlan, on_main, plan_run, thing_preference_args, utc_now
+from harness.engine.grid_plan import GridPlan, on_main, plan_run, utc_now
 from harness.engine.grid_results import TableMeta, build_tables, check_results_files, write_tables
 from harness.engine.grid_score import ScoreContext, ScoreJob, Scorer, candidates_to_arrays
 from harness.engine.grid_stats import CellState, ImageScore, merge_cells, row_key
@@ -235,11 +235,17 @@ def write_run_tables(out: Path, cells: list[Cell], meta: TableMeta, finished: di
     """Rebuild results / per_class / summary from the finished cells (grid order); returns the results.
 
     A single-cell run (clean, one post-processor, last layer) also gets the files of the single-cell
-    `harness eval`: ``pq.json`` and, with predictions, ``pred.json`` + ``pred/``.
+    `harness eval`: ``pq.json`` and, with predictions, ``pred.json`` + ``pred/``. With thing-preference statistics
+    the clean cell's are written too (:mod:`grid_extras`).
     """
+    from harness.engine.grid_extras import write_thing_preference
+
     states = [finished[c] for c in cells if c in finished]
     results, per_class, summary = build_tables(states, meta)
     write_tables(out, results, per_class, summary)
+    clean = finished.get(CLEAN_CELL)
+    if clean is not None and clean.thing_preference is not None:
+        write_thing_preference(out, clean.thing_preference)
     if cells == [CLEAN_CELL] and len(meta.rows) == 1 and len(states) == 1:
         _write_single_cell_files(out, meta, states[0], save_predictions)
     return results
@@ -305,10 +311,6 @@ def run_grid(opts: GridOptions) -> GridOutcome:
 
             results = pd.read_parquet(plan.out / RESULTS_PARQUET)
             summary = pd.read_csv(plan.out / SUMMARY_CSV, dtype={"layer": str})
-            if opts.thing_preference:
-                from harness.engine.grid_extras import write_thing_preference
-
-                write_thing_preference(plan.out, finished)
         return GridOutcome(plan.out, results, summary, finished, plan)
     finally:
         shutdown(dist)
@@ -334,7 +336,7 @@ def _run_cells(plan: GridPlan, pending: list[Cell], finished: dict[Cell, CellSta
         rows=list(plan.rows), pp_options=plan.pp_options, boundary=opts.boundary, ap=opts.ap,
         predictions_root=str(plan.out / "predictions" / plan.cfg.name) if plan.save_predictions else None,
         candidates_root=str(plan.out / "candidates" / plan.cfg.name) if opts.save_candidates else None,
-        thing_preference=thing_preference_args(plan.cfg) if opts.thing_preference else None)
+        thing_preference=plan.settings["thing_preference"])
     log.info("%s: %d cells x %d images (%d in this process), rows %s, %d loader / %d scorer processes",
              plan.out, len(pending), len(positions), len(mine), ", ".join(f"{p}/{l}" for p, l in plan.rows),
              opts.workers, score_workers)

@@ -77,7 +77,6 @@ def _cells_of(settings: dict[str, Any]) -> list[Cell]:
 def merge_runs(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Path:
     """Merge shard folders into ``out`` (see the module docstring); returns ``out``."""
     from harness.engine.grid import write_run_tables
-    from harness.engine.grid_extras import write_thing_preference
 
     paths = [Path(p) for p in sources]
     out = Path(out)
@@ -119,8 +118,6 @@ def merge_runs(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike
                      len(image_ids), tuple(rows), tuple(categories),
                      {int(c["id"]): str(c.get("name", c["id"])) for c in categories})
     write_run_tables(out, cells, meta, merged, bool(settings["save_predictions"]))
-    if settings["thing_preference"]:
-        write_thing_preference(out, merged)
     log.info("merged %d shards into %s: %d cells x %d images", len(paths), out, len(cells), len(image_ids))
     return out
 

@@ -25,11 +25,12 @@ from harness.engine.grid_config import (CLEAN_CELL, Cell, GridOptions, check_or_
 from harness.engine.grid_data import ImageRef
 from harness.engine.grid_results import TableMeta
 from harness.errors import UserError
-from harness.io import atomic_write_json
+from harness.io import atomic_write_json, sweep_stale_temporaries
+from models.inference import LAST_LAYER
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GridPlan", "plan_run", "on_main", "utc_now", "thing_preference_args"]
+__all__ = ["GridPlan", "plan_run", "on_main", "utc_now", "thing_preference_settings"]
 
 T = TypeVar("T")
 
@@ -130,12 +131,18 @@ def _check_categories(cfg: Any, meta: dict[str, Any], dataset: PanopticDataset, 
                             f"(id {b['id']}) here")
 
 
-def thing_preference_args(cfg: Any) -> dict[str, Any]:
-    """Constructor arguments of ``ThingPreferenceStats`` for Panoptic SegFormer-style query indices."""
-    thing_queries = int(getattr(cfg, "num_thing_queries", 0))
-    stuff_queries = int(cfg.num_stuff) if getattr(cfg, "decouple_queries", False) else 0
-    return {"num_queries": thing_queries + stuff_queries, "num_things": int(cfg.num_things),
-            "num_stuff": int(cfg.num_stuff)}
+def thing_preference_settings(model: Any, pp_options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Constructor arguments of ``ThingPreferenceStats`` for this model (its queries; the run's (m) options)."""
+    from harness.metrics.thing_preference import MergeOptions, ThingPreferenceStats
+
+    kwargs: dict[str, Any] = {}
+    if "m" in pp_options:  # count what the run's (m) paints (user overrides included)
+        known = set(MergeOptions.__dataclass_fields__)
+        kwargs["merge_options"] = {k: v for k, v in pp_options["m"].items() if k in known}
+    try:
+        return ThingPreferenceStats.for_model(model, **kwargs).settings()
+    except ValueError as exc:
+        raise UserError(f"--thing-preference: {exc}") from None
 
 
 def _device_type(device: str) -> str:
@@ -180,12 +187,11 @@ def plan_run(opts: GridOptions, dist: DistInfo) -> GridPlan:
     cells = [CLEAN_CELL] + [Cell(c, s) for c in corruptions for s in severities]
     single = cells == [CLEAN_CELL] and len(rows) == 1
     save_predictions = single if opts.save_predictions is None else bool(opts.save_predictions)
+    tp_settings = None
     if opts.thing_preference:
-        try:
-            import harness.metrics.thing_preference  # noqa: F401
-        except ImportError:
-            raise UserError("--thing-preference needs harness.metrics.thing_preference, which this install "
-                            "lacks") from None
+        if LAST_LAYER not in layers:
+            raise UserError("--thing-preference counts the masks of layer 'last'; add last to --layers")
+        tp_settings = thing_preference_settings(model, pp_options)
     cats = dataset.categories
     refs = [ImageRef(k, iid, str(dataset.image_info(iid)["file_name"]), str(dataset.image_path(iid)))
             for k, iid in enumerate(ids)]
@@ -198,7 +204,7 @@ def plan_run(opts: GridOptions, dist: DistInfo) -> GridPlan:
         "corruptions": corruptions, "severities": severities, "seed_rule": SEED_RULE,
         "channel_order": opts.channel_order,
         "post_process": methods, "post_process_options": pp_options, "layers": layers,
-        "boundary": bool(opts.boundary), "ap": bool(opts.ap), "thing_preference": bool(opts.thing_preference),
+        "boundary": bool(opts.boundary), "ap": bool(opts.ap), "thing_preference": tp_settings,
         "save_predictions": save_predictions, "save_candidates": bool(opts.save_candidates),
         "batch_size": int(opts.batch_size), "device_type": _device_type(dist.device),
         "shard": None if opts.shard is None else f"{opts.shard[0]}/{opts.shard[1]}",
@@ -209,7 +215,11 @@ def plan_run(opts: GridOptions, dist: DistInfo) -> GridPlan:
 
     def write_headers() -> bool:
         resumed = check_or_write_run_json(out, settings, info, opts.replace)
-        if not resumed:
+        if resumed:  # temporary files of a killed run (never those of a live one)
+            removed = sweep_stale_temporaries(out, recursive=True)
+            if removed:
+                log.info("removed %d temporary file(s) left by an interrupted run in %s", removed, out)
+        else:
             atomic_write_json(out / "image_ids.json", ids)
             _write_gt_subset(dataset, ids, out / "gt_subset.json")
             if opts.save_candidates:

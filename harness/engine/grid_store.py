@@ -12,14 +12,12 @@ Layout of one file::
                "detections": [[position, [COCO results ...]], ...] | null}],
      "timing": {layer: [seconds, images]}, "cost": {stage: seconds}, "device", "started_at", "commit",
      "wall_seconds",
-     "thing_preference": <base64 pickle of ThingPreferenceStats> | null}
+     "thing_preference": ThingPreferenceStats.state_dict() | null}
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import pickle
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,13 +36,12 @@ def cell_path(out: Path, cell: Cell) -> Path:
     return out / CELLS_DIR / f"{cell.name}.json"
 
 
-def _encode_object(obj: Any) -> str | None:
-    # Thing-preference statistics are integer counts in a small object; pickle keeps them exact.
-    return None if obj is None else base64.b64encode(pickle.dumps(obj, protocol=4)).decode("ascii")
+def _tp_from_state(state: dict[str, Any] | None) -> Any:
+    if state is None:
+        return None
+    from harness.metrics.thing_preference import ThingPreferenceStats
 
-
-def _decode_object(text: str | None) -> Any:
-    return None if text is None else pickle.loads(base64.b64decode(text))
+    return ThingPreferenceStats.from_state_dict(state)
 
 
 def write_cell(out: Path, state: CellState, shard: str | None, keep_detections: bool) -> Path:
@@ -67,7 +64,7 @@ def write_cell(out: Path, state: CellState, shard: str | None, keep_detections: 
            "positions": sorted(state.positions), "shard": shard, "rows": rows,
            "timing": state.timing, "cost": state.cost, "device": state.device, "started_at": state.started_at,
            "commit": state.commit, "wall_seconds": state.wall_seconds,
-           "thing_preference": _encode_object(state.thing_preference)}
+           "thing_preference": None if state.thing_preference is None else state.thing_preference.state_dict()}
     return atomic_write_json(cell_path(out, state.cell), doc)
 
 
@@ -105,11 +102,11 @@ def read_cell(path: Path, row_pairs: Sequence[tuple[str, str]], num_classes: int
         state = CellState(cell, rows, [int(p) for p in doc["positions"]],
                           {k: [float(v[0]), int(v[1])] for k, v in doc["timing"].items()},
                           {k: float(v) for k, v in doc.get("cost", {}).items()},
-                          _decode_object(doc.get("thing_preference")), str(doc.get("device", "")),
+                          _tp_from_state(doc.get("thing_preference")), str(doc.get("device", "")),
                           str(doc.get("started_at", "")), str(doc.get("commit", "")),
                           float(doc.get("wall_seconds", 0.0)))
         shard = doc.get("shard")
-    except (KeyError, TypeError, ValueError, IndexError, pickle.UnpicklingError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise UserError(f"{path} is not a valid cell file ({exc}); {hint}") from None
     return state, shard
 
