@@ -115,6 +115,7 @@ class _CellRunner:
         self.timed: dict[str, int] = {}
         self._instances: dict[str, Any] | None = None
         self.want_own = any(pp == "own" for pp, _ in plan.rows)
+        self.data_wait = 0.0  # seconds the model waited for the DataLoader before the current batch
 
     # -- per batch --------------------------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, pad: torch.Tensor | None, layer: int | None = None) -> tuple[Any, float]:
@@ -127,6 +128,7 @@ class _CellRunner:
     def batch(self, batch: list[dict[str, Any]], scorer: Scorer) -> None:
         assert self.state is not None
         state, plan, n = self.state, self.plan, len(batch)
+        state.cost["waiting for data"] = state.cost.get("waiting for data", 0.0) + self.data_wait
         x, pad = collate_images(batch)
         x = x.to(self.device, non_blocking=True)
         pad = pad.to(self.device) if pad is not None else None
@@ -144,6 +146,7 @@ class _CellRunner:
                 state.add_timing(layer, sec, n)
                 self.timed[layer] = self.timed.get(layer, 0) + n
         t0 = time.perf_counter()
+        waited = 0.0
         for i, item in enumerate(batch):
             ref = item["ref"]
             cands = {layer: plan.model.candidates(outputs, i, layer) for layer in plan.layers}
@@ -156,8 +159,10 @@ class _CellRunner:
             own = plan.model.own_post_process(outputs, i, item["ori_shape"], valid) if self.want_own else None
             job = ScoreJob(state.cell, ref.position, ref.image_id, ref.file_name, tuple(item["ori_shape"]),
                            {layer: candidates_to_arrays(c) for layer, c in cands.items()}, own, dict(item["cost"]))
-            scorer.submit(job)
-        state.cost["candidates + submit"] = state.cost.get("candidates + submit", 0.0) + time.perf_counter() - t0
+            waited += scorer.submit(job)
+        cost = state.cost
+        cost["candidates + submit"] = cost.get("candidates + submit", 0.0) + time.perf_counter() - t0 - waited
+        cost["waiting for scorers"] = cost.get("waiting for scorers", 0.0) + waited
 
     # -- per cell ---------------------------------------------------------------------------------------------
     def start_cell(self, cell: Cell) -> None:
@@ -351,7 +356,9 @@ def _run_cells(plan: GridPlan, pending: list[Cell], finished: dict[Cell, CellSta
             while nxt is not None and nxt[0]["cell"] == cell:
                 runner.batch(nxt, scorer)
                 bar.update(len(nxt))
+                t_wait = time.perf_counter()
                 nxt = next(it, None)
+                runner.data_wait = time.perf_counter() - t_wait
             scorer.drain()
             runner.finish_cell(time.perf_counter() - t0)
     bar.close()

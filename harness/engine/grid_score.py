@@ -267,16 +267,23 @@ class Scorer:
             self._pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_init_worker, initargs=(ctx,))
 
-    def submit(self, job: ScoreJob) -> None:
-        """Score a job (inline: now; otherwise queue it, first collecting results if too many are in flight)."""
+    def submit(self, job: ScoreJob) -> float:
+        """Score a job (inline: now; otherwise queue it, first collecting results if too many are in flight).
+
+        Returns:
+            Seconds the caller waited for the scorers (a run whose model waits here is scorer-bound).
+        """
         if self._pool is None:
             assert self._state is not None
             self.on_result(_score_one(self._state, job))
-            return
+            return 0.0
+        t0 = time.perf_counter()
         while len(self._pending) >= self.max_pending:
             self._collect(block=True)
+        waited = time.perf_counter() - t0
         self._pending.append(self._pool.submit(score_job, job))
         self._collect(block=False)
+        return waited
 
     def _collect(self, block: bool) -> None:
         if block and self._pending:
