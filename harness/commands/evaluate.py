@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from harness.commands._common import device, int_range
+
 HELP = "evaluate a model: clean + COCO-C corruptions x severities x post-processors x layers -> one results table"
 DESCRIPTION = """Evaluate weights on a split, on the fly over the COCO-C corruptions (the seed rule of `harness corrupt`),
 scoring every requested post-processor and mask layer from one forward per image. Writes RUN/results.parquet and
@@ -38,12 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "is resumed)")
     parser.add_argument("--split", default="val2017", help="split (default: val2017)")
     images = parser.add_mutually_exclusive_group()
-    images.add_argument("--subset", type=int, default=None, metavar="N",
+    images.add_argument("--subset", type=int_range(1), default=None, metavar="N",
                         help="deterministic subset of N images (the rule of `harness corrupt --subset`)")
     images.add_argument("--subset-file", default=None, metavar="F",
                         help="image ids to evaluate (JSON list, subset_<N>_<S>.json of harness corrupt, or lines)")
-    parser.add_argument("--subset-seed", type=int, default=0, metavar="S", help="seed of the subset rule (default 0)")
-    parser.add_argument("--max-images", type=int, default=None, metavar="N",
+    parser.add_argument("--subset-seed", type=int_range(0), default=0, metavar="S",
+                        help="seed of the subset rule (default 0)")
+    parser.add_argument("--max-images", type=int_range(1), default=None, metavar="N",
                         help="only the first N images (ascending id)")
     parser.add_argument("--corruptions", default="none",
                         help="none (clean only, default) | all | blur,noise,digital,weather | names; clean is "
@@ -62,19 +65,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="COCO panoptic PNG/JSON per cell and row under RUN/predictions/")
     parser.add_argument("--save-candidates", action="store_true",
                         help="per-image candidates under RUN/candidates/ (for harness sweep)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per forward (default 1, the official "
+    parser.add_argument("--batch-size", type=int_range(1), default=1, help="images per forward (default 1, the official "
                                                                   "protocol; more pads the batch)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader processes (decode, corrupt, transform)")
-    parser.add_argument("--score-workers", type=int, default=None,
+    parser.add_argument("--workers", type=int_range(0), default=2, help="DataLoader processes (decode, corrupt, transform)")
+    parser.add_argument("--score-workers", type=int_range(0), default=None,
                         help="post-processing + scoring processes (default: cores - workers - 1, at least 1; 0 = "
                              "in the main process)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu; torchrun: cuda = one GPU each)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of the model process")
+    parser.add_argument("--device", type=device, default="cpu", help="torch device (default cpu; torchrun: cuda = one GPU each)")
+    parser.add_argument("--threads", type=int_range(1), default=None, help="torch CPU threads of the model process")
     parser.add_argument("--shard", default=None, metavar="i/n", help="evaluate shard i of n (0-based) of the images")
     parser.add_argument("--merge", nargs="+", default=None, metavar="RUN", help="merge shard runs into --out")
-    parser.add_argument("--timing-images", type=int, default=8,
+    parser.add_argument("--timing-images", type=int_range(1), default=8,
                         help="images per cell on which each truncated decoder is timed (default 8)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per variant first (default 2)")
+    parser.add_argument("--warmup", type=int_range(0), default=2, help="untimed forwards per variant first (default 2)")
 
 
 def _print_single(result: dict) -> None:
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     """Run, resume or merge a grid; print the results."""
     import json
 
+    from harness.commands._common import check_device, check_output, existing_dir, existing_path
     from harness.errors import UserError
 
     if args.merge:
@@ -99,19 +103,18 @@ def run(args: argparse.Namespace) -> int:
 
         if args.shard or args.weights:
             raise UserError("--merge combines finished shard folders; do not pass --weights or --shard with it")
+        for src in args.merge:
+            existing_dir(src, "--merge")
+        check_output(args.out, "--out", kind="dir", input_dirs=args.merge)
         merge_runs(args.merge, args.out)
         _print_tables(Path(args.out))
         return 0
     if not args.weights or not args.data:
         raise UserError("--weights and --data are required (or --merge RUN ... to combine shards)")
-    if not Path(args.data).is_dir():
-        raise UserError(f"--data is not a folder: {args.data}")
-    for flag, value in (("--subset", args.subset), ("--batch-size", args.batch_size),
-                        ("--timing-images", args.timing_images)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}")
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    existing_path(args.weights, "--weights")
+    existing_dir(args.data, "--data")
+    check_output(args.out, "--out", kind="dir", inputs=[args.weights], input_dirs=[args.data])
+    check_device(args.device)
 
     from harness.engine.grid import run_grid
     from harness.engine.grid_config import GridOptions, parse_shard

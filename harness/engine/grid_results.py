@@ -10,7 +10,6 @@ they are rebuilt).
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,6 +251,5 @@ def format_table(results: pd.DataFrame) -> str:
         if extra in results and results[extra].notna().any():
             cols.append(extra)
     cols += ["images", "sec_per_image"]
-    buf = io.StringIO()
-    results[cols].to_string(buf, index=False, float_format=lambda v: f"{v:.2f}" if abs(v) >= 0.01 else f"{v:.4f}")
-    return buf.getvalue()
+    pct = {c: (lambda v: f"{v:.2f}") for c in cols[4:-2]}
+    return results[cols].to_string(index=False, formatters={**pct, "sec_per_image": lambda v: f"{v:.4f}"})
