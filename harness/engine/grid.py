@@ -198,7 +198,7 @@ class _CellRunner:
             if shard is None:
                 write_run_tables(plan.out, plan.cells, plan.meta, self.finished, plan.save_predictions)
             self._log_cell(merged, elapsed)
-        barrier(self.dist)
+        # No barrier: the other ranks go on with the next cell while rank 0 writes; the next gather syncs them.
 
     def _log_cell(self, state: CellState, elapsed: float) -> None:
         from harness.engine.grid_results import result_rows
@@ -308,6 +308,7 @@ def run_grid(opts: GridOptions) -> GridOutcome:
             log.info("resuming %s: %d of %d cells already finished", plan.out, len(done), len(plan.cells))
         if pending:
             _run_cells(plan, pending, finished)
+            barrier(dist)  # every rank leaves together, after rank 0 wrote the last cell
         elif dist.is_main and plan.shard_name is None:
             write_run_tables(plan.out, plan.cells, plan.meta, finished, plan.save_predictions)  # rebuild tables lost after the last cell file (or deleted)
         results = summary = pd.DataFrame()
