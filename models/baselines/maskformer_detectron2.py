@@ -251,7 +251,7 @@ def read_detectron2_checkpoint(path: str | Path) -> dict[str, Tensor]:
             raise CheckpointError(f"cannot read {p} as a PyTorch checkpoint: {exc}") from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p}: expected a dict of arrays (or one under 'model'), got {type(obj).__name__}")
-    state = obj.get("model", obj)
+    state = obj.get("model", obj.get("state_dict", obj))  # "state_dict": an mmcv file (named as such later)
     if not isinstance(state, dict):
         raise CheckpointError(f"{p}: 'model' is a {type(state).__name__}, not a dict of arrays")
     out: dict[str, Tensor] = {}
