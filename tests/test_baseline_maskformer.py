@@ -16,8 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.baselines.maskformer import (CONFIGS, MaskFormer, _swin_relative_index, convert_state_dict,
-                                         maskformer_panoptic_inference)
+from models.baselines.maskformer import (
+    CONFIGS,
+    MaskFormer,
+    _swin_relative_index,
+    convert_state_dict,
+    maskformer_panoptic_inference,
+)
 from models.checkpoint import CheckpointError, load_model
 
 KEYS_DIRS = [Path(__file__).parent / "data" / "checkpoint_keys", Path("/work/shared/reference/checkpoint_keys")]
@@ -39,7 +44,7 @@ def _released_state(name: str, seed: int = 0) -> dict[str, np.ndarray]:
         key, shape = line.split("\t")
         dims = tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
         if key.endswith("relative_position_index"):
-            out[key] = _swin_relative_index(int(math.isqrt(dims[0]))).numpy()
+            out[key] = _swin_relative_index(math.isqrt(dims[0])).numpy()
         else:
             out[key] = rng.standard_normal(dims, dtype=np.float32)
     return out
@@ -141,7 +146,8 @@ def test_wrong_family_and_wrong_backbone_are_named(tmp_path: Path, r50_state: di
             "sem_seg_head.predictor.query_embed.weight": np.zeros((100, 256), np.float32)}
     with pytest.raises(CheckpointError, match="maskformer_swin_l_panoptic"):
         load_model(_write_pkl(tmp_path / "swin.pkl", swin), model="maskformer_r50_panoptic")
-    state = {k: torch.from_numpy(v) for k, v in r50_state.items() if k != "sem_seg_head.predictor.mask_embed.layers.2.bias"}
+    drop = "sem_seg_head.predictor.mask_embed.layers.2.bias"
+    state = {k: torch.from_numpy(v) for k, v in r50_state.items() if k != drop}
     with pytest.raises(CheckpointError, match="missing keys.*mask_embed.layers.2.bias"):
         load_state_dict_strict(r50_model, convert_state_dict(state, r50_model.cfg))
 
@@ -325,3 +331,13 @@ def test_tiny_config_trains_with_falling_loss(synth_root: Path) -> None:
         losses.append(logs["loss"])
     assert {"loss_ce", "loss_mask", "loss_dice", "d0.loss_ce"} <= set(logs)
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+def test_our_checkpoint_format_round_trip(tmp_path: Path, tiny: tuple[MaskFormer, dict]) -> None:
+    from models.checkpoint import save_checkpoint
+
+    model, _ = tiny
+    save_checkpoint(model.state_dict(), model.cfg, tmp_path / "mf")
+    loaded, cfg = load_model(tmp_path / "mf")
+    assert cfg == model.cfg and isinstance(loaded, MaskFormer)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

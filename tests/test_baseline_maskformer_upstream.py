@@ -85,8 +85,8 @@ def test_r50_equals_upstream(tmp_path: Path, old_names: bool) -> None:
     img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     resized = up.T.ResizeShortestEdge([short, short], long).get_transform(img).apply_image(img)
     prep = prepare(ours.test_transform(), img)
-    np.testing.assert_array_equal(prep.image, ((torch.from_numpy(resized.transpose(2, 0, 1).copy()).float() - off.pixel_mean)
-                                               / off.pixel_std).numpy())
+    x_up = (torch.from_numpy(resized.transpose(2, 0, 1).copy()).float() - off.pixel_mean) / off.pixel_std
+    np.testing.assert_array_equal(prep.image, x_up.numpy())
     inputs = [{"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))), "height": h, "width": w}]
     captured: dict = {}
     handle = off.sem_seg_head.register_forward_hook(lambda m, i, o: captured.update(o))

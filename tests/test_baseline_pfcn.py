@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.baselines.panoptic_fcn import (CONFIGS, Detections, ModulatedDeformConvWithOff, PanopticFCN,
-                                           combine_thing_and_stuff, convert_state_dict)
+from models.baselines.panoptic_fcn import (
+    CONFIGS,
+    Detections,
+    ModulatedDeformConvWithOff,
+    PanopticFCN,
+    combine_thing_and_stuff,
+    convert_state_dict,
+)
 from models.checkpoint import CheckpointError, load_model
 
 KEYS = "panopticfcn_r50_3x.txt"
@@ -282,3 +288,13 @@ def test_tiny_config_trains_with_falling_loss(synth_root: Path) -> None:
         losses.append(logs["loss"])
     assert set(logs) == {"loss_pos_th", "loss_pos_st", "loss_seg_th", "loss_seg_st", "loss"}
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+def test_our_checkpoint_format_round_trip(tmp_path: Path, tiny: tuple[PanopticFCN, dict]) -> None:
+    from models.checkpoint import save_checkpoint
+
+    model, _ = tiny
+    save_checkpoint(model.state_dict(), model.cfg, tmp_path / "pfcn")
+    loaded, cfg = load_model(tmp_path / "pfcn")
+    assert cfg == model.cfg and isinstance(loaded, PanopticFCN)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

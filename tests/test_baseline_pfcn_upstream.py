@@ -40,7 +40,7 @@ def _import_upstream() -> types.SimpleNamespace:
 
     def modulated_deform_conv(x, offset, mask, weight, bias, stride, padding, dilation, groups, deformable_groups):
         assert groups == 1 and deformable_groups == 1
-        pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+        pair = lambda v: v if isinstance(v, tuple) else (v, v)
         return deform_conv2d(x, offset, weight, bias, stride=pair(stride), padding=pair(padding),
                              dilation=pair(dilation), mask=mask)
 
@@ -121,7 +121,7 @@ def test_r50_3x_equals_upstream(tmp_path: Path) -> None:
     with torch.no_grad():
         out = ours(torch.from_numpy(prep.image)[None], pad)
     raw = ours.dump_raw(out, 0, prep, None)
-    close = dict(atol=1e-5, rtol=1e-5)
+    close = {"atol": 1e-5, "rtol": 1e-5}
     for lvl in range(5):
         torch.testing.assert_close(torch.from_numpy(raw[f"center_logits_p{lvl + 3}"]), cap["centers"][lvl][0], **close)
         torch.testing.assert_close(torch.from_numpy(raw[f"region_logits_p{lvl + 3}"]), cap["regions"][lvl][0], **close)

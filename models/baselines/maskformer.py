@@ -27,17 +27,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.baselines.maskformer_detectron2 import (Conv2d, ResNet, c2_xavier_fill, fill_frozen_bn_stats, get_norm,
-                                                    guess_family, read_detectron2_checkpoint)
+from models.baselines.maskformer_detectron2 import (
+    Conv2d,
+    ResNet,
+    c2_xavier_fill,
+    fill_frozen_bn_stats,
+    get_norm,
+    guess_family,
+    read_detectron2_checkpoint,
+)
 from models.checkpoint import CheckpointError
 from models.family import Family
 from models.inference import LAST_LAYER, TestTransformSpec, parse_layer
@@ -46,8 +54,15 @@ from models.postprocess import Candidates, PanopticResult, maskformer_merge
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MaskFormerConfig", "MaskFormer", "FAMILY", "build_criterion", "convert_state_dict",
-           "maskformer_panoptic_inference"]
+__all__ = [
+    "FAMILY",
+    "OFFICIAL_RECIPES",
+    "MaskFormer",
+    "MaskFormerConfig",
+    "build_criterion",
+    "convert_state_dict",
+    "maskformer_panoptic_inference",
+]
 
 
 @dataclass
@@ -114,7 +129,7 @@ class MaskFormerConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MaskFormerConfig":
+    def from_dict(cls, data: dict[str, Any]) -> MaskFormerConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
@@ -141,6 +156,23 @@ CONFIGS: dict[str, Callable[..., MaskFormerConfig]] = {
         "resnet_depths": (1, 1, 1, 1), "resnet_stem_channels": 16, "resnet_res2_channels": 32, "resnet_norm": "GN",
         "conv_dim": 32, "mask_dim": 32, "gn_groups": 8, "encoder_layers": 1, "hidden_dim": 32, "num_queries": 20,
         "nheads": 4, "dropout": 0.0, "dim_feedforward": 64, "dec_layers": 2, "test_short": 128, "test_long": 256}),
+}
+
+
+# Upstream training recipes (configs/coco-panoptic/*.yaml + detectron2 defaults), for `harness train` to map onto
+# its own settings. Iterations are at the stated batch size; lr drops x0.1 at the step.
+OFFICIAL_RECIPES: dict[str, dict[str, Any]] = {
+    "maskformer_r50_panoptic": {
+        "optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "backbone_lr_mult": 0.1, "batch_size": 64,
+        "iterations": 554400, "lr_steps": (369600,), "warmup_iters": 10, "warmup_factor": 1.0,
+        "clip_grad_norm": 0.01, "min_size_train": (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800),
+        "max_size_train": 1333, "crop_absolute_range": (384, 600)},
+    "maskformer_swin_l_panoptic": {
+        "optimizer": "adamw", "lr": 6e-5, "weight_decay": 0.01, "weight_decay_norm": 0.0, "weight_decay_embed": 0.0,
+        "backbone_lr_mult": 1.0, "batch_size": 64, "iterations": 554400, "lr_steps": (369600,),
+        "warmup_iters": 1500, "warmup_factor": 1e-6, "clip_grad_norm": 0.01,
+        "min_size_train": (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800), "max_size_train": 1000,
+        "crop_absolute_range": (384, 600)},
 }
 
 
@@ -490,7 +522,8 @@ def _swin_relative_index(window: int) -> Tensor:
     return rel[:, :, 0] * (2 * window - 1) + rel[:, :, 1]
 
 
-def convert_state_dict(raw: dict[str, Tensor], cfg: MaskFormerConfig, source: str = "<state dict>") -> dict[str, Tensor]:
+def convert_state_dict(raw: dict[str, Tensor], cfg: MaskFormerConfig,
+                       source: str = "<state dict>") -> dict[str, Tensor]:
     """Released MaskFormer state dict (detectron2 names) -> ours.
 
     * ``sem_seg_head.X`` outside ``predictor``/``pixel_decoder`` -> ``sem_seg_head.pixel_decoder.X`` (the upstream

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +32,16 @@ from models.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FrozenBatchNorm2d", "Conv2d", "get_norm", "Bottleneck", "ResNet", "read_detectron2_checkpoint",
-           "guess_family", "fill_frozen_bn_stats"]
+__all__ = [
+    "Bottleneck",
+    "Conv2d",
+    "FrozenBatchNorm2d",
+    "ResNet",
+    "fill_frozen_bn_stats",
+    "get_norm",
+    "guess_family",
+    "read_detectron2_checkpoint",
+]
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -168,8 +177,9 @@ class ResNet(nn.Module):
         self.out_channels: list[int] = []
         for i, depth in enumerate(depths):
             out_ch = res2_channels * 2**i
-            blocks = [Bottleneck(in_ch if j == 0 else out_ch, out_ch, out_ch // 4, (1 if i == 0 else 2) if j == 0 else 1,
-                                 norm, stride_in_1x1, gn_groups) for j in range(depth)]
+            stride = 1 if i == 0 else 2
+            blocks = [Bottleneck(in_ch if j == 0 else out_ch, out_ch, out_ch // 4, stride if j == 0 else 1, norm,
+                                 stride_in_1x1, gn_groups) for j in range(depth)]
             self.add_module(f"res{i + 2}", nn.Sequential(*blocks))
             self.out_channels.append(out_ch)
             in_ch = out_ch

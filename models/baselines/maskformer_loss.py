@@ -40,7 +40,8 @@ def _batch_focal(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: fl
     prob = inputs.sigmoid()
     pos = ((1 - prob) ** gamma) * F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
     neg = (prob**gamma) * F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
-    return (torch.einsum("nc,mc->nm", pos * alpha, targets) + torch.einsum("nc,mc->nm", neg * (1 - alpha), 1 - targets)) / hw
+    cost = torch.einsum("nc,mc->nm", pos * alpha, targets) + torch.einsum("nc,mc->nm", neg * (1 - alpha), 1 - targets)
+    return cost / hw
 
 
 @torch.no_grad()

@@ -28,18 +28,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.baselines.maskformer_detectron2 import (Conv2d, ResNet, c2_msra_fill, c2_xavier_fill,
-                                                    fill_frozen_bn_stats, get_norm, guess_family,
-                                                    read_detectron2_checkpoint)
+from models.baselines.maskformer_detectron2 import (
+    Conv2d,
+    ResNet,
+    c2_msra_fill,
+    c2_xavier_fill,
+    fill_frozen_bn_stats,
+    get_norm,
+    guess_family,
+    read_detectron2_checkpoint,
+)
 from models.checkpoint import CheckpointError
 from models.family import Family
 from models.inference import LAST_LAYER, TestTransformSpec, parse_layer
@@ -47,8 +55,15 @@ from models.postprocess import Candidates, PanopticResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PanopticFCNConfig", "PanopticFCN", "FAMILY", "build_criterion", "convert_state_dict",
-           "combine_thing_and_stuff"]
+__all__ = [
+    "FAMILY",
+    "OFFICIAL_RECIPES",
+    "PanopticFCN",
+    "PanopticFCNConfig",
+    "build_criterion",
+    "combine_thing_and_stuff",
+    "convert_state_dict",
+]
 
 
 @dataclass
@@ -119,7 +134,7 @@ class PanopticFCNConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PanopticFCNConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PanopticFCNConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
@@ -144,6 +159,16 @@ CONFIGS: dict[str, Callable[..., PanopticFCNConfig]] = {
         "freeze_at": 0, "fpn_channels": 32, "gn_groups": 8, "semantic_dim": 32, "position_convs": 1,
         "position_dim": 32, "kernel_convs": 1, "kernel_dim": 32, "encoder_convs": 2, "encoder_dim": 16,
         "top_num": 40, "stuff_area_limit": 64, "test_short": 128, "test_long": 256}),
+}
+
+
+# Upstream training recipe (configs/PanopticFCN-R50-3x.yaml + detectron2 defaults: SGD momentum 0.9), for
+# `harness train` to map onto its own settings.
+OFFICIAL_RECIPES: dict[str, dict[str, Any]] = {
+    "panoptic_fcn_r50_3x": {
+        "optimizer": "sgd", "momentum": 0.9, "lr": 0.01, "weight_decay": 1e-4, "batch_size": 16,
+        "iterations": 270000, "lr_schedule": "poly", "poly_power": 0.9, "warmup_iters": 1000, "warmup_factor": 0.001,
+        "clip_grad_value": 35.0, "min_size_train": (640, 672, 704, 736, 768, 800), "max_size_train": 1333},
 }
 
 
@@ -670,7 +695,8 @@ def combine_thing_and_stuff(thing_masks: Tensor | None, thing_classes: Tensor | 
 
 
 # ----------------------------------------------------------------------------------------------- converter
-def convert_state_dict(raw: dict[str, Tensor], cfg: PanopticFCNConfig, source: str = "<state dict>") -> dict[str, Tensor]:
+def convert_state_dict(raw: dict[str, Tensor], cfg: PanopticFCNConfig,
+                       source: str = "<state dict>") -> dict[str, Tensor]:
     """Released Panoptic FCN state dict (detectron2 names) -> ours: identity names; FrozenBN layers without running
     stats get mean 0 / var 1 (detectron2's rule); ``pixel_mean``/``pixel_std`` buffers (if any) are dropped.
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PanopticFCNCriterion", "gaussian_radius", "draw_gaussian", "focal_loss", "dice"]
+__all__ = ["PanopticFCNCriterion", "dice", "draw_gaussian", "focal_loss", "gaussian_radius"]
 
 
 def focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
