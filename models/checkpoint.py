@@ -186,8 +186,6 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _is_training_checkpoint(path: Path) -> bool:
     """Our training engine's ``checkpoint_last.pt``: a dict with ``model`` and ``config`` entries."""
-    if path.suffix == ".pkl":  # detectron2 releases (pickled numpy), never written by our engine
-        return False
     try:
         obj = torch.load(str(path), map_location="meta", weights_only=True)
     except Exception:

@@ -70,6 +70,13 @@ def test_parameter_count_equals_official(r50: PanopticFCN) -> None:
     assert round(n / 1e6, 1) == 37.0  # Table 1 #P
 
 
+def test_pth_with_code_objects_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"a": torch.zeros(1)}, "extra": Path("x")}, path)  # a pickled object that is not data
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_model(path, model="panoptic_fcn_r50_3x")
+
+
 def test_wrong_family_is_named(tmp_path: Path, released: dict[str, torch.Tensor], r50: PanopticFCN) -> None:
     from models.checkpoint import load_state_dict_strict
 

@@ -10,8 +10,8 @@ identity key map:
   ``stride_in_1x1`` places the stage stride in the first 1x1 conv (MSRA/Caffe2 weights, Panoptic FCN) or in the
   3x3 conv (torchvision weights, MaskFormer).
 * :func:`read_detectron2_checkpoint`: a released ``.pkl`` (pickled numpy arrays, read with an allow-list
-  unpickler) or ``.pth`` (``torch.load``) -> ``{name: Tensor}`` (``"model"`` entry if present, ``module.``
-  stripped), as ``DetectionCheckpointer._load_file``.
+  unpickler) or ``.pth`` (``torch.load(weights_only=True)``, never a full unpickle) -> ``{name: Tensor}``
+  (``"model"`` entry if present, ``module.`` stripped), as ``DetectionCheckpointer._load_file``.
 * :func:`guess_family`: which released family a state dict looks like (for clear wrong-family errors).
 """
 
@@ -206,6 +206,18 @@ _PICKLE_ALLOWED = {
 }
 
 
+def _numpy_safe_globals() -> list[Any]:
+    """numpy objects a released ``.pth`` may hold (arrays, scalars, dtypes), for ``torch.load(weights_only=True)``."""
+    try:
+        from numpy._core import multiarray  # numpy 2
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core import multiarray  # type: ignore[no-redef]
+
+    dtypes = [type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.float16,
+                                          np.float32, np.float64)]
+    return [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar, *dtypes]
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickler that only builds numpy arrays, dtypes and plain containers (a released model file needs no more)."""
 
@@ -248,15 +260,13 @@ def read_detectron2_checkpoint(path: str | Path) -> dict[str, Tensor]:
         except Exception as exc:
             raise CheckpointError(f"cannot read {p} as a detectron2 .pkl (pickled numpy arrays): {exc}") from exc
     else:
+        # weights_only=True with numpy data types allowed; never a full unpickle (a checkpoint must not run code).
         try:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # detectron2 training checkpoints may hold optimizer/scheduler objects that weights_only refuses.
-            log.warning("%s holds objects other than tensors; loading it with weights_only=False", p)
-            try:
-                obj = torch.load(str(p), map_location="cpu", weights_only=False)
-            except Exception as exc:
-                raise CheckpointError(f"cannot read {p} as a PyTorch checkpoint: {exc}") from exc
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"{p}: refusing to load: it holds objects other than tensors, numbers, strings, "
+                                  f"containers and numpy arrays ({' '.join(str(exc).split())[:200]})") from None
         except Exception as exc:
             raise CheckpointError(f"cannot read {p} as a PyTorch checkpoint: {exc}") from exc
     if not isinstance(obj, dict):
