@@ -246,6 +246,14 @@ def test_contract_candidates_and_post_processors(tiny: tuple[MaskFormer, dict]) 
             assert res.category.shape == (40, 60)
     res = model.own_post_process(out, 0, (40, 60))
     assert res.category.shape == (40, 60) and res.category.min() >= -1
+    # valid_hw (mask pixels) equal to the recorded size / 4 rounded up keeps the exact crop (image 62 x 94 here).
+    pad = torch.zeros(1, 64, 96, dtype=torch.bool)
+    pad[0, 62:], pad[0, :, 94:] = True, True
+    with torch.no_grad():
+        o = model(torch.randn(1, 3, 64, 96), pad)
+    assert o["image_sizes"] == [(62, 94)]
+    np.testing.assert_array_equal(model.own_post_process(o, 0, (31, 47), valid_hw=(16, 24)).category,
+                                  model.own_post_process(o, 0, (31, 47)).category)
     with torch.no_grad():
         trunc = model(torch.zeros(1, 3, 64, 96), mask_layer=1)
         full = model(torch.zeros(1, 3, 64, 96))

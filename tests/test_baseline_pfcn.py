@@ -225,7 +225,10 @@ def test_contract_candidates_and_post_processors(tiny: tuple[PanopticFCN, dict])
     assert c.labels.max() < 16
     for method in ("m", "p", "p*", "heuristic"):
         assert post_process(method, c, 10, (40, 50), **model.post_process_options(method)).category.shape == (40, 50)
-    assert model.own_post_process(out, 1, (40, 50)).category.shape == (40, 50)
+    own = model.own_post_process(out, 1, (40, 50))
+    assert own.category.shape == (40, 50)
+    # A caller's valid_hw in mask pixels that agrees with the padding mask keeps the exact (pixel) crop.
+    np.testing.assert_array_equal(model.own_post_process(out, 1, (40, 50), valid_hw=(20, 25)).category, own.category)
 
 
 def test_dump_raw_has_the_issue_keys_for_r50(r50: PanopticFCN) -> None:

@@ -41,10 +41,13 @@ from models.baselines.maskformer_detectron2 import (
     Conv2d,
     ResNet,
     c2_xavier_fill,
+    ceil_div_hw,
     fill_frozen_bn_stats,
     get_norm,
     guess_family,
+    image_size_in_pixels,
     read_detectron2_checkpoint,
+    valid_sizes,
 )
 from models.checkpoint import CheckpointError
 from models.family import Family
@@ -405,7 +408,7 @@ class MaskFormer(nn.Module):
         logits = head.predictor.class_embed(hs)
         masks = torch.einsum("lbqc,bchw->lbqhw", head.predictor.mask_embed(hs), mask_features)
         return {"pred_logits": logits[-1], "pred_masks": masks[-1], "aux_logits": logits[:-1], "aux_masks": masks[:-1],
-                "image_sizes": _valid_sizes(images, pad_mask), "input_size": (int(images.shape[-2]),
+                "image_sizes": valid_sizes(images, pad_mask), "input_size": (int(images.shape[-2]),
                                                                                int(images.shape[-1]))}
 
     # ------------------------------------------------------------------ models.inference.PanopticModel
@@ -436,7 +439,7 @@ class MaskFormer(nn.Module):
         logits, masks = self._layer_outputs(outputs, layer)
         scores, labels = F.softmax(logits[index].float(), dim=-1).max(-1)
         keep = torch.nonzero(labels != self.cfg.num_classes).flatten()
-        h, w = valid_hw or _ceil_div(outputs["image_sizes"][index], self.mask_stride)
+        h, w = valid_hw or ceil_div_hw(outputs["image_sizes"][index], self.mask_stride)
         m = masks[index][keep][:, :h, :w].float().sigmoid()
         return Candidates(scores=scores[keep].detach().cpu(), labels=labels[keep].detach().cpu(),
                           masks=m.detach().cpu(), query_index=keep.cpu())
@@ -452,10 +455,9 @@ class MaskFormer(nn.Module):
 
     def own_post_process(self, outputs: dict[str, Any], index: int, out_size: tuple[int, int],
                          valid_hw: tuple[int, int] | None = None) -> PanopticResult:
-        """MaskFormer's ``panoptic_inference`` at ``out_size``; ``valid_hw`` in mask pixels (default: recorded)."""
-        img_hw = outputs["image_sizes"][index] if valid_hw is None else (
-            min(valid_hw[0] * self.mask_stride, outputs["input_size"][0]),
-            min(valid_hw[1] * self.mask_stride, outputs["input_size"][1]))
+        """MaskFormer's ``panoptic_inference`` at ``out_size``; ``valid_hw`` in mask pixels (default: the image size
+        recorded from the padding mask, also used when ``valid_hw`` is just that size / 4 rounded up)."""
+        img_hw = image_size_in_pixels(outputs, index, valid_hw, self.mask_stride)
         return maskformer_panoptic_inference(outputs["pred_logits"][index], outputs["pred_masks"][index],
                                              outputs["input_size"], img_hw, out_size, self.cfg.num_things,
                                              self.cfg.object_mask_threshold, self.cfg.overlap_threshold)
@@ -472,18 +474,6 @@ class MaskFormer(nn.Module):
                 "pred_masks": outputs["pred_masks"][index].detach().float().cpu().numpy(),
                 "panoptic_category": own.category.astype(np.int32),
                 "panoptic_instance": own.instance.astype(np.int32)}
-
-
-def _valid_sizes(images: Tensor, pad_mask: Tensor | None) -> list[tuple[int, int]]:
-    """Per-image ``(h, w)`` of the non-padded region (the whole input when ``pad_mask`` is None)."""
-    if pad_mask is None:
-        return [(int(images.shape[-2]), int(images.shape[-1]))] * int(images.shape[0])
-    valid = ~pad_mask.bool()
-    return [(int(v.any(1).sum()), int(v.any(0).sum())) for v in valid]
-
-
-def _ceil_div(hw: tuple[int, int], s: int) -> tuple[int, int]:
-    return -(-int(hw[0]) // s), -(-int(hw[1]) // s)
 
 
 def maskformer_panoptic_inference(logits: Tensor, mask_logits: Tensor, input_size: tuple[int, int],

@@ -13,6 +13,8 @@ identity key map:
   unpickler) or ``.pth`` (``torch.load(weights_only=True)``, never a full unpickle) -> ``{name: Tensor}``
   (``"model"`` entry if present, ``module.`` stripped), as ``DetectionCheckpointer._load_file``.
 * :func:`guess_family`: which released family a state dict looks like (for clear wrong-family errors).
+* :func:`valid_sizes` / :func:`image_size_in_pixels`: each image's size inside a padded batch, for the exact crop
+  upstream makes before resizing masks to the original size.
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ __all__ = [
     "Conv2d",
     "FrozenBatchNorm2d",
     "ResNet",
+    "ceil_div_hw",
     "fill_frozen_bn_stats",
     "get_norm",
     "guess_family",
+    "image_size_in_pixels",
     "read_detectron2_checkpoint",
+    "valid_sizes",
 ]
 
 
@@ -196,6 +201,34 @@ class ResNet(nn.Module):
             x = getattr(self, f"res{i + 2}")(x)
             outs.append(x)
         return outs
+
+
+# ------------------------------------------------------------------------------------------------ image sizes
+def valid_sizes(images: Tensor, pad_mask: Tensor | None) -> list[tuple[int, int]]:
+    """Per-image ``(h, w)`` of the non-padded region (the whole input when ``pad_mask`` is None)."""
+    if pad_mask is None:
+        return [(int(images.shape[-2]), int(images.shape[-1]))] * int(images.shape[0])
+    valid = ~pad_mask.bool()
+    return [(int(v.any(1).sum()), int(v.any(0).sum())) for v in valid]
+
+
+def ceil_div_hw(hw: tuple[int, int], s: int) -> tuple[int, int]:
+    """``(ceil(h / s), ceil(w / s))``: the stride-``s`` cells covering an ``h x w`` image."""
+    return -(-int(hw[0]) // s), -(-int(hw[1]) // s)
+
+
+def image_size_in_pixels(outputs: dict[str, Any], index: int, valid_hw: tuple[int, int] | None,
+                         stride: int) -> tuple[int, int]:
+    """The resized image's size in input pixels for cropping before the final resize.
+
+    The size recorded from the padding mask is exact; a caller's ``valid_hw`` (mask pixels) only overrides it when
+    it says something else than that size / ``stride`` rounded up (then ``valid_hw * stride``, within the input).
+    """
+    recorded = tuple(int(v) for v in outputs["image_sizes"][index])
+    if valid_hw is None or tuple(int(v) for v in valid_hw) == ceil_div_hw(recorded, stride):
+        return recorded  # type: ignore[return-value]
+    h_in, w_in = outputs["input_size"]
+    return min(int(valid_hw[0]) * stride, h_in), min(int(valid_hw[1]) * stride, w_in)
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

@@ -46,7 +46,9 @@ from models.baselines.maskformer_detectron2 import (
     fill_frozen_bn_stats,
     get_norm,
     guess_family,
+    image_size_in_pixels,
     read_detectron2_checkpoint,
+    valid_sizes,
 )
 from models.checkpoint import CheckpointError
 from models.family import Family
@@ -441,7 +443,7 @@ class PanopticFCN(nn.Module):
         """
         if mask_layer not in (None, 1):
             raise ValueError(f"Panoptic FCN has a single mask layer; got mask_layer={mask_layer}")
-        sizes = _valid_sizes(images, pad_mask)
+        sizes = valid_sizes(images, pad_mask)
         div = self.cfg.size_divisor
         ph, pw = (-images.shape[-2]) % div, (-images.shape[-1]) % div
         if ph or pw:
@@ -577,8 +579,9 @@ class PanopticFCN(nn.Module):
 
     def own_post_process(self, outputs: dict[str, Any], index: int, out_size: tuple[int, int],
                          valid_hw: tuple[int, int] | None = None) -> PanopticResult:
-        """Upstream ``process_inst`` + stuff resizing + ``combine_thing_and_stuff`` at ``out_size``."""
-        img_hw = outputs["image_sizes"][index] if valid_hw is None else (valid_hw[0] * 4, valid_hw[1] * 4)
+        """Upstream ``process_inst`` + stuff resizing + ``combine_thing_and_stuff`` at ``out_size`` (``valid_hw`` in
+        mask pixels; the image size recorded from the padding mask wins when ``valid_hw`` agrees with it)."""
+        img_hw = image_size_in_pixels(outputs, index, valid_hw, self.mask_stride)
         return self._own(self._detections(outputs, index), img_hw, out_size)
 
     def _own(self, d: Detections, img_hw: tuple[int, int], out_size: tuple[int, int]) -> PanopticResult:
@@ -633,13 +636,6 @@ class PanopticFCN(nn.Module):
         raw["panoptic_category"] = own.category.astype(np.int32)
         raw["panoptic_instance"] = own.instance.astype(np.int32)
         return raw
-
-
-def _valid_sizes(images: Tensor, pad_mask: Tensor | None) -> list[tuple[int, int]]:
-    if pad_mask is None:
-        return [(int(images.shape[-2]), int(images.shape[-1]))] * int(images.shape[0])
-    valid = ~pad_mask.bool()
-    return [(int(v.any(1).sum()), int(v.any(0).sum())) for v in valid]
 
 
 def combine_thing_and_stuff(thing_masks: Tensor | None, thing_classes: Tensor | None, thing_scores: Tensor | None,
