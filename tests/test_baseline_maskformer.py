@@ -252,14 +252,26 @@ def test_contract_candidates_and_post_processors(tiny: tuple[MaskFormer, dict]) 
     with torch.no_grad():
         o = model(torch.randn(1, 3, 64, 96), pad)
     assert o["image_sizes"] == [(62, 94)]
-    np.testing.assert_array_equal(model.own_post_process(o, 0, (31, 47), valid_hw=(16, 24)).category,
-                                  model.own_post_process(o, 0, (31, 47)).category)
+    for valid in ((16, 24), (17, 25)):  # the padding mask is exact; a caller's rounded-up valid_hw does not move it
+        np.testing.assert_array_equal(model.own_post_process(o, 0, (31, 47), valid_hw=valid).category,
+                                      model.own_post_process(o, 0, (31, 47)).category)
     with torch.no_grad():
         trunc = model(torch.zeros(1, 3, 64, 96), mask_layer=1)
         full = model(torch.zeros(1, 3, 64, 96))
     assert torch.equal(trunc["pred_logits"], full["aux_logits"][0])
     with pytest.raises(ValueError):
         model(torch.zeros(1, 3, 64, 96), mask_layer=3)
+
+
+def test_image_size_for_the_crop() -> None:
+    from models.baselines.maskformer_detectron2 import image_size_in_pixels
+
+    masked = {"image_sizes": [(62, 94)], "sizes_from_mask": True, "input_size": (64, 96)}
+    assert image_size_in_pixels(masked, 0, (17, 25), 4) == (62, 94)
+    unmasked = {"image_sizes": [(64, 96)], "sizes_from_mask": False, "input_size": (64, 96)}
+    assert image_size_in_pixels(unmasked, 0, None, 4) == (64, 96)
+    assert image_size_in_pixels(unmasked, 0, (10, 12), 4) == (40, 48)
+    assert image_size_in_pixels(unmasked, 0, (16, 24), 4) == (64, 96)
 
 
 def test_dump_raw_has_the_issue_keys_for_r50() -> None:

@@ -397,7 +397,7 @@ class MaskFormer(nn.Module):
             ``pred_logits (B, Q, K+1)``, ``pred_masks (B, Q, H/4, W/4)`` raw logits of the last (or k-th) layer,
             ``aux_logits (L-1, B, Q, K+1)`` and ``aux_masks (L-1, B, Q, H/4, W/4)`` of the earlier layers (all
             computed, as the deep-supervised upstream forward does), ``image_sizes`` [(h, w)] valid input sizes,
-            ``input_size`` (H, W).
+            ``sizes_from_mask`` (whether they came from ``pad_mask``), ``input_size`` (H, W).
         """
         if mask_layer is not None and not 1 <= mask_layer <= self.cfg.dec_layers:
             raise ValueError(f"mask_layer {mask_layer} out of range 1..{self.cfg.dec_layers}")
@@ -408,8 +408,8 @@ class MaskFormer(nn.Module):
         logits = head.predictor.class_embed(hs)
         masks = torch.einsum("lbqc,bchw->lbqhw", head.predictor.mask_embed(hs), mask_features)
         return {"pred_logits": logits[-1], "pred_masks": masks[-1], "aux_logits": logits[:-1], "aux_masks": masks[:-1],
-                "image_sizes": valid_sizes(images, pad_mask), "input_size": (int(images.shape[-2]),
-                                                                               int(images.shape[-1]))}
+                "image_sizes": valid_sizes(images, pad_mask), "sizes_from_mask": pad_mask is not None,
+                "input_size": (int(images.shape[-2]), int(images.shape[-1]))}
 
     # ------------------------------------------------------------------ models.inference.PanopticModel
     def test_transform(self) -> TestTransformSpec:

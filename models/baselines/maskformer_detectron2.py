@@ -221,11 +221,13 @@ def image_size_in_pixels(outputs: dict[str, Any], index: int, valid_hw: tuple[in
                          stride: int) -> tuple[int, int]:
     """The resized image's size in input pixels for cropping before the final resize.
 
-    The size recorded from the padding mask is exact; a caller's ``valid_hw`` (mask pixels) only overrides it when
-    it says something else than that size / ``stride`` rounded up (then ``valid_hw * stride``, within the input).
+    The size recorded from the forward's padding mask (``outputs["sizes_from_mask"]``) is exact and always wins;
+    without a mask, a caller's ``valid_hw`` (mask pixels) gives ``valid_hw * stride`` (within the input), unless it
+    is just the input size / ``stride`` rounded up.
     """
     recorded = tuple(int(v) for v in outputs["image_sizes"][index])
-    if valid_hw is None or tuple(int(v) for v in valid_hw) == ceil_div_hw(recorded, stride):
+    if valid_hw is None or outputs.get("sizes_from_mask") or tuple(int(v) for v in valid_hw) == ceil_div_hw(
+            recorded, stride):
         return recorded  # type: ignore[return-value]
     h_in, w_in = outputs["input_size"]
     return min(int(valid_hw[0]) * stride, h_in), min(int(valid_hw[1]) * stride, w_in)

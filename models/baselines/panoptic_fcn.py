@@ -438,8 +438,8 @@ class PanopticFCN(nn.Module):
 
         Returns:
             ``center_logits`` / ``region_logits`` / ``kernels``: five ``(B, C, h_l, w_l)`` tensors (P3..P7),
-            ``encode_feat (B, E, H/4, W/4)``, ``image_sizes`` [(h, w)], ``input_size`` (padded H, W), and in eval
-            mode ``detections`` (one :class:`Detections` per image).
+            ``encode_feat (B, E, H/4, W/4)``, ``image_sizes`` [(h, w)] (``sizes_from_mask``: from ``pad_mask``),
+            ``input_size`` (padded H, W), and in eval mode ``detections`` (one :class:`Detections` per image).
         """
         if mask_layer not in (None, 1):
             raise ValueError(f"Panoptic FCN has a single mask layer; got mask_layer={mask_layer}")
@@ -458,6 +458,7 @@ class PanopticFCN(nn.Module):
             kernels.append(self.kernel_head(f))
         out: dict[str, Any] = {"center_logits": centers, "region_logits": regions, "kernels": kernels,
                                "encode_feat": encode_feat, "image_sizes": sizes,
+                               "sizes_from_mask": pad_mask is not None,
                                "input_size": (int(images.shape[-2]), int(images.shape[-1]))}
         if not self.training:
             with torch.no_grad():
