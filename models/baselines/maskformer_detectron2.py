@@ -20,7 +20,6 @@ identity key map:
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.checkpoint import CheckpointError
+from models.safe_load import UnsafeCheckpointError, pickle_load, torch_load
 
 log = logging.getLogger(__name__)
 
@@ -234,38 +234,6 @@ def image_size_in_pixels(outputs: dict[str, Any], index: int, valid_hw: tuple[in
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-_PICKLE_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
-}
-
-
-def _numpy_safe_globals() -> list[Any]:
-    """numpy objects a released ``.pth`` may hold (arrays, scalars, dtypes), for ``torch.load(weights_only=True)``."""
-    try:
-        from numpy._core import multiarray  # numpy 2
-    except ImportError:  # pragma: no cover - numpy 1
-        from numpy.core import multiarray  # type: ignore[no-redef]
-
-    dtypes = [type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.float16,
-                                          np.float32, np.float64)]
-    return [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar, *dtypes]
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler that only builds numpy arrays, dtypes and plain containers (a released model file needs no more)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _PICKLE_ALLOWED:
-            if module.startswith("numpy.core"):
-                module = "numpy._core" + module[len("numpy.core"):]  # numpy-1 pickles under numpy 2
-            return super().find_class(module, name)
-        if module.startswith("numpy.dtypes") or (module == "builtins" and name in ("dict", "list", "tuple", "set")):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (not an array container)")
-
-
 def _to_tensor(key: str, value: Any, path: Path) -> Tensor:
     if isinstance(value, Tensor):
         return value
@@ -288,22 +256,11 @@ def read_detectron2_checkpoint(path: str | Path) -> dict[str, Tensor]:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
-    if p.suffix == ".pkl":
-        try:
-            with open(p, "rb") as f:
-                obj = _ArrayUnpickler(f, encoding="latin1").load()
-        except Exception as exc:
-            raise CheckpointError(f"cannot read {p} as a detectron2 .pkl (pickled numpy arrays): {exc}") from exc
-    else:
-        # weights_only=True with numpy data types allowed; never a full unpickle (a checkpoint must not run code).
-        try:
-            with torch.serialization.safe_globals(_numpy_safe_globals()):
-                obj = torch.load(str(p), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"{p}: refusing to load: it holds objects other than tensors, numbers, strings, "
-                                  f"containers and numpy arrays ({' '.join(str(exc).split())[:200]})") from None
-        except Exception as exc:
-            raise CheckpointError(f"cannot read {p} as a PyTorch checkpoint: {exc}") from exc
+    # Never a full unpickle (a checkpoint must not run code): models.safe_load allows data objects only.
+    try:
+        obj = pickle_load(p) if p.suffix == ".pkl" else torch_load(p)
+    except UnsafeCheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p}: expected a dict of arrays (or one under 'model'), got {type(obj).__name__}")
     state = obj.get("model", obj.get("state_dict", obj))  # "state_dict": an mmcv file (named as such later)
