@@ -24,10 +24,36 @@ Four methods share one input (`Candidates`) and one output (`PanopticResult`):
 Masks are upsampled bilinearly (align_corners=False) straight to ``out_size``, as the official code does
 (it never crops padding: batch size 1 without padding at test time). Callers with padded batches crop
 first (`candidates_from_outputs(..., valid_hw=...)`).
+
+Speed (issue #10.7). The definitions above resize every candidate to the full image (153 x H x W floats for
+COCO), which costs seconds per image on a CPU. The implementations here give bit-identical results at a small
+fraction of the cost:
+
+- Masks are ReLU outputs: a resized mask can exceed a threshold only next to low-resolution pixels that exceed
+  it, and it is exactly 0 away from non-zero ones. Each candidate is resized only inside that support box
+  (`_BoxMasks`), with ``F.interpolate`` itself: PyTorch's generic CPU bilinear kernel is separable (a 1-d linear
+  pass along W for each source row, then one along H for each column, each output element computed by the same
+  float32 expression), so a W pass over the needed source rows and an H pass over the box's columns reproduce
+  the 2-d kernel bit for bit on any CPU (with or without FMA). This is checked once per process on probes;
+  any doubt (another kernel would run: output H + W <= 128, 3 candidates on one thread, channels-last input;
+  non-finite values; a failed probe) falls back to the full-resolution definitions below (``_*_full``).
+- "(m)" needs every candidate's rescored score only to sort the ones that get painted. A candidate whose upper
+  bound ``score**alpha * (max mask value * slack)**beta`` is below its t_cnf can never be painted and is not
+  resized at all. The others' scores use the official float32 expressions on the full (K,) vectors in the
+  original order, and their masked sums are reduced by ``torch.sum`` over full-size (H, W) rows of a >= 2-row
+  buffer (the same cascade-sum order, per row, as the official ``(K, H, W).sum((1, 2))``). When two painted
+  candidates tie (``stable=False`` sort), every candidate's score is computed and the full vector sorted, as
+  official.
+- Overlap tests and painting work inside the boxes; segment areas are counted while painting.
+
+``return_candidates=True`` ("(m)" only; ``harness predict --dump-raw``) takes the full-resolution path, which
+also returns the sorted candidate list with full-resolution masks.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,9 +114,12 @@ class PanopticResult:
     Attributes:
         category: (H, W) int32 contiguous class index, -1 for void.
         instance: (H, W) int32 thing instance number 1, 2, ... in painting order; 0 for stuff and void.
-        segments: one dict per painted segment: label, isthing, score, instance, area.
-        candidate_scores: (K,) float32 rescored candidate scores, sorted descending (mask-wise path only).
-        candidate_labels: (K,) int64 labels in that order (mask-wise path only).
+        segments: one dict per painted segment, in painting order: label, isthing, score, instance, area, and
+            candidate (index into the input candidates of the one that painted it; for a stuff class painted
+            by several candidates, the first).
+        candidate_scores: (K,) float32 rescored candidate scores, sorted descending ("(m)" with
+            ``return_candidates=True`` only; None otherwise).
+        candidate_labels: (K,) int64 labels in that order (same condition).
         candidate_masks: (K, H, W) float32 mask values at out_size before thresholding, same order.
     """
 
@@ -141,6 +170,14 @@ def candidates_from_outputs(
     return Candidates(scores=scores, labels=labels, masks=masks, boxes=boxes, query_index=query_index)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+# (label, isthing, score, instance, candidate index) of each painted segment, in painting order.
+Painted = list[tuple[int, bool, float, int, int]]
+
+
 def _resize(masks: Tensor, out_size: tuple[int, int]) -> Tensor:
     """(K, h, w) -> (K, H, W) float32, bilinear, align_corners=False (as `F.interpolate` in the official code)."""
     masks = masks.float()
@@ -155,27 +192,242 @@ def _empty_maps(out_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return np.full(out_size, -1, dtype=np.int32), np.zeros(out_size, dtype=np.int32)
 
 
-def _segments_from_maps(
-    category: np.ndarray, instance: np.ndarray, painted: list[tuple[int, bool, float, int]]
-) -> list[dict[str, Any]]:
-    """Segment list with the areas actually painted; `painted` = (label, isthing, score, instance)."""
+def _segment(label: int, isthing: bool, score: float, inst: int, area: int, candidate: int) -> dict[str, Any]:
+    return {"label": int(label), "isthing": bool(isthing), "score": float(score), "instance": int(inst),
+            "area": int(area), "candidate": int(candidate)}
+
+
+def _segments_from_maps(category: np.ndarray, instance: np.ndarray, painted: Painted) -> list[dict[str, Any]]:
+    """Segment list with the areas actually painted (full-resolution paths)."""
     segments = []
-    for label, isthing, score, inst in painted:
+    for label, isthing, score, inst, cand in painted:
         if isthing:
             area = int(((category == label) & (instance == inst)).sum())
         else:
             area = int(((category == label) & (instance == 0)).sum())
         if area > 0:
-            segments.append(
-                {
-                    "label": int(label),
-                    "isthing": bool(isthing),
-                    "score": float(score),
-                    "instance": int(inst),
-                    "area": area,
-                }
-            )
+            segments.append(_segment(label, isthing, score, inst, area, cand))
     return segments
+
+
+def _segments_from_counts(painted: Painted, areas: dict[int, int]) -> list[dict[str, Any]]:
+    """Segment list from pixel counts taken while painting (fast paths).
+
+    ``areas`` maps a painted entry's position in ``painted`` to its pixel count for things; a stuff entry's area
+    is the total over every entry of its label, which is what ``_segments_from_maps`` reads off the maps.
+    """
+    stuff_total: dict[int, int] = {}
+    for i, (label, isthing, *_rest) in enumerate(painted):
+        if not isthing:
+            stuff_total[label] = stuff_total.get(label, 0) + areas.get(i, 0)
+    segments = []
+    for i, (label, isthing, score, inst, cand) in enumerate(painted):
+        area = areas.get(i, 0) if isthing else stuff_total[label]
+        if area > 0:
+            segments.append(_segment(label, isthing, score, inst, area, cand))
+    return segments
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact resizing inside boxes
+# ----------------------------------------------------------------------------------------------------------------
+
+Box = tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open, in output pixels
+
+
+def _support_threshold(threshold: float) -> float:
+    """A source threshold below ``threshold`` with margin: bilinear outputs are convex combinations of four
+    source pixels (float32 weights summing to 1 within 1e-7), so an output > or >= ``threshold`` needs a source
+    neighbour above this value."""
+    return float(threshold) - 0.01 - 0.01 * abs(float(threshold))
+
+
+def _approx_source_index(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear source indices (i0, i1) per output index, as PyTorch computes them up to +-1 (float64 here; the
+    kernel's float32/FMA arithmetic may move ``floor`` by one at exact integers, which the box margins absorb)."""
+    if n_in == n_out:
+        idx = np.arange(n_out, dtype=np.int64)
+        return idx, idx
+    scale = float(np.float32(n_in) / np.float32(n_out))
+    src = np.maximum(scale * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    return i0, np.minimum(i0 + 1, n_in - 1)
+
+
+def _output_range(i0: np.ndarray, i1: np.ndarray, a: np.ndarray, b: np.ndarray, n_in: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Half-open ranges of output indices whose source pixels (true indices within +-1 of ``i0``/``i1``) may
+    include any of ``a..b`` (element-wise over arrays of ranges)."""
+    a, b = np.maximum(a - 1, 0), np.minimum(b + 1, n_in - 1)
+    return np.searchsorted(i1, a, "left"), np.searchsorted(i0, b, "right")
+
+
+class _BoxMasks:
+    """Full-resolution values of single candidates inside boxes, bit-identical to
+    ``F.interpolate(masks[None], out_size, mode="bilinear", align_corners=False)[0, k, y0:y1, x0:x1]``.
+
+    The 2-d generic kernel computes ``t_r = x[r, j0] * a0 + x[r, j1] * a1`` along W for the two source rows of an
+    output row, then ``t_r0 * b0 + t_r1 * b1`` (float32, contracted to FMAs on AVX builds). A 1-d ``linear``
+    interpolation along W of the needed source rows, then one along H of the needed columns (with the unread
+    source rows left at zero), evaluates the same expressions with the same index and weight tables
+    (`_separable_is_exact` checks it once per process).
+
+    Args:
+        masks: (K, h, w) float32 low-resolution masks.
+        out_size: (H, W).
+    """
+
+    # Elements per F.interpolate call (bounds the temporary memory).
+    CHUNK = 1 << 22
+
+    def __init__(self, masks: Tensor, out_size: tuple[int, int]) -> None:
+        self.masks = masks
+        self.h, self.w = int(masks.shape[-2]), int(masks.shape[-1])
+        self.H, self.W = int(out_size[0]), int(out_size[1])
+        self.identity = (self.h, self.w) == (self.H, self.W)
+        self.nonneg = float(masks.amin()) >= 0
+        self.r0, self.r1 = _approx_source_index(self.h, self.H)
+        self.c0, self.c1 = _approx_source_index(self.w, self.W)
+
+    def boxes(self, ks: list[int], above: float | None) -> list[Box | None]:
+        """Output boxes holding every pixel where candidate ``ks[i]`` can exceed a threshold whose support
+        threshold is ``above`` (see `_support_threshold`), or every non-zero pixel (``above=None``); None when
+        there is none."""
+        if not ks:
+            return []
+        sel = self.masks if len(ks) == self.masks.shape[0] and ks == list(range(len(ks))) else \
+            self.masks[torch.as_tensor(ks, dtype=torch.long)]
+        if above is None:  # non-zero support
+            sel, above = (sel if self.nonneg else sel.abs()), 0.0
+        rows, cols = (sel.amax(2) > above).numpy(), (sel.amax(1) > above).numpy()  # amax: 10x faster than any
+        has = rows.any(1)
+        r_first, r_last = rows.argmax(1), self.h - 1 - rows[:, ::-1].argmax(1)
+        c_first, c_last = cols.argmax(1), self.w - 1 - cols[:, ::-1].argmax(1)
+        y0, y1 = _output_range(self.r0, self.r1, r_first, r_last, self.h)
+        x0, x1 = _output_range(self.c0, self.c1, c_first, c_last, self.w)
+        ok = has & (y0 < y1) & (x0 < x1)
+        return [(int(y0[i]), int(y1[i]), int(x0[i]), int(x1[i])) if ok[i] else None for i in range(len(ks))]
+
+    def values(self, ks: list[int], boxes: list[Box]) -> list[np.ndarray]:
+        """Float32 values of the resized candidates ``ks`` inside ``boxes``, **transposed**: ``(x1 - x0, y1 - y0)``
+        (the H pass yields columns; the fast paths work on transposed maps to avoid copies)."""
+        if self.identity:
+            return [self.masks[k, y0:y1, x0:x1].numpy().T for k, (y0, y1, x0, x1) in zip(ks, boxes)]
+        out: list[np.ndarray] = []
+        start = 0
+        while start < len(ks):
+            stop, cost = start, 0
+            while stop < len(ks) and (stop == start or cost < self.CHUNK):
+                y0, y1, x0, x1 = boxes[stop]
+                cost += (x1 - x0) * self.H + (self.r1[y1 - 1] - self.r0[y0] + 3) * self.W
+                stop += 1
+            out.extend(self._values(ks[start:stop], boxes[start:stop]))
+            start = stop
+        return out
+
+    def _values(self, ks: list[int], boxes: list[Box]) -> list[np.ndarray]:
+        rows = [(max(int(self.r0[y0]) - 1, 0), min(int(self.r1[y1 - 1]) + 1, self.h - 1)) for y0, y1, _, _ in boxes]
+        src = torch.cat([self.masks[k, a:b + 1] for k, (a, b) in zip(ks, rows)])  # (sum R, w)
+        if self.w != self.W:  # along W (identity tables when equal: the kernel returns the source values)
+            src = F.interpolate(src[None], size=self.W, mode="linear", align_corners=False)[0]
+        offsets = np.cumsum([0] + [b - a + 1 for a, b in rows])
+        if self.h == self.H:
+            return [src[offsets[i] + y0 - a:offsets[i] + y1 - a, x0:x1].numpy().T
+                    for i, ((a, _), (y0, y1, x0, x1)) in enumerate(zip(rows, boxes))]
+        # Along H, one column per box column. Boxes whose source row ranges do not overlap share columns (an
+        # output row of a box reads only source rows in its own range), so the H pass computes little more than
+        # the boxes' area: first fit into strips, in order of the first source row.
+        strips: list[list[int]] = []  # [first column, width, last source row used]
+        place = [0] * len(boxes)
+        total = 0
+        for i in sorted(range(len(boxes)), key=lambda i: rows[i][0]):
+            nx = boxes[i][3] - boxes[i][2]
+            fit = [s for s in strips if s[1] >= nx and s[2] < rows[i][0]]
+            if fit:
+                strip = min(fit, key=lambda s: s[1])
+            else:
+                strip = [total, nx, -1]
+                strips.append(strip)
+                total += nx
+            strip[2] = rows[i][1]
+            place[i] = strip[0]
+        cols_in = src.new_zeros((total, self.h))  # unread source rows stay 0
+        for i, ((a, b), (_, _, x0, x1)) in enumerate(zip(rows, boxes)):
+            cols_in[place[i]:place[i] + x1 - x0, a:b + 1] = src[offsets[i]:offsets[i + 1], x0:x1].T
+        full = F.interpolate(cols_in[None], size=self.H, mode="linear", align_corners=False)[0]  # (total, H)
+        return [full[place[i]:place[i] + x1 - x0, y0:y1].numpy() for i, (y0, y1, x0, x1) in enumerate(boxes)]
+
+
+@functools.lru_cache(maxsize=1)
+def _separable_is_exact() -> bool:
+    """Probe once per process that `_BoxMasks` reproduces ``F.interpolate`` bilinear bit for bit here."""
+    gen = torch.Generator().manual_seed(0)
+    for (h, w), (hh, ww) in (((23, 31), (157, 211)), ((40, 30), (40, 190)), ((37, 29), (301, 29)),
+                              ((50, 67), (41, 95))):  # all with H + W > 128 (generic kernel)
+        x = torch.rand((2, h, w), generator=gen) * (torch.rand((2, h, w), generator=gen) > 0.3)
+        ref = F.interpolate(x[None], size=(hh, ww), mode="bilinear", align_corners=False)[0]
+        bm = _BoxMasks(x, (hh, ww))
+        full = (0, hh, 0, ww)
+        sub = (hh // 5, hh - hh // 4, ww // 3, ww - ww // 7)
+        got = bm.values([0, 1, 1], [full, full, sub])
+        want = [ref[0], ref[1], ref[1, sub[0]:sub[1], sub[2]:sub[3]]]
+        if not all(np.array_equal(g.T, r.numpy()) for g, r in zip(got, want)):
+            return False
+    return True
+
+
+def _reference_kernel_is_generic(masks: Tensor, out_size: tuple[int, int]) -> bool:
+    """Would ``F.interpolate(masks[None], out_size, bilinear)`` run the generic (separable) CPU kernel?
+
+    Mirrors ``upsample_bilinear2d_kernel_impl_float`` (ATen ``UpSampleKernel.cpp``): the channels-last kernel
+    (another float expression) runs for small outputs (H + W <= 128), channels-last inputs with more than 3
+    channels, and 3 channels on one thread.
+    """
+    k = int(masks.shape[0])
+    if out_size[0] + out_size[1] <= 128:
+        return False
+    if k > 3 and masks[None].is_contiguous(memory_format=torch.channels_last):
+        return False
+    return not (k == 3 and torch.get_num_threads() == 1)
+
+
+def _fast_masks(cands: Candidates, out_size: tuple[int, int]) -> Tensor | None:
+    """The float32 masks when the exact fast path applies, else None (use the full-resolution definition)."""
+    masks = cands.masks.float()
+    k, h, w = masks.shape
+    if k < 2 or h == 0 or w == 0 or out_size[0] <= 0 or out_size[1] <= 0 or masks.device.type != "cpu":
+        return None
+    # amax / amin propagate NaN and show infinities: finite extremes <=> finite values.
+    if not (math.isfinite(float(masks.amax())) and math.isfinite(float(masks.amin()))
+            and bool(torch.isfinite(cands.scores.float()).all())):
+        return None
+    if (h, w) != tuple(out_size) and not (_reference_kernel_is_generic(masks, out_size) and _separable_is_exact()):
+        return None
+    return masks
+
+
+def _tbox(a: np.ndarray, box: Box) -> np.ndarray:
+    """The view of a transposed ``(W, H)`` map under an output box."""
+    return a[box[2]:box[3], box[0]:box[1]]
+
+
+def _paint(category_t: np.ndarray, instance_t: np.ndarray, filled_t: np.ndarray, box: Box, region_t: np.ndarray,
+           label: int, inst: int) -> int:
+    """Paint ``region_t`` (bool, transposed box) into the transposed maps; returns its pixel count."""
+    _tbox(filled_t, box)[...] |= region_t
+    np.copyto(_tbox(category_t, box), np.int32(label), where=region_t)
+    if inst:
+        np.copyto(_tbox(instance_t, box), np.int32(inst), where=region_t)
+    return int(np.count_nonzero(region_t))
+
+
+def _untranspose(*maps: np.ndarray) -> list[np.ndarray]:
+    return [np.ascontiguousarray(m.T) for m in maps]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (m) mask-wise merging
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def mask_wise_merge(
@@ -191,6 +443,7 @@ def mask_wise_merge(
     mask_threshold: float = 0.5,
     plus_one: bool = True,
     stable: bool = False,
+    return_candidates: bool = False,
 ) -> PanopticResult:
     """Mask-wise merging "(m)", exactly as the official code (see the module docstring).
 
@@ -206,10 +459,142 @@ def mask_wise_merge(
         mask_threshold: binarisation threshold of the raw mask values.
         plus_one: official "+1" in the mask-score denominator; False gives the paper's plain mean.
         stable: stable sort (ties keep the input order, things first). Default False, as official.
+        return_candidates: also return the sorted candidate list (scores, labels, full-resolution masks); this
+            takes the full-resolution path (seconds per COCO image on a CPU).
 
     Returns:
-        PanopticResult with the sorted candidate list (scores, labels, masks at out_size).
+        PanopticResult (with the sorted candidate list when ``return_candidates``).
     """
+    opts = dict(thing_threshold=thing_threshold, stuff_threshold=stuff_threshold, thing_overlap=thing_overlap,
+                stuff_overlap=stuff_overlap, alpha=alpha, beta=beta, mask_threshold=mask_threshold,
+                plus_one=plus_one, stable=stable)
+    masks = None if return_candidates else _fast_masks(cands, out_size)
+    if masks is None:
+        return _mask_wise_merge_full(cands, num_things, out_size, **opts)
+    result = _mask_wise_merge_fast(cands, masks, num_things, (int(out_size[0]), int(out_size[1])), **opts)
+    return result if result is not None else _mask_wise_merge_full(cands, num_things, out_size, **opts)
+
+
+def _may_reach(scores: Tensor, vmax: np.ndarray, thr: np.ndarray, alpha: float, beta: float,
+               mask_threshold: float, hw: int) -> np.ndarray:
+    """(K,) bool: False where the rescored score provably stays below its threshold.
+
+    s_mask is a mean of values above ``mask_threshold`` (>= 0), each at most the candidate's largest
+    low-resolution value (bilinear weights are convex, float32 rounding < 1e-6), and float32 summation of n
+    non-negative terms errs by at most (1 + 2^-23)^n; 0.1 % more covers division, powers and the product.
+    """
+    k = len(vmax)
+    if not beta > 0 or not mask_threshold >= 0 or not math.isfinite(alpha) or not math.isfinite(beta):
+        return np.ones(k, bool)
+    s = scores.double().numpy()
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        f = s if alpha == 1.0 else s**alpha
+        ub = f * (np.maximum(vmax, 0.0) * math.exp((hw + 16) * 2.0**-23) * 1.001) ** beta
+    return ~(ub < thr - np.abs(thr) * 1e-3)
+
+
+def _mask_wise_merge_fast(
+    cands: Candidates, masks: Tensor, num_things: int, out_size: tuple[int, int], thing_threshold: float,
+    stuff_threshold: float, thing_overlap: float, stuff_overlap: float, alpha: float, beta: float,
+    mask_threshold: float, plus_one: bool, stable: bool,
+) -> PanopticResult | None:
+    """Box-restricted "(m)"; None when the full-resolution path must decide (NaN scores)."""
+    k = masks.shape[0]
+    hh, ww = out_size
+    scores = cands.scores.float()
+    labels = cands.labels
+    lab = labels.cpu().numpy().astype(np.int64)
+    isthing = lab < num_things
+    thr = np.where(isthing, thing_threshold, stuff_threshold).astype(np.float64)
+    sup = _support_threshold(mask_threshold)
+    vmax = masks.amax((1, 2)).double().numpy()
+    # Candidates without a low-resolution value above `sup` have no pixel above mask_threshold: sum 0, count 0.
+    touched = vmax > sup
+    bm = _BoxMasks(masks, out_size)
+    msum = np.zeros(k, np.float32)
+    count = np.zeros(k, np.int64)
+    known = ~touched
+    boxes: dict[int, Box] = {}
+    segs: dict[int, np.ndarray] = {}
+    # A zero buffer of two full-size rows: a candidate's masked values go in its box and torch sums whole rows,
+    # which reproduces the official (K, H, W).sum((1, 2)) row by row (a 1-row sum may be split across threads;
+    # two rows never are). Boxes are re-zeroed after use.
+    buf = torch.zeros((2, hh, ww))
+    view = buf.numpy()
+
+    def compute(ks: list[int]) -> None:
+        known[ks] = True
+        bxs = bm.boxes(ks, sup)
+        ks = [c for c, b in zip(ks, bxs) if b is not None]
+        bxs = [b for b in bxs if b is not None]
+        vals = bm.values(ks, bxs)
+        for start in range(0, len(ks), 2):
+            part = range(start, min(start + 2, len(ks)))
+            for r, i in enumerate(part):
+                y0, y1, x0, x1 = bxs[i]
+                seg = vals[i] > mask_threshold  # transposed
+                np.multiply(vals[i].T, seg.T, out=view[r, y0:y1, x0:x1])  # = masks * seg.float(), row-major
+                boxes[ks[i]], segs[ks[i]] = bxs[i], seg
+                count[ks[i]] = np.count_nonzero(seg)
+            sums = buf.sum((1, 2)).numpy()
+            for r, i in enumerate(part):
+                y0, y1, x0, x1 = bxs[i]
+                msum[ks[i]] = sums[r]
+                view[r, y0:y1, x0:x1] = 0
+
+    def rescore() -> np.ndarray:
+        # The official expressions on full (K,) vectors in the input order (pow may be vectorised per lane).
+        cnt = torch.from_numpy(count).float()
+        mask_score = torch.from_numpy(msum) / (cnt + 1 if plus_one else cnt.clamp(min=1.0))
+        return ((scores if alpha == 1.0 else scores**alpha) * mask_score**beta).numpy()
+
+    compute(np.flatnonzero(touched & _may_reach(scores, vmax, thr, alpha, beta, mask_threshold, hh * ww)).tolist())
+    rescored = rescore()
+    contenders = np.flatnonzero(known & ~(rescored < thr) & (count > 0))
+    values = rescored[contenders]
+    if np.isnan(values).any():
+        return None
+    if stable or len(np.unique(values)) == len(values):
+        order = contenders[torch.sort(torch.from_numpy(values), descending=True, stable=True).indices.numpy()]
+    else:
+        # Tied painted candidates: their order from an unstable sort depends on every value, as official.
+        compute(np.flatnonzero(touched & ~known).tolist())
+        rescored = rescore()
+        full_order = torch.sort(torch.from_numpy(rescored), descending=True, stable=False).indices.numpy()
+        is_contender = ~(rescored < thr) & (count > 0)
+        order = full_order[is_contender[full_order]]
+
+    filled = np.zeros((ww, hh), dtype=bool)  # transposed maps
+    category, instance = _empty_maps((ww, hh))
+    painted: Painted = []
+    areas: dict[int, int] = {}
+    next_instance = 1
+    for c in order.tolist():
+        box = boxes[c]
+        seg = segs[c]
+        free = ~_tbox(filled, box)
+        inter = int(count[c]) - int(np.count_nonzero(seg & free))
+        if inter / int(count[c]) > (thing_overlap if isthing[c] else stuff_overlap):
+            continue
+        region = seg & free
+        score = float(rescored[c])
+        if isthing[c]:
+            areas[len(painted)] = _paint(category, instance, filled, box, region, int(lab[c]), next_instance)
+            painted.append((int(lab[c]), True, score, next_instance, c))
+            next_instance += 1
+        else:
+            areas[len(painted)] = _paint(category, instance, filled, box, region, int(lab[c]), 0)
+            painted.append((int(lab[c]), False, score, 0, c))
+    category, instance = _untranspose(category, instance)
+    return PanopticResult(category=category, instance=instance, segments=_segments_from_counts(painted, areas))
+
+
+def _mask_wise_merge_full(
+    cands: Candidates, num_things: int, out_size: tuple[int, int], thing_threshold: float = 0.25,
+    stuff_threshold: float = 0.25, thing_overlap: float = 0.4, stuff_overlap: float = 0.2, alpha: float = 1.0,
+    beta: float = 2.0, mask_threshold: float = 0.5, plus_one: bool = True, stable: bool = False,
+) -> PanopticResult:
+    """The full-resolution definition of "(m)" (every candidate resized to ``out_size``), with the sorted list."""
     masks = _resize(cands.masks, out_size)
     seg = masks > mask_threshold
     # Same expressions and reduction order as the official code, so float32 results agree bit for bit.
@@ -226,7 +611,7 @@ def mask_wise_merge(
     filled = torch.zeros(out_size, dtype=torch.bool)
     category, instance = _empty_maps(out_size)
     cat_t, inst_t = torch.from_numpy(category), torch.from_numpy(instance)
-    painted: list[tuple[int, bool, float, int]] = []
+    painted: Painted = []
     next_instance = 1
     for i in range(labels.shape[0]):
         label = int(labels[i])
@@ -246,10 +631,10 @@ def mask_wise_merge(
         cat_t.masked_fill_(m, label)
         if isthing:
             inst_t.masked_fill_(m, next_instance)
-            painted.append((label, True, score, next_instance))
+            painted.append((label, True, score, next_instance, int(order[i])))
             next_instance += 1
         else:
-            painted.append((label, False, score, 0))
+            painted.append((label, False, score, 0, int(order[i])))
     return PanopticResult(
         category=category,
         instance=instance,
@@ -260,32 +645,29 @@ def mask_wise_merge(
     )
 
 
-def _paint_ids(
-    ids: Tensor, kept: list[int], labels: Tensor, scores: Tensor, num_things: int, valid: Tensor
-) -> tuple[np.ndarray, np.ndarray, list[tuple[int, bool, float, int]]]:
-    """Paint per-pixel winner ids (index into `kept`) into category/instance maps.
+# ----------------------------------------------------------------------------------------------------------------
+# (p) pixel-wise argmax
+# ----------------------------------------------------------------------------------------------------------------
 
-    Things get instance numbers in descending score order; stuff of one class shares one segment.
-    """
-    category, instance = _empty_maps(tuple(ids.shape))
-    cat_t, inst_t = torch.from_numpy(category), torch.from_numpy(instance)
-    painted = []
-    order = sorted(range(len(kept)), key=lambda j: -float(scores[kept[j]]))
-    next_instance = 1
-    for j in order:
-        k = kept[j]
-        m = (ids == j) & valid
-        if not bool(m.any()):
-            continue
-        label = int(labels[k])
-        cat_t.masked_fill_(m, label)
-        if label < num_things:
-            inst_t.masked_fill_(m, next_instance)
-            painted.append((label, True, float(scores[k]), next_instance))
-            next_instance += 1
-        elif all(p[0] != label for p in painted):
-            painted.append((label, False, float(scores[k]), 0))
-    return category, instance, painted
+
+def _empty_result(out_size: tuple[int, int]) -> PanopticResult:
+    category, instance = _empty_maps(out_size)
+    return PanopticResult(category=category, instance=instance)
+
+
+def _argmax_in_boxes(out_size: tuple[int, int], positions: list[int], boxes: list[Box], vals: list[np.ndarray],
+                     init: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel maximum over candidates given inside boxes (in ascending ``positions``), and the position of the
+    first maximal one (``torch.max(dim=0)``'s rule); pixels no candidate beats ``init`` keep ``(init, 0)``.
+    ``out_size`` and ``vals`` are transposed, like the returned maps."""
+    best = np.full(out_size, init, dtype=np.float32)
+    ids = np.zeros(out_size, dtype=np.int32)
+    for j, box, v in zip(positions, boxes, vals):
+        sub = _tbox(best, box)
+        win = v > sub  # strict: an earlier candidate keeps a tie
+        np.copyto(sub, v, where=win)
+        np.copyto(_tbox(ids, box), np.int32(j), where=win)
+    return best, ids
 
 
 def pixel_argmax(
@@ -306,12 +688,123 @@ def pixel_argmax(
         mask_threshold: a pixel whose largest mask value is below it is void.
         min_area: candidates that win this many pixels or fewer are removed and the argmax redone.
     """
+    masks = _fast_masks(cands, out_size)
+    if masks is None:
+        return _pixel_argmax_full(cands, num_things, out_size, score_threshold, mask_threshold, min_area)
+    out_size = (int(out_size[0]), int(out_size[1]))
+    kept = [int(k) for k in torch.nonzero(cands.scores >= score_threshold).flatten()]
+    if not kept:
+        return _empty_result(out_size)
+    # Only candidates with a pixel >= mask_threshold can win a valid pixel; the others win none, are removed as
+    # "small" in the first round and change nothing else.
+    bm = _BoxMasks(masks, out_size)
+    boxes = bm.boxes(kept, _support_threshold(mask_threshold))
+    kept = [k for k, b in zip(kept, boxes) if b is not None]
+    boxes = [b for b in boxes if b is not None]
+    vals = bm.values(kept, boxes)
+    if not kept:
+        return _empty_result(out_size)
+    n = len(kept)
+    best, ids = _argmax_in_boxes(out_size[::-1], list(range(n)), boxes, vals, -np.inf)
+    valid = best >= mask_threshold
+    areas = np.bincount(ids[valid], minlength=n)
+    alive = np.ones(n, bool)
+    while True:
+        small = alive & (areas <= min_area)
+        if not small.any():
+            break
+        alive &= ~small
+        if not alive.any():
+            return _empty_result(out_size)
+        # Removing candidates that are not a pixel's winner changes nothing there (same maximum, same first
+        # maximal survivor); only the few pixels the removed ones won are decided again among the survivors.
+        lost_x, lost_y = [], []
+        for j in np.flatnonzero(small):
+            lx, ly = np.nonzero((_tbox(ids, boxes[j]) == j) & _tbox(valid, boxes[j]))
+            lost_x.append(lx + boxes[j][2])
+            lost_y.append(ly + boxes[j][0])
+        areas[small] = 0
+        xs, ys = np.concatenate(lost_x), np.concatenate(lost_y)
+        new_best = np.full(len(xs), -np.inf, np.float32)
+        new_ids = np.zeros(len(xs), np.int32)
+        for j in np.flatnonzero(alive):
+            y0, y1, x0, x1 = boxes[j]
+            inside = np.flatnonzero((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1))
+            if inside.size:
+                v = vals[j][xs[inside] - x0, ys[inside] - y0]
+                win = v > new_best[inside]
+                new_best[inside[win]] = v[win]
+                new_ids[inside[win]] = j
+        best[xs, ys], ids[xs, ys] = new_best, new_ids
+        won = new_best >= mask_threshold
+        valid[xs, ys] = won
+        areas += np.bincount(new_ids[won], minlength=n)
+
+    labels, scores = cands.labels, cands.scores
+    lut_cat = np.full(len(kept), -1, np.int32)
+    lut_inst = np.zeros(len(kept), np.int32)
+    painted: Painted = []
+    counts: dict[int, int] = {}
+    stuff_done: set[int] = set()
+    next_instance = 1
+    for j in sorted(np.flatnonzero(alive).tolist(), key=lambda j: -float(scores[kept[j]])):
+        if areas[j] == 0:
+            continue
+        k = kept[j]
+        label = int(labels[k])
+        lut_cat[j] = label
+        if label < num_things:
+            lut_inst[j] = next_instance
+            counts[len(painted)] = int(areas[j])
+            painted.append((label, True, float(scores[k]), next_instance, k))
+            next_instance += 1
+        else:
+            if label not in stuff_done:
+                stuff_done.add(label)
+                painted.append((label, False, float(scores[k]), 0, k))
+            idx = next(i for i, p in enumerate(painted) if p[0] == label and not p[1])
+            counts[idx] = counts.get(idx, 0) + int(areas[j])
+    category, instance = _untranspose(np.where(valid, lut_cat[ids], np.int32(-1)),
+                                      np.where(valid, lut_inst[ids], np.int32(0)))
+    return PanopticResult(category=category, instance=instance, segments=_segments_from_counts(painted, counts))
+
+
+def _paint_ids(
+    ids: Tensor, kept: list[int], labels: Tensor, scores: Tensor, num_things: int, valid: Tensor
+) -> tuple[np.ndarray, np.ndarray, Painted]:
+    """Paint per-pixel winner ids (index into `kept`) into category/instance maps.
+
+    Things get instance numbers in descending score order; stuff of one class shares one segment.
+    """
+    category, instance = _empty_maps(tuple(ids.shape))
+    cat_t, inst_t = torch.from_numpy(category), torch.from_numpy(instance)
+    painted: Painted = []
+    order = sorted(range(len(kept)), key=lambda j: -float(scores[kept[j]]))
+    next_instance = 1
+    for j in order:
+        k = kept[j]
+        m = (ids == j) & valid
+        if not bool(m.any()):
+            continue
+        label = int(labels[k])
+        cat_t.masked_fill_(m, label)
+        if label < num_things:
+            inst_t.masked_fill_(m, next_instance)
+            painted.append((label, True, float(scores[k]), next_instance, k))
+            next_instance += 1
+        elif all(p[0] != label for p in painted):
+            painted.append((label, False, float(scores[k]), 0, k))
+    return category, instance, painted
+
+
+def _pixel_argmax_full(cands: Candidates, num_things: int, out_size: tuple[int, int], score_threshold: float,
+                       mask_threshold: float, min_area: int) -> PanopticResult:
+    """The full-resolution definition of "(p)"."""
     masks = _resize(cands.masks, out_size)
     kept = [int(k) for k in torch.nonzero(cands.scores >= score_threshold).flatten()]
     while True:
         if not kept:
-            category, instance = _empty_maps(out_size)
-            return PanopticResult(category=category, instance=instance)
+            return _empty_result(out_size)
         values, ids = masks[kept].max(0)
         valid = values >= mask_threshold
         areas = torch.bincount(ids[valid], minlength=len(kept)).tolist()
@@ -323,6 +816,11 @@ def pixel_argmax(
     return PanopticResult(
         category=category, instance=instance, segments=_segments_from_maps(category, instance, painted)
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (p*) MaskFormer-style merging
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def maskformer_merge(
@@ -338,8 +836,63 @@ def maskformer_merge(
     Keeps candidates with score > object_mask_threshold, assigns each pixel to the argmax of
     ``score * mask``, then walks the kept candidates in their input order: a candidate whose won area
     is less than overlap_threshold of its own binary area (mask >= 0.5) is dropped (its pixels become
-    void); a second candidate of an already present stuff class joins that segment.
+    void); a second candidate of an already present stuff class joins that segment. Where every kept
+    ``score * mask`` is 0 the argmax is the first kept candidate (``argmax``'s first-maximum rule).
     """
+    masks = _fast_masks(cands, out_size)
+    # The box path needs masks >= 0 (so score * mask is 0 outside a candidate's non-zero support) and a positive
+    # threshold (so the binary area lies inside that support).
+    if masks is None or not mask_threshold > 0 or float(masks.min()) < 0:
+        return _maskformer_merge_full(cands, num_things, out_size, object_mask_threshold, overlap_threshold,
+                                      mask_threshold)
+    out_size = (int(out_size[0]), int(out_size[1]))
+    kept = [int(k) for k in torch.nonzero(cands.scores > object_mask_threshold).flatten()]
+    if not kept:
+        return _empty_result(out_size)
+    bm = _BoxMasks(masks, out_size)
+    boxes = bm.boxes(kept, None)
+    pos = [j for j, b in enumerate(boxes) if b is not None]
+    vals = bm.values([kept[j] for j in pos], [boxes[j] for j in pos])
+    kept_scores = cands.scores[kept].float().numpy()
+    probs = [kept_scores[j] * v for j, v in zip(pos, vals)]  # float32, as ``scores[:, None, None] * masks``
+    # Pixels where every score * mask is 0 go to position 0 (argmax's first maximum), box or not.
+    _, ids = _argmax_in_boxes(out_size[::-1], pos, [boxes[j] for j in pos], probs, 0.0)
+    mask_area = np.bincount(ids.ravel(), minlength=len(kept))
+    original_area = np.zeros(len(kept), np.int64)
+    for j, v in zip(pos, vals):
+        original_area[j] = np.count_nonzero(v >= mask_threshold)
+
+    lut_cat = np.full(len(kept), -1, np.int32)
+    lut_inst = np.zeros(len(kept), np.int32)
+    painted: Painted = []
+    counts: dict[int, int] = {}
+    stuff_entry: dict[int, int] = {}
+    next_instance = 1
+    for j, k in enumerate(kept):
+        label = int(cands.labels[k])
+        if mask_area[j] == 0 or original_area[j] == 0:
+            continue
+        if mask_area[j] / original_area[j] < overlap_threshold:
+            continue
+        lut_cat[j] = label
+        if label < num_things:
+            lut_inst[j] = next_instance
+            counts[len(painted)] = int(mask_area[j])
+            painted.append((label, True, float(cands.scores[k]), next_instance, k))
+            next_instance += 1
+        else:
+            if label not in stuff_entry:
+                stuff_entry[label] = len(painted)
+                painted.append((label, False, float(cands.scores[k]), 0, k))
+            counts[stuff_entry[label]] = counts.get(stuff_entry[label], 0) + int(mask_area[j])
+    category, instance = _untranspose(lut_cat[ids], lut_inst[ids])
+    return PanopticResult(category=category, instance=instance, segments=_segments_from_counts(painted, counts))
+
+
+def _maskformer_merge_full(cands: Candidates, num_things: int, out_size: tuple[int, int],
+                           object_mask_threshold: float, overlap_threshold: float, mask_threshold: float
+                           ) -> PanopticResult:
+    """The full-resolution definition of "(p*)"."""
     masks = _resize(cands.masks, out_size)
     category, instance = _empty_maps(out_size)
     kept = [int(k) for k in torch.nonzero(cands.scores > object_mask_threshold).flatten()]
@@ -348,7 +901,7 @@ def maskformer_merge(
     prob = cands.scores[kept].float()[:, None, None] * masks[kept]
     ids = prob.argmax(0)
     cat_t, inst_t = torch.from_numpy(category), torch.from_numpy(instance)
-    painted: list[tuple[int, bool, float, int]] = []
+    painted: Painted = []
     stuff_seen: set[int] = set()
     next_instance = 1
     for j, k in enumerate(kept):
@@ -364,14 +917,19 @@ def maskformer_merge(
         cat_t.masked_fill_(m, label)
         if isthing:
             inst_t.masked_fill_(m, next_instance)
-            painted.append((label, True, float(cands.scores[k]), next_instance))
+            painted.append((label, True, float(cands.scores[k]), next_instance, k))
             next_instance += 1
         elif label not in stuff_seen:
             stuff_seen.add(label)
-            painted.append((label, False, float(cands.scores[k]), 0))
+            painted.append((label, False, float(cands.scores[k]), 0, k))
     return PanopticResult(
         category=category, instance=instance, segments=_segments_from_maps(category, instance, painted)
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kirillov et al.'s heuristic
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def heuristic_merge(
@@ -390,12 +948,93 @@ def heuristic_merge(
     map (per-pixel argmax over classes of the per-class sum of ``score * mask``; void where that sum is 0)
     fills the still-free pixels with each stuff class whose free area is at least stuff_area_limit.
     """
+    args = (instance_score_threshold, overlap_threshold, stuff_area_limit, mask_threshold)
+    masks = _fast_masks(cands, out_size)
+    if masks is None or not stuff_area_limit > 0 or int(cands.labels.min()) < 0:
+        return _heuristic_merge_full(cands, num_things, out_size, *args)
+    out_size = (int(out_size[0]), int(out_size[1]))
+    scores, labels = cands.scores.float(), cands.labels
+    lab = labels.cpu().numpy().astype(np.int64)
+    s32 = scores.numpy()
+    bm = _BoxMasks(masks, out_size)
+    tsize = out_size[::-1]  # transposed maps
+    category, instance = _empty_maps(tsize)
+    filled = np.zeros(tsize, dtype=bool)
+    painted: Painted = []
+    counts: dict[int, int] = {}
+
+    thing_idx = [int(k) for k in torch.nonzero(labels < num_things).flatten()]
+    thing_idx.sort(key=lambda k: -float(scores[k]))
+    active = []
+    for k in thing_idx:
+        if float(scores[k]) < instance_score_threshold:
+            break  # sorted: every later one is below too (detectron2 breaks here as well)
+        active.append(k)
+    t_boxes = bm.boxes(active, _support_threshold(mask_threshold))
+    t_list = [(k, b) for k, b in zip(active, t_boxes) if b is not None]
+    t_vals = bm.values([k for k, _ in t_list], [b for _, b in t_list])
+    next_instance = 1
+    for (k, box), v in zip(t_list, t_vals):
+        m = v > mask_threshold
+        area = int(np.count_nonzero(m))
+        if area == 0:
+            continue
+        free = ~_tbox(filled, box)
+        region = m & free
+        kept_area = int(np.count_nonzero(region))
+        if (area - kept_area) / area > overlap_threshold:
+            continue
+        counts[len(painted)] = _paint(category, instance, filled, box, region, int(lab[k]), next_instance)
+        painted.append((int(lab[k]), True, float(scores[k]), next_instance, k))
+        next_instance += 1
+
+    num_classes = int(lab.max()) + 1 if lab.size else 0
+    if num_classes > num_things:
+        # Per-class sums of score * mask (index_add_ adds the candidates in input order; a candidate adds exactly
+        # 0 outside its non-zero support), then the first class with the largest positive sum per pixel.
+        everyone = list(range(len(lab)))
+        all_boxes = bm.boxes(everyone, None)
+        live = [k for k in everyone if all_boxes[k] is not None]
+        vals = dict(zip(live, bm.values(live, [all_boxes[k] for k in live])))
+        best = np.zeros(tsize, np.float32)
+        sem = np.full(tsize, -1, np.int32)
+        for c in sorted(set(lab[live].tolist())):
+            members = [k for k in live if lab[k] == c]
+            union = (min(all_boxes[k][0] for k in members), max(all_boxes[k][1] for k in members),
+                     min(all_boxes[k][2] for k in members), max(all_boxes[k][3] for k in members))
+            acc = np.zeros((union[3] - union[2], union[1] - union[0]), np.float32)
+            for k in members:
+                y0, y1, x0, x1 = all_boxes[k]
+                part = acc[x0 - union[2]:x1 - union[2], y0 - union[0]:y1 - union[0]]
+                part += s32[k] * vals[k]
+            sub = _tbox(best, union)
+            win = acc > sub  # best starts at 0: a class wins only with a positive sum (else void, as official)
+            np.copyto(sub, acc, where=win)
+            np.copyto(_tbox(sem, union), np.int32(c), where=win)
+        free = ~filled
+        area = np.bincount(sem[free & (sem >= num_things)], minlength=num_classes)
+        for label in range(num_things, num_classes):
+            if int(area[label]) < stuff_area_limit:
+                continue
+            np.copyto(category, np.int32(label), where=free & (sem == label))
+            counts[len(painted)] = int(area[label])
+            members = np.flatnonzero(lab == label)
+            best_member = int(members[np.argmax(s32[members])])
+            painted.append((label, False, float(scores[labels == label].max()), 0, best_member))
+    category, instance = _untranspose(category, instance)
+    return PanopticResult(category=category, instance=instance, segments=_segments_from_counts(painted, counts))
+
+
+def _heuristic_merge_full(cands: Candidates, num_things: int, out_size: tuple[int, int],
+                          instance_score_threshold: float, overlap_threshold: float, stuff_area_limit: int,
+                          mask_threshold: float) -> PanopticResult:
+    """The full-resolution definition of the heuristic."""
     masks = _resize(cands.masks, out_size)
     scores, labels = cands.scores.float(), cands.labels
     category, instance = _empty_maps(out_size)
     cat_t, inst_t = torch.from_numpy(category), torch.from_numpy(instance)
     filled = torch.zeros(out_size, dtype=torch.bool)
-    painted: list[tuple[int, bool, float, int]] = []
+    painted: Painted = []
     thing_idx = [int(k) for k in torch.nonzero(labels < num_things).flatten()]
     thing_idx.sort(key=lambda k: -float(scores[k]))
     next_instance = 1
@@ -412,7 +1051,7 @@ def heuristic_merge(
         filled |= m
         cat_t.masked_fill_(m, int(labels[k]))
         inst_t.masked_fill_(m, next_instance)
-        painted.append((int(labels[k]), True, float(scores[k]), next_instance))
+        painted.append((int(labels[k]), True, float(scores[k]), next_instance, k))
         next_instance += 1
 
     num_classes = int(labels.max()) + 1 if labels.numel() else 0
@@ -427,8 +1066,9 @@ def heuristic_merge(
                 continue
             filled |= m
             cat_t.masked_fill_(m, label)
-            stuff_score = float(scores[labels == label].max())
-            painted.append((label, False, stuff_score, 0))
+            members = torch.nonzero(labels == label).flatten()
+            stuff_score = float(scores[members].max())
+            painted.append((label, False, stuff_score, 0, int(members[scores[members].argmax()])))
     return PanopticResult(
         category=category, instance=instance, segments=_segments_from_maps(category, instance, painted)
     )
