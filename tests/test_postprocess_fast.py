@@ -28,15 +28,15 @@ FAST: dict[str, tuple[Callable[..., pp.PanopticResult], Callable[..., pp.Panopti
 }
 
 
-def _assert_same(got: pp.PanopticResult, want: pp.PanopticResult, what: str) -> None:
+def _assert_same(got: pp.PanopticResult, want: pp.PanopticResult, what: str, cands: Candidates | None = None) -> None:
     np.testing.assert_array_equal(got.category, want.category, err_msg=f"{what}: category")
     np.testing.assert_array_equal(got.instance, want.instance, err_msg=f"{what}: instance")
     assert got.category.dtype == np.int32 and got.instance.dtype == np.int32 and got.category.flags.c_contiguous
     # repr: scores compare bit for bit (and NaN equals NaN).
     stripped = [{k: repr(v) for k, v in s.items() if k != "candidate"} for s in got.segments]
     assert stripped == [{k: repr(v) for k, v in s.items()} for s in want.segments], what
-    for s in got.segments:  # the segment's candidate has its label
-        assert 0 <= s["candidate"]
+    if cands is not None:  # a segment names the candidate that painted it
+        assert all(int(cands.labels[s["candidate"]]) == s["label"] for s in got.segments), what
 
 
 def _random_candidates(rng: np.random.Generator, k: int, h: int, w: int) -> Candidates:
@@ -133,7 +133,8 @@ def test_fast_equals_previous_implementation(method: str, seed: int) -> None:
         cands = _random_candidates(rng, k, h, w)
         opts = _options(rng, method)
         assert pp._fast_masks(cands, out) is not None  # these cases take the fast path
-        _assert_same(fast(cands, NT, out, **opts), slow(cands, NT, out, **opts), f"{method} {k} {h}x{w}->{out} {opts}")
+        _assert_same(fast(cands, NT, out, **opts), slow(cands, NT, out, **opts), f"{method} {k} {h}x{w}->{out} {opts}",
+                     cands)
 
 
 def test_mask_wise_candidate_list_and_two_threads() -> None:
@@ -184,7 +185,7 @@ def test_fallbacks_equal_previous_implementation(method: str) -> None:
     nan.masks[4, 2, 3] = float("nan")
     cases.append((nan, (140, 150)))
     for cands, out in cases:
-        _assert_same(fast(cands, NT, out), slow(cands, NT, out), f"{method} {tuple(cands.masks.shape)}->{out}")
+        _assert_same(fast(cands, NT, out), slow(cands, NT, out), f"{method} {tuple(cands.masks.shape)}->{out}", cands)
 
 
 def test_pixel_argmax_removes_small_winners_like_before() -> None:
@@ -226,5 +227,5 @@ def test_golden_model_candidates(golden_candidates: Candidates, method: str) -> 
     out = (480, 640)
     assert pp._fast_masks(golden_candidates, out) is not None
     got, want = fast(golden_candidates, 80, out), slow(golden_candidates, 80, out)
-    _assert_same(got, want, f"golden {method}")
+    _assert_same(got, want, f"golden {method}", golden_candidates)
     assert want.segments, "the golden case must paint segments"
