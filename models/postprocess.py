@@ -275,6 +275,9 @@ class _BoxMasks:
     Args:
         masks: (K, h, w) float32 low-resolution masks.
         out_size: (H, W).
+
+    Attributes:
+        vmax / vmin: (K,) float64 largest / smallest low-resolution value of each candidate.
     """
 
     # Elements per F.interpolate call (bounds the temporary memory).
@@ -285,7 +288,9 @@ class _BoxMasks:
         self.h, self.w = int(masks.shape[-2]), int(masks.shape[-1])
         self.H, self.W = int(out_size[0]), int(out_size[1])
         self.identity = (self.h, self.w) == (self.H, self.W)
-        self.nonneg = float(masks.amin()) >= 0
+        self.vmax = masks.amax((1, 2)).double().numpy()
+        self.vmin = masks.amin((1, 2)).double().numpy()
+        self.nonneg = bool((self.vmin >= 0).all())
         self.r0, self.r1 = _approx_source_index(self.h, self.H)
         self.c0, self.c1 = _approx_source_index(self.w, self.W)
 
@@ -326,6 +331,7 @@ class _BoxMasks:
         return out
 
     def _values(self, ks: list[int], boxes: list[Box]) -> list[np.ndarray]:
+        # Source rows each box reads (true indices within +-1 of the approximate tables).
         rows = [(max(int(self.r0[y0]) - 1, 0), min(int(self.r1[y1 - 1]) + 1, self.h - 1)) for y0, y1, _, _ in boxes]
         src = torch.cat([self.masks[k, a:b + 1] for k, (a, b) in zip(ks, rows)])  # (sum R, w)
         if self.w != self.W:  # along W (identity tables when equal: the kernel returns the source values)
@@ -391,19 +397,21 @@ def _reference_kernel_is_generic(masks: Tensor, out_size: tuple[int, int]) -> bo
     return not (k == 3 and torch.get_num_threads() == 1)
 
 
-def _fast_masks(cands: Candidates, out_size: tuple[int, int]) -> Tensor | None:
-    """The float32 masks when the exact fast path applies, else None (use the full-resolution definition)."""
+def _fast_masks(cands: Candidates, out_size: tuple[int, int]) -> _BoxMasks | None:
+    """The box resizer of the candidates when the exact fast path applies, else None (use the full-resolution
+    definition)."""
     masks = cands.masks.float()
     k, h, w = masks.shape
     if k < 2 or h == 0 or w == 0 or out_size[0] <= 0 or out_size[1] <= 0 or masks.device.type != "cpu":
         return None
-    # amax / amin propagate NaN and show infinities: finite extremes <=> finite values.
-    if not (math.isfinite(float(masks.amax())) and math.isfinite(float(masks.amin()))
-            and bool(torch.isfinite(cands.scores.float()).all())):
-        return None
     if (h, w) != tuple(out_size) and not (_reference_kernel_is_generic(masks, out_size) and _separable_is_exact()):
         return None
-    return masks
+    bm = _BoxMasks(masks, (int(out_size[0]), int(out_size[1])))
+    # amax / amin propagate NaN and show infinities: finite extremes <=> finite values.
+    if not (np.isfinite(bm.vmax).all() and np.isfinite(bm.vmin).all()
+            and bool(torch.isfinite(cands.scores.float()).all())):
+        return None
+    return bm
 
 
 def _tbox(a: np.ndarray, box: Box) -> np.ndarray:
@@ -468,10 +476,10 @@ def mask_wise_merge(
     opts = dict(thing_threshold=thing_threshold, stuff_threshold=stuff_threshold, thing_overlap=thing_overlap,
                 stuff_overlap=stuff_overlap, alpha=alpha, beta=beta, mask_threshold=mask_threshold,
                 plus_one=plus_one, stable=stable)
-    masks = None if return_candidates else _fast_masks(cands, out_size)
-    if masks is None:
+    bm = None if return_candidates else _fast_masks(cands, out_size)
+    if bm is None:
         return _mask_wise_merge_full(cands, num_things, out_size, **opts)
-    result = _mask_wise_merge_fast(cands, masks, num_things, (int(out_size[0]), int(out_size[1])), **opts)
+    result = _mask_wise_merge_fast(cands, bm, num_things, (int(out_size[0]), int(out_size[1])), **opts)
     return result if result is not None else _mask_wise_merge_full(cands, num_things, out_size, **opts)
 
 
@@ -494,12 +502,12 @@ def _may_reach(scores: Tensor, vmax: np.ndarray, thr: np.ndarray, alpha: float, 
 
 
 def _mask_wise_merge_fast(
-    cands: Candidates, masks: Tensor, num_things: int, out_size: tuple[int, int], thing_threshold: float,
+    cands: Candidates, bm: _BoxMasks, num_things: int, out_size: tuple[int, int], thing_threshold: float,
     stuff_threshold: float, thing_overlap: float, stuff_overlap: float, alpha: float, beta: float,
     mask_threshold: float, plus_one: bool, stable: bool,
 ) -> PanopticResult | None:
     """Box-restricted "(m)"; None when the full-resolution path must decide (NaN scores)."""
-    k = masks.shape[0]
+    k = bm.masks.shape[0]
     hh, ww = out_size
     scores = cands.scores.float()
     labels = cands.labels
@@ -507,10 +515,9 @@ def _mask_wise_merge_fast(
     isthing = lab < num_things
     thr = np.where(isthing, thing_threshold, stuff_threshold).astype(np.float64)
     sup = _support_threshold(mask_threshold)
-    vmax = masks.amax((1, 2)).double().numpy()
+    vmax = bm.vmax
     # Candidates without a low-resolution value above `sup` have no pixel above mask_threshold: sum 0, count 0.
     touched = vmax > sup
-    bm = _BoxMasks(masks, out_size)
     msum = np.zeros(k, np.float32)
     count = np.zeros(k, np.int64)
     known = ~touched
@@ -665,7 +672,7 @@ def _argmax_in_boxes(out_size: tuple[int, int], positions: list[int], boxes: lis
     for j, box, v in zip(positions, boxes, vals):
         sub = _tbox(best, box)
         win = v > sub  # strict: an earlier candidate keeps a tie
-        np.copyto(sub, v, where=win)
+        np.maximum(sub, v, out=sub)  # = v where win, else sub (equal values on ties)
         np.copyto(_tbox(ids, box), np.int32(j), where=win)
     return best, ids
 
@@ -688,8 +695,8 @@ def pixel_argmax(
         mask_threshold: a pixel whose largest mask value is below it is void.
         min_area: candidates that win this many pixels or fewer are removed and the argmax redone.
     """
-    masks = _fast_masks(cands, out_size)
-    if masks is None:
+    bm = _fast_masks(cands, out_size)
+    if bm is None:
         return _pixel_argmax_full(cands, num_things, out_size, score_threshold, mask_threshold, min_area)
     out_size = (int(out_size[0]), int(out_size[1]))
     kept = [int(k) for k in torch.nonzero(cands.scores >= score_threshold).flatten()]
@@ -697,8 +704,9 @@ def pixel_argmax(
         return _empty_result(out_size)
     # Only candidates with a pixel >= mask_threshold can win a valid pixel; the others win none, are removed as
     # "small" in the first round and change nothing else.
-    bm = _BoxMasks(masks, out_size)
-    boxes = bm.boxes(kept, _support_threshold(mask_threshold))
+    sup = _support_threshold(mask_threshold)
+    kept = [k for k in kept if bm.vmax[k] > sup]
+    boxes = bm.boxes(kept, sup)
     kept = [k for k, b in zip(kept, boxes) if b is not None]
     boxes = [b for b in boxes if b is not None]
     vals = bm.values(kept, boxes)
@@ -764,8 +772,10 @@ def pixel_argmax(
                 painted.append((label, False, float(scores[k]), 0, k))
             idx = next(i for i, p in enumerate(painted) if p[0] == label and not p[1])
             counts[idx] = counts.get(idx, 0) + int(areas[j])
-    category, instance = _untranspose(np.where(valid, lut_cat[ids], np.int32(-1)),
-                                      np.where(valid, lut_inst[ids], np.int32(0)))
+    # One code per pixel (n = void), transposed back once, then looked up.
+    code = np.ascontiguousarray(np.where(valid, ids, np.int32(n)).T)
+    category = np.append(lut_cat, np.int32(-1))[code]
+    instance = np.append(lut_inst, np.int32(0))[code]
     return PanopticResult(category=category, instance=instance, segments=_segments_from_counts(painted, counts))
 
 
@@ -839,17 +849,16 @@ def maskformer_merge(
     void); a second candidate of an already present stuff class joins that segment. Where every kept
     ``score * mask`` is 0 the argmax is the first kept candidate (``argmax``'s first-maximum rule).
     """
-    masks = _fast_masks(cands, out_size)
+    bm = _fast_masks(cands, out_size)
     # The box path needs masks >= 0 (so score * mask is 0 outside a candidate's non-zero support) and a positive
     # threshold (so the binary area lies inside that support).
-    if masks is None or not mask_threshold > 0 or float(masks.min()) < 0:
+    if bm is None or not mask_threshold > 0 or not bm.nonneg:
         return _maskformer_merge_full(cands, num_things, out_size, object_mask_threshold, overlap_threshold,
                                       mask_threshold)
     out_size = (int(out_size[0]), int(out_size[1]))
     kept = [int(k) for k in torch.nonzero(cands.scores > object_mask_threshold).flatten()]
     if not kept:
         return _empty_result(out_size)
-    bm = _BoxMasks(masks, out_size)
     boxes = bm.boxes(kept, None)
     pos = [j for j, b in enumerate(boxes) if b is not None]
     vals = bm.values([kept[j] for j in pos], [boxes[j] for j in pos])
@@ -949,14 +958,13 @@ def heuristic_merge(
     fills the still-free pixels with each stuff class whose free area is at least stuff_area_limit.
     """
     args = (instance_score_threshold, overlap_threshold, stuff_area_limit, mask_threshold)
-    masks = _fast_masks(cands, out_size)
-    if masks is None or not stuff_area_limit > 0 or int(cands.labels.min()) < 0:
+    bm = _fast_masks(cands, out_size)
+    if bm is None or not stuff_area_limit > 0 or int(cands.labels.min()) < 0:
         return _heuristic_merge_full(cands, num_things, out_size, *args)
     out_size = (int(out_size[0]), int(out_size[1]))
     scores, labels = cands.scores.float(), cands.labels
     lab = labels.cpu().numpy().astype(np.int64)
     s32 = scores.numpy()
-    bm = _BoxMasks(masks, out_size)
     tsize = out_size[::-1]  # transposed maps
     category, instance = _empty_maps(tsize)
     filled = np.zeros(tsize, dtype=bool)
@@ -970,9 +978,18 @@ def heuristic_merge(
         if float(scores[k]) < instance_score_threshold:
             break  # sorted: every later one is below too (detectron2 breaks here as well)
         active.append(k)
-    t_boxes = bm.boxes(active, _support_threshold(mask_threshold))
-    t_list = [(k, b) for k, b in zip(active, t_boxes) if b is not None]
-    t_vals = bm.values([k for k, _ in t_list], [b for _, b in t_list])
+    num_classes = int(lab.max()) + 1 if lab.size else 0
+    with_stuff = num_classes > num_things
+    if with_stuff:  # every candidate's values inside its non-zero support, for things and the semantic map
+        all_boxes = bm.boxes(list(range(len(lab))), None)
+        live = [k for k, b in enumerate(all_boxes) if b is not None]
+        vals = dict(zip(live, bm.values(live, [all_boxes[k] for k in live])))
+        t_list = [(k, all_boxes[k]) for k in active if all_boxes[k] is not None]
+        t_vals = [vals[k] for k, _ in t_list]
+    else:
+        t_boxes = bm.boxes(active, _support_threshold(mask_threshold))
+        t_list = [(k, b) for k, b in zip(active, t_boxes) if b is not None]
+        t_vals = bm.values([k for k, _ in t_list], [b for _, b in t_list])
     next_instance = 1
     for (k, box), v in zip(t_list, t_vals):
         m = v > mask_threshold
@@ -988,28 +1005,26 @@ def heuristic_merge(
         painted.append((int(lab[k]), True, float(scores[k]), next_instance, k))
         next_instance += 1
 
-    num_classes = int(lab.max()) + 1 if lab.size else 0
-    if num_classes > num_things:
+    if with_stuff:
         # Per-class sums of score * mask (index_add_ adds the candidates in input order; a candidate adds exactly
         # 0 outside its non-zero support), then the first class with the largest positive sum per pixel.
-        everyone = list(range(len(lab)))
-        all_boxes = bm.boxes(everyone, None)
-        live = [k for k in everyone if all_boxes[k] is not None]
-        vals = dict(zip(live, bm.values(live, [all_boxes[k] for k in live])))
         best = np.zeros(tsize, np.float32)
         sem = np.full(tsize, -1, np.int32)
         for c in sorted(set(lab[live].tolist())):
             members = [k for k in live if lab[k] == c]
             union = (min(all_boxes[k][0] for k in members), max(all_boxes[k][1] for k in members),
                      min(all_boxes[k][2] for k in members), max(all_boxes[k][3] for k in members))
-            acc = np.zeros((union[3] - union[2], union[1] - union[0]), np.float32)
-            for k in members:
-                y0, y1, x0, x1 = all_boxes[k]
-                part = acc[x0 - union[2]:x1 - union[2], y0 - union[0]:y1 - union[0]]
-                part += s32[k] * vals[k]
+            if len(members) == 1:  # 0 + x = x: the class sum is the product itself
+                acc = s32[members[0]] * vals[members[0]]
+            else:
+                acc = np.zeros((union[3] - union[2], union[1] - union[0]), np.float32)
+                for k in members:
+                    y0, y1, x0, x1 = all_boxes[k]
+                    part = acc[x0 - union[2]:x1 - union[2], y0 - union[0]:y1 - union[0]]
+                    part += s32[k] * vals[k]
             sub = _tbox(best, union)
             win = acc > sub  # best starts at 0: a class wins only with a positive sum (else void, as official)
-            np.copyto(sub, acc, where=win)
+            np.maximum(sub, acc, out=sub)
             np.copyto(_tbox(sem, union), np.int32(c), where=win)
         free = ~filled
         area = np.bincount(sem[free & (sem >= num_things)], minlength=num_classes)
