@@ -229,3 +229,25 @@ def test_golden_model_candidates(golden_candidates: Candidates, method: str) -> 
     got, want = fast(golden_candidates, 80, out), slow(golden_candidates, 80, out)
     _assert_same(got, want, f"golden {method}", golden_candidates)
     assert want.segments, "the golden case must paint segments"
+
+
+@pytest.mark.slow
+def test_golden_r50_candidates() -> None:
+    """A random-init R50 (seed 0) at the COCO test size 800x1067, merged at 480x640: the masks as they come, with
+    the class scores as they come (~0.01: nothing painted) and spread over 0..1 (diffuse masks painted)."""
+    from models.configs import panoptic_segformer_r50
+    from models.panoptic_segformer import PanopticSegFormer
+
+    torch.manual_seed(0)
+    model = PanopticSegFormer(panoptic_segformer_r50()).eval()
+    g = torch.Generator().manual_seed(1)
+    x = F.interpolate(torch.randn(1, 3, 25, 34, generator=g), size=(800, 1067), mode="bilinear")
+    with torch.no_grad():
+        cands = model.candidates(model(x), 0)
+    assert tuple(cands.masks.shape) == (153, 100, 134)
+    spread = Candidates(torch.linspace(1.0, 0.0, 153)[torch.randperm(153, generator=g)], cands.labels, cands.masks)
+    out = (480, 640)
+    for c in (cands, spread):
+        assert pp._fast_masks(c, out) is not None
+        for method, (fast, slow) in FAST.items():
+            _assert_same(fast(c, 80, out), slow(c, 80, out), f"r50 {method}", c)
