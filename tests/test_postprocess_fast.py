@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from models import postprocess as pp
+from models.box_resize import BoxMasks, separable_is_exact, support_threshold
 from models.postprocess import Candidates
 
 NT = 5  # things 0..4, stuff 5..8
@@ -82,7 +83,7 @@ def _options(rng: np.random.Generator, method: str) -> dict[str, Any]:
 @pytest.mark.parametrize("seed", range(4))
 def test_box_values_equal_full_interpolation(seed: int) -> None:
     """`_BoxMasks` reproduces F.interpolate bilinear bit for bit: up/down-scaling, equal sides, any sub-box."""
-    assert pp._separable_is_exact()
+    assert separable_is_exact()
     rng = np.random.default_rng(seed)
     for _ in range(12):
         h, w = (int(v) for v in rng.integers(1, 90, 2))
@@ -92,7 +93,7 @@ def test_box_values_equal_full_interpolation(seed: int) -> None:
             continue
         x = torch.from_numpy(rng.uniform(0, 2, (2, h, w)).astype(np.float32))
         full = F.interpolate(x[None], size=(hh, ww), mode="bilinear", align_corners=False)[0].numpy()
-        bm = pp._BoxMasks(x, (hh, ww))
+        bm = BoxMasks(x, (hh, ww))
         boxes = []
         for _ in range(5):
             y0, x0 = int(rng.integers(0, hh)), int(rng.integers(0, ww))
@@ -108,8 +109,8 @@ def test_support_boxes_hold_every_pixel_above_threshold() -> None:
                              .astype(np.float32))
     out = (317, 203)  # upscale along H, downscale-ish along W
     full = F.interpolate(masks[None], size=out, mode="bilinear", align_corners=False)[0].numpy()
-    bm = pp._BoxMasks(masks, out)
-    for above, pred in ((pp._support_threshold(0.5), lambda v: v > 0.5), (None, lambda v: v != 0)):
+    bm = BoxMasks(masks, out)
+    for above, pred in ((support_threshold(0.5), lambda v: v > 0.5), (None, lambda v: v != 0)):
         for k, box in enumerate(bm.boxes(list(range(6)), above)):
             sel = pred(full[k])
             if box is None:
