@@ -4,9 +4,9 @@
 separable kernel (ATen ``UpSampleKernel.cpp``): per output pixel ``t_r = x[r, j0] * a0 + x[r, j1] * a1`` for its
 two source rows, then ``t_r0 * b0 + t_r1 * b1``, in float32 (contracted to FMAs on AVX builds), with index and
 weight tables that depend only on the input and output lengths. A 1-d ``linear`` interpolation along W of the
-source rows a box needs, then one along H of the box's columns (unread source rows left at 0), evaluates the same
-expressions with the same tables, so :class:`BoxMasks` gives every value of the full resize, bit for bit, at the
-cost of the box. :func:`separable_is_exact` checks this once per process on probes, and
+source rows a box needs, then the 2-d kernel on the box's columns with an unchanged width (identity W tables, so
+only its H step acts; unread source rows left at 0), evaluates the same expressions with the same tables, so
+:class:`BoxMasks` gives every value of the full resize, bit for bit, at about the cost of the box. :func:`separable_is_exact` checks this once per process on probes, and
 :func:`reference_kernel_is_generic` says when ``F.interpolate`` would take its other (channels-last) kernel
 instead; callers then use the full resize.
 """
@@ -100,10 +100,9 @@ class BoxMasks:
         return [(int(y0[i]), int(y1[i]), int(x0[i]), int(x1[i])) if ok[i] else None for i in range(len(ks))]
 
     def values(self, ks: list[int], boxes: list[Box]) -> list[np.ndarray]:
-        """Float32 values of the resized candidates ``ks`` inside ``boxes``, **transposed**: ``(x1 - x0, y1 - y0)``
-        (the H pass yields columns; the fast paths work on transposed maps to avoid copies)."""
+        """Float32 ``(y1 - y0, x1 - x0)`` values of the resized candidates ``ks`` inside ``boxes`` (read-only views)."""
         if self.identity:
-            return [self.masks[k, y0:y1, x0:x1].numpy().T for k, (y0, y1, x0, x1) in zip(ks, boxes)]
+            return [self.masks[k, y0:y1, x0:x1].numpy() for k, (y0, y1, x0, x1) in zip(ks, boxes)]
         out: list[np.ndarray] = []
         start = 0
         while start < len(ks):
@@ -124,11 +123,12 @@ class BoxMasks:
             src = F.interpolate(src[None], size=self.W, mode="linear", align_corners=False)[0]
         offsets = np.cumsum([0] + [b - a + 1 for a, b in rows])
         if self.h == self.H:
-            return [src[offsets[i] + y0 - a:offsets[i] + y1 - a, x0:x1].numpy().T
+            return [src[offsets[i] + y0 - a:offsets[i] + y1 - a, x0:x1].numpy()
                     for i, ((a, _), (y0, y1, x0, x1)) in enumerate(zip(rows, boxes))]
-        # Along H, one column per box column. Boxes whose source row ranges do not overlap share columns (an
-        # output row of a box reads only source rows in its own range), so the H pass computes little more than
-        # the boxes' area: first fit into strips, in order of the first source row.
+        # Along H: the boxes' columns side by side in one (h, total) plane, resized to (H, total) by the 2-d kernel
+        # (its W tables are the identity there, so each output is the H step of the full kernel, row-major). Boxes
+        # whose source row ranges do not overlap share columns (an output row of a box reads only source rows in
+        # its own range): first fit into strips, in order of the first source row.
         strips: list[list[int]] = []  # [first column, width, last source row used]
         place = [0] * len(boxes)
         total = 0
@@ -143,11 +143,13 @@ class BoxMasks:
                 total += nx
             strip[2] = rows[i][1]
             place[i] = strip[0]
-        cols_in = src.new_zeros((total, self.h))  # unread source rows stay 0
+        # Unread source rows stay 0; a few spare columns keep H + width > 128 (the generic kernel).
+        plane = src.new_zeros((self.h, max(total, 129 - self.H)))
         for i, ((a, b), (_, _, x0, x1)) in enumerate(zip(rows, boxes)):
-            cols_in[place[i]:place[i] + x1 - x0, a:b + 1] = src[offsets[i]:offsets[i + 1], x0:x1].T
-        full = F.interpolate(cols_in[None], size=self.H, mode="linear", align_corners=False)[0]  # (total, H)
-        return [full[place[i]:place[i] + x1 - x0, y0:y1].numpy() for i, (y0, y1, x0, x1) in enumerate(boxes)]
+            plane[a:b + 1, place[i]:place[i] + x1 - x0] = src[offsets[i]:offsets[i + 1], x0:x1]
+        full = F.interpolate(plane[None, None], size=(self.H, plane.shape[1]), mode="bilinear",
+                             align_corners=False)[0, 0].numpy()  # (H, width)
+        return [full[y0:y1, place[i]:place[i] + x1 - x0] for i, (y0, y1, x0, x1) in enumerate(boxes)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -163,7 +165,7 @@ def separable_is_exact() -> bool:
         sub = (hh // 5, hh - hh // 4, ww // 3, ww - ww // 7)
         got = bm.values([0, 1, 1], [full, full, sub])
         want = [ref[0], ref[1], ref[1, sub[0]:sub[1], sub[2]:sub[3]]]
-        if not all(np.array_equal(g.T, r.numpy()) for g, r in zip(got, want)):
+        if not all(np.array_equal(g, r.numpy()) for g, r in zip(got, want)):
             return False
     return True
 

@@ -41,8 +41,7 @@ bit-identical maps, segments and scores at a small fraction of the cost:
   their masked sums are reduced by ``torch.sum`` over full-size (H, W) rows of a 2-row buffer (the official
   ``(K, H, W).sum((1, 2))`` cascade order, row by row). When two painted candidates tie (``stable=False`` sort),
   every candidate's score is computed and the whole vector sorted, as official.
-- Overlap tests, argmaxes and painting work inside the boxes, on transposed maps (the layout the H pass yields);
-  segment areas are counted while painting.
+- Overlap tests, argmaxes and painting work inside the boxes; segment areas are counted while painting.
 
 ``return_candidates=True`` ("(m)" only; ``harness predict --dump-raw``) takes the full-resolution path, which also
 returns the sorted candidate list with full-resolution masks.
@@ -103,23 +102,19 @@ def _fast_masks(cands: Candidates, out_size: tuple[int, int]) -> BoxMasks | None
     return bm
 
 
-def _tbox(a: np.ndarray, box: Box) -> np.ndarray:
-    """The view of a transposed ``(W, H)`` map under an output box."""
-    return a[box[2]:box[3], box[0]:box[1]]
+def _view(a: np.ndarray, box: Box) -> np.ndarray:
+    """The view of an ``(H, W)`` map under an output box."""
+    return a[box[0]:box[1], box[2]:box[3]]
 
 
-def _paint(category_t: np.ndarray, instance_t: np.ndarray, filled_t: np.ndarray, box: Box, region_t: np.ndarray,
+def _paint(category: np.ndarray, instance: np.ndarray, filled: np.ndarray, box: Box, region: np.ndarray,
            label: int, inst: int) -> int:
-    """Paint ``region_t`` (bool, transposed box) into the transposed maps; returns its pixel count."""
-    _tbox(filled_t, box)[...] |= region_t
-    np.copyto(_tbox(category_t, box), np.int32(label), where=region_t)
+    """Paint ``region`` (bool, box-shaped) into the maps; returns its pixel count."""
+    _view(filled, box)[...] |= region
+    np.copyto(_view(category, box), np.int32(label), where=region)
     if inst:
-        np.copyto(_tbox(instance_t, box), np.int32(inst), where=region_t)
-    return int(np.count_nonzero(region_t))
-
-
-def _untranspose(*maps: np.ndarray) -> list[np.ndarray]:
-    return [np.ascontiguousarray(m.T) for m in maps]
+        np.copyto(_view(instance, box), np.int32(inst), where=region)
+    return int(np.count_nonzero(region))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,8 +223,8 @@ def _mask_wise_merge_fast(
             part = range(start, min(start + 2, len(ks)))
             for r, i in enumerate(part):
                 y0, y1, x0, x1 = bxs[i]
-                seg = vals[i] > mask_threshold  # transposed
-                np.multiply(vals[i].T, seg.T, out=view[r, y0:y1, x0:x1])  # = masks * seg.float(), row-major
+                seg = vals[i] > mask_threshold
+                np.multiply(vals[i], seg, out=view[r, y0:y1, x0:x1])  # = masks * seg.float()
                 boxes[ks[i]], segs[ks[i]] = bxs[i], seg
                 count[ks[i]] = np.count_nonzero(seg)
             sums = buf.sum((1, 2)).numpy()
@@ -260,15 +255,15 @@ def _mask_wise_merge_fast(
         is_contender = ~(rescored < thr) & (count > 0)
         order = full_order[is_contender[full_order]]
 
-    filled = np.zeros((ww, hh), dtype=bool)  # transposed maps
-    category, instance = empty_maps((ww, hh))
+    filled = np.zeros(out_size, dtype=bool)
+    category, instance = empty_maps(out_size)
     painted: Painted = []
     areas: dict[int, int] = {}
     next_instance = 1
     for c in order.tolist():
         box = boxes[c]
         seg = segs[c]
-        free = ~_tbox(filled, box)
+        free = ~_view(filled, box)
         inter = int(count[c]) - int(np.count_nonzero(seg & free))
         if inter / int(count[c]) > (thing_overlap if isthing[c] else stuff_overlap):
             continue
@@ -281,7 +276,6 @@ def _mask_wise_merge_fast(
         else:
             areas[len(painted)] = _paint(category, instance, filled, box, region, int(lab[c]), 0)
             painted.append((int(lab[c]), False, score, 0, c))
-    category, instance = _untranspose(category, instance)
     return PanopticResult(category=category, instance=instance, segments=segments_from_counts(painted, areas))
 
 
@@ -298,15 +292,14 @@ def _empty_result(out_size: tuple[int, int]) -> PanopticResult:
 def _argmax_in_boxes(out_size: tuple[int, int], positions: list[int], boxes: list[Box], vals: list[np.ndarray],
                      init: float) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel maximum over candidates given inside boxes (in ascending ``positions``), and the position of the
-    first maximal one (``torch.max(dim=0)``'s rule); pixels no candidate beats ``init`` keep ``(init, 0)``.
-    ``out_size`` and ``vals`` are transposed, like the returned maps."""
+    first maximal one (``torch.max(dim=0)``'s rule); pixels no candidate beats ``init`` keep ``(init, 0)``."""
     best = np.full(out_size, init, dtype=np.float32)
     ids = np.zeros(out_size, dtype=np.int32)
     for j, box, v in zip(positions, boxes, vals):
-        sub = _tbox(best, box)
+        sub = _view(best, box)
         win = v > sub  # strict: an earlier candidate keeps a tie
         np.maximum(sub, v, out=sub)  # = v where win, else sub (equal values on ties)
-        np.copyto(_tbox(ids, box), np.int32(j), where=win)
+        np.copyto(_view(ids, box), np.int32(j), where=win)
     return best, ids
 
 
@@ -346,7 +339,7 @@ def pixel_argmax(
     if not kept:
         return _empty_result(out_size)
     n = len(kept)
-    best, ids = _argmax_in_boxes(out_size[::-1], list(range(n)), boxes, vals, -np.inf)
+    best, ids = _argmax_in_boxes(out_size, list(range(n)), boxes, vals, -np.inf)
     valid = best >= mask_threshold
     areas = np.bincount(ids[valid], minlength=n)
     alive = np.ones(n, bool)
@@ -359,26 +352,26 @@ def pixel_argmax(
             return _empty_result(out_size)
         # Removing candidates that are not a pixel's winner changes nothing there (same maximum, same first
         # maximal survivor); only the few pixels the removed ones won are decided again among the survivors.
-        lost_x, lost_y = [], []
+        lost_y, lost_x = [], []
         for j in np.flatnonzero(small):
-            lx, ly = np.nonzero((_tbox(ids, boxes[j]) == j) & _tbox(valid, boxes[j]))
-            lost_x.append(lx + boxes[j][2])
+            ly, lx = np.nonzero((_view(ids, boxes[j]) == j) & _view(valid, boxes[j]))
             lost_y.append(ly + boxes[j][0])
+            lost_x.append(lx + boxes[j][2])
         areas[small] = 0
-        xs, ys = np.concatenate(lost_x), np.concatenate(lost_y)
+        ys, xs = np.concatenate(lost_y), np.concatenate(lost_x)
         new_best = np.full(len(xs), -np.inf, np.float32)
         new_ids = np.zeros(len(xs), np.int32)
         for j in np.flatnonzero(alive):
             y0, y1, x0, x1 = boxes[j]
             inside = np.flatnonzero((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1))
             if inside.size:
-                v = vals[j][xs[inside] - x0, ys[inside] - y0]
+                v = vals[j][ys[inside] - y0, xs[inside] - x0]
                 win = v > new_best[inside]
                 new_best[inside[win]] = v[win]
                 new_ids[inside[win]] = j
-        best[xs, ys], ids[xs, ys] = new_best, new_ids
+        best[ys, xs], ids[ys, xs] = new_best, new_ids
         won = new_best >= mask_threshold
-        valid[xs, ys] = won
+        valid[ys, xs] = won
         areas += np.bincount(new_ids[won], minlength=n)
 
     labels, scores = cands.labels, cands.scores
@@ -405,8 +398,7 @@ def pixel_argmax(
                 painted.append((label, False, float(scores[k]), 0, k))
             idx = next(i for i, p in enumerate(painted) if p[0] == label and not p[1])
             counts[idx] = counts.get(idx, 0) + int(areas[j])
-    # One code per pixel (n = void), transposed back once, then looked up.
-    code = np.ascontiguousarray(np.where(valid, ids, np.int32(n)).T)
+    code = np.where(valid, ids, np.int32(n))  # n = void
     category = np.append(lut_cat, np.int32(-1))[code]
     instance = np.append(lut_inst, np.int32(0))[code]
     return PanopticResult(category=category, instance=instance, segments=segments_from_counts(painted, counts))
@@ -449,7 +441,7 @@ def maskformer_merge(
     kept_scores = cands.scores[kept].float().numpy()
     probs = [kept_scores[j] * v for j, v in zip(pos, vals)]  # float32, as ``scores[:, None, None] * masks``
     # Pixels where every score * mask is 0 go to position 0 (argmax's first maximum), box or not.
-    _, ids = _argmax_in_boxes(out_size[::-1], pos, [boxes[j] for j in pos], probs, 0.0)
+    _, ids = _argmax_in_boxes(out_size, pos, [boxes[j] for j in pos], probs, 0.0)
     mask_area = np.bincount(ids.ravel(), minlength=len(kept))
     original_area = np.zeros(len(kept), np.int64)
     for j, v in zip(pos, vals):
@@ -478,8 +470,8 @@ def maskformer_merge(
                 stuff_entry[label] = len(painted)
                 painted.append((label, False, float(cands.scores[k]), 0, k))
             counts[stuff_entry[label]] = counts.get(stuff_entry[label], 0) + int(mask_area[j])
-    category, instance = _untranspose(lut_cat[ids], lut_inst[ids])
-    return PanopticResult(category=category, instance=instance, segments=segments_from_counts(painted, counts))
+    return PanopticResult(category=lut_cat[ids], instance=lut_inst[ids],
+                          segments=segments_from_counts(painted, counts))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -511,9 +503,8 @@ def heuristic_merge(
     scores, labels = cands.scores.float(), cands.labels
     lab = labels.cpu().numpy().astype(np.int64)
     s32 = scores.numpy()
-    tsize = out_size[::-1]  # transposed maps
-    category, instance = empty_maps(tsize)
-    filled = np.zeros(tsize, dtype=bool)
+    category, instance = empty_maps(out_size)
+    filled = np.zeros(out_size, dtype=bool)
     painted: Painted = []
     counts: dict[int, int] = {}
 
@@ -542,7 +533,7 @@ def heuristic_merge(
         area = int(np.count_nonzero(m))
         if area == 0:
             continue
-        free = ~_tbox(filled, box)
+        free = ~_view(filled, box)
         region = m & free
         kept_area = int(np.count_nonzero(region))
         if (area - kept_area) / area > overlap_threshold:
@@ -554,8 +545,8 @@ def heuristic_merge(
     if with_stuff:
         # Per-class sums of score * mask (index_add_ adds the candidates in input order; a candidate adds exactly
         # 0 outside its non-zero support), then the first class with the largest positive sum per pixel.
-        best = np.zeros(tsize, np.float32)
-        sem = np.full(tsize, -1, np.int32)
+        best = np.zeros(out_size, np.float32)
+        sem = np.full(out_size, -1, np.int32)
         for c in sorted(set(lab[live].tolist())):
             members = [k for k in live if lab[k] == c]
             union = (min(all_boxes[k][0] for k in members), max(all_boxes[k][1] for k in members),
@@ -563,15 +554,15 @@ def heuristic_merge(
             if len(members) == 1:  # 0 + x = x: the class sum is the product itself
                 acc = s32[members[0]] * vals[members[0]]
             else:
-                acc = np.zeros((union[3] - union[2], union[1] - union[0]), np.float32)
+                acc = np.zeros((union[1] - union[0], union[3] - union[2]), np.float32)
                 for k in members:
                     y0, y1, x0, x1 = all_boxes[k]
-                    part = acc[x0 - union[2]:x1 - union[2], y0 - union[0]:y1 - union[0]]
+                    part = acc[y0 - union[0]:y1 - union[0], x0 - union[2]:x1 - union[2]]
                     part += s32[k] * vals[k]
-            sub = _tbox(best, union)
+            sub = _view(best, union)
             win = acc > sub  # best starts at 0: a class wins only with a positive sum (else void, as official)
             np.maximum(sub, acc, out=sub)
-            np.copyto(_tbox(sem, union), np.int32(c), where=win)
+            np.copyto(_view(sem, union), np.int32(c), where=win)
         free = ~filled
         area = np.bincount(sem[free & (sem >= num_things)], minlength=num_classes)
         for label in range(num_things, num_classes):
@@ -582,7 +573,6 @@ def heuristic_merge(
             members = np.flatnonzero(lab == label)
             best_member = int(members[np.argmax(s32[members])])
             painted.append((label, False, float(scores[labels == label].max()), 0, best_member))
-    category, instance = _untranspose(category, instance)
     return PanopticResult(category=category, instance=instance, segments=segments_from_counts(painted, counts))
 
 

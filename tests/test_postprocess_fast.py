@@ -100,7 +100,7 @@ def test_box_values_equal_full_interpolation(seed: int) -> None:
             boxes.append((y0, int(rng.integers(y0 + 1, hh + 1)), x0, int(rng.integers(x0 + 1, ww + 1))))
         ks = [int(v) for v in rng.integers(0, 2, len(boxes))]
         for k, (y0, y1, x0, x1), got in zip(ks, boxes, bm.values(ks, boxes)):
-            np.testing.assert_array_equal(got.T, full[k, y0:y1, x0:x1])
+            np.testing.assert_array_equal(got, full[k, y0:y1, x0:x1])
 
 
 def test_support_boxes_hold_every_pixel_above_threshold() -> None:
