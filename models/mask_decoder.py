@@ -109,14 +109,14 @@ class MaskAttention(nn.Module):
         return self.linear(torch.cat([f1, f2, f3], -1))
 
     def _record(self, attn: Tensor, hw: list[tuple[int, int]], key_padding_mask: Tensor | None) -> None:
-        """Keep ``(B, heads, N, h1, w1)`` float16 of the 1/8-level keys (``self.record`` says which kind)."""
+        """Keep ``(B, heads, N, h1, w1)`` float16 of the 1/8-level keys of this call (``self.record``: the kind)."""
         (h1, w1) = hw[0]
         if self.record == "softmax":
             if key_padding_mask is not None:
                 attn = attn.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
             attn = attn.softmax(dim=-1)
         b, nh, n, _ = attn.shape
-        self.recorded.append(attn[..., : h1 * w1].detach().to(torch.float16).reshape(b, nh, n, h1, w1))
+        self.recorded = [attn[..., : h1 * w1].detach().to(torch.float16).reshape(b, nh, n, h1, w1)]
 
     def forward(self, query: Tensor, memory: Tensor, hw: list[tuple[int, int]],
                 key_padding_mask: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
