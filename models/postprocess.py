@@ -547,13 +547,17 @@ def heuristic_merge(
         # 0 outside its non-zero support), then the first class with the largest positive sum per pixel.
         best = np.zeros(out_size, np.float32)
         sem = np.full(out_size, -1, np.int32)
-        for c in sorted(set(lab[live].tolist())):
-            members = [k for k in live if lab[k] == c]
-            union = (min(all_boxes[k][0] for k in members), max(all_boxes[k][1] for k in members),
-                     min(all_boxes[k][2] for k in members), max(all_boxes[k][3] for k in members))
+        groups: dict[int, list[int]] = {}
+        for k in live:  # input order within each class
+            groups.setdefault(int(lab[k]), []).append(k)
+        for c in sorted(groups):
+            members = groups[c]
             if len(members) == 1:  # 0 + x = x: the class sum is the product itself
+                union = all_boxes[members[0]]
                 acc = s32[members[0]] * vals[members[0]]
             else:
+                b = np.asarray([all_boxes[k] for k in members])
+                union = (int(b[:, 0].min()), int(b[:, 1].max()), int(b[:, 2].min()), int(b[:, 3].max()))
                 acc = np.zeros((union[1] - union[0], union[3] - union[2]), np.float32)
                 for k in members:
                     y0, y1, x0, x1 = all_boxes[k]
