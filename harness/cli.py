@@ -8,15 +8,18 @@ is the whole set; there is no registry.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import signal
 import sys
-from typing import Sequence
+import warnings
+from typing import Any, Sequence
 
 from harness import __version__
-from harness.errors import UserError
 from harness.logging_utils import setup_logging
+from models.files import InputError
 
 # (subcommand, module under harness.commands). Order = order shown in --help.
 COMMANDS: list[tuple[str, str]] = [
@@ -43,6 +46,18 @@ class Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
+
+
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+    """Python warnings (torch, numpy ...) as one log line each, never a multi-line source excerpt on stderr."""
+    text = " ".join(str(message).split())
+    logging.getLogger("harness.warnings").warning("%s (%s from %s)", text, category.__name__,
+                                                  os.path.basename(filename))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -98,15 +113,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose - args.quiet)
+    debug = args.verbose > 0
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (e.g. called from a test thread): leave SIGTERM alone
         previous = None
+    previous_showwarning = warnings.showwarning
+    warnings.showwarning = _log_warning
     try:
         return int(args._run(args) or 0)
-    except UserError as exc:
-        log.error("%s", exc)
+    except InputError as exc:  # UserError / DataError, CheckpointError, UnsafeCheckpointError
+        log.error("%s", _one_line(exc), exc_info=debug)
         return 2
     except Terminated:
         log.error("terminated; outputs written so far are complete (atomic writes), re-run to resume")
@@ -114,7 +132,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; outputs written so far are complete (atomic writes), re-run to resume")
         return 130
+    except BrokenPipeError:  # `harness doctor | head`: the reader left; not an error of ours
+        try:  # keep the interpreter's final flush from failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+    except OSError as exc:
+        # The machine, not the input: disk full, permission changed during the run, ... One line; -v for the trace.
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                         errno.ENAMETOOLONG, errno.EMFILE, errno.ENOTDIR, errno.EISDIR, errno.ENOENT):
+            where = f" ({exc.filename})" if exc.filename else ""
+            log.error("%s%s; outputs written so far are complete (atomic writes)", exc.strerror or _one_line(exc),
+                      where, exc_info=debug)
+            return 1
+        raise
+    except MemoryError:
+        log.error("out of memory; use smaller inputs or settings (outputs written so far are complete)")
+        return 1
     finally:
+        warnings.showwarning = previous_showwarning
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -18,14 +18,14 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-from models.files import atomic_write
+from models.files import InputError, atomic_write
 
 FORMAT = "psf-harness/panoptic_segformer/v1"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model.json"
 
 
-class CheckpointError(Exception):
+class CheckpointError(InputError):
     """A checkpoint cannot be read (missing file, wrong format). The message names the file."""
 
 
