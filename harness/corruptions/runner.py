@@ -32,7 +32,7 @@ import numpy as np
 
 from harness.corruptions import CHANNEL_ORDERS, SEED_RULE, corrupt, corruption_seed
 from harness.errors import DataError, UserError
-from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text, is_temporary
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +95,15 @@ class RunSummary:
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode an image file to (H, W, 3) uint8 RGB with PIL (no EXIF rotation, like panopticapi).
 
-    The on-the-fly dataset uses the same decoder, so on-disk PNGs equal on-the-fly outputs.
+    The on-the-fly dataset uses the same decoder, so on-disk PNGs equal on-the-fly outputs. A 16-bit image is
+    scaled to 8 bits (``>> 8``, as OpenCV and mmcv do), not clipped by PIL's ``convert`` (which turns it white).
 
     Raises:
         DataError: the file is missing, unreadable or truncated (message names the file).
     """
-    from PIL import Image
+    from harness.data.images import read_image_pil
 
-    try:
-        with Image.open(path) as im:
-            im.load()  # forces full decoding: truncated files raise here
-            return np.array(im.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+    return read_image_pil(path)  # full decode (truncated files raise); 16-bit scaled as OpenCV does, never clipped
 
 
 def encode_image(image: np.ndarray, fmt: str) -> bytes:
@@ -185,7 +179,10 @@ def list_images(images_dir: Path, annotations: dict[str, Any] | None) -> list[Im
             images = [img for img in images if img["id"] in annotated]
         entries = [ImageEntry(int(img["id"]), str(img["file_name"])) for img in images]
         return sorted(entries, key=lambda e: e.image_id)
-    names = sorted(p.name for p in Path(images_dir).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    from harness.io import visible_files
+
+    # Hidden files (our temporaries, .DS_Store, ._name AppleDouble files) are never images.
+    names = [p.name for p in visible_files(images_dir, IMAGE_SUFFIXES)]
     return [ImageEntry(i, n) for i, n in enumerate(names)]
 
 
@@ -295,6 +292,53 @@ def check_or_write_header(out_dir: Path, header: dict[str, Any]) -> None:
     atomic_write_json(path, header, indent=1)
 
 
+def claim_output(config: RunConfig) -> None:
+    """Claim the output folder (``harness.outputs``): only this command's outputs of the same images, seed rule,
+    channel order and format may share it. Every output file is complete on its own, so there is no
+    "complete" state: other settings are always refused (never mixed). Folders written before markers existed
+    are recognised by their ``manifest.json`` header."""
+    from harness.outputs import claim_output_dir
+
+    settings = {"seed_rule": SEED_RULE, "channel_order": config.channel_order, "format": config.fmt,
+                "images": str(Path(config.images_dir).resolve())}
+
+    def legacy(root: Path) -> dict[str, Any] | None:
+        try:
+            old = json.loads((root / HEADER_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(old, dict) or old.get("tool") != "psf-harness corrupt":
+            return None
+        # The image folder was not recorded then: adopt this run's.
+        return {"seed_rule": old.get("seed_rule"), "channel_order": old.get("channel_order"),
+                "format": old.get("format"), "images": settings["images"]}
+
+    claim_output_dir(config.out_dir, "corrupt", settings, track_status=False, legacy=legacy)
+
+
+class _RootFiles(set):
+    """This shard's files at the output root, plus the subset files (identical whoever writes them)."""
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or (isinstance(name, str) and name.endswith(".json")
+                                               and (name.startswith("subset_") or name.startswith("panoptic_subset_")))
+
+
+def _sweep_temporaries(out_dir: Path, config: RunConfig, pairs: Sequence[tuple[str, int]],
+                       entries: Sequence[ImageEntry]) -> None:
+    """Remove temporaries of dead writers among this shard's own files (other shards may run elsewhere)."""
+    from harness.io import sweep_stale_temporaries
+
+    names = {f"{Path(e.file_name).stem}.{config.fmt}" for e in entries}
+    removed = 0
+    for corruption, severity in pairs:
+        removed += sweep_stale_temporaries(out_dir / corruption / str(severity), targets=names)
+    own = _RootFiles({manifest_path(out_dir, config.shard).name, HEADER_NAME, ".psf-harness.json"})
+    removed += sweep_stale_temporaries(out_dir, targets=own)
+    if removed:
+        log.info("removed %d temporary file(s) of an interrupted run", removed)
+
+
 def manifest_path(out_dir: Path, shard: tuple[int, int]) -> Path:
     """``manifest.csv`` for an unsharded run, ``manifest.shard-<i>-of-<n>.csv`` per shard."""
     i, n = shard
@@ -305,8 +349,15 @@ def read_manifest(path: Path) -> dict[str, dict[str, str]]:
     """Rows of an existing manifest keyed by relative output path (missing file -> empty)."""
     if not path.exists():
         return {}
-    with path.open(newline="", encoding="utf-8") as fh:
-        return {row["file"]: row for row in csv.DictReader(fh) if row.get("file") and row.get("sha256")}
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is not None and "file" not in reader.fieldnames:
+                raise DataError(f"{path}: not a manifest written by harness corrupt (no 'file' column); "
+                                "move it aside or use another --out")
+            return {row["file"]: row for row in reader if row.get("file") and row.get("sha256")}
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc}); move it aside or use another --out") from None
 
 
 def write_manifest(path: Path, rows: dict[str, dict[str, str]]) -> None:
@@ -347,8 +398,10 @@ def _remove_stale_temporaries(out_dir: Path, pairs: Sequence[tuple[str, int]], s
             continue
         for entry in os.scandir(folder):
             name = entry.name
+            if is_temporary(name):  # today's names carry the writer's pid: see sweep_stale_temporaries
+                continue
             if name.startswith(".") and ".tmp" in name and name[1:].split(".", 1)[0] in stems:
-                Path(entry.path).unlink(missing_ok=True)
+                Path(entry.path).unlink(missing_ok=True)  # written by an older version
 
 
 # ----------------------------------------------------------------------------- work
@@ -403,6 +456,9 @@ def _worker_init() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one process per core already
+    from harness.io import init_worker_signals
+
+    init_worker_signals()  # SIGTERM / Ctrl-C: exit quietly, the temporary file being written removed
     from harness.corruptions.compat import upstream
     from harness.corruptions.fast import warm_up
 
@@ -435,6 +491,7 @@ def run(config: RunConfig) -> RunSummary:
         raise UserError(f"no images found in {config.images_dir}" + (f" listed by {config.ann}" if config.ann else
                         f" (looked for {', '.join(IMAGE_SUFFIXES)})"))
     _check_unique_stems(entries, config.ann or Path(config.images_dir))
+    claim_output(config)
     check_or_write_header(out_dir, make_header(config))
     if config.subset is not None and annotations is not None:
         keep = set(select_subset((e.image_id for e in entries), config.subset, config.subset_seed))
@@ -443,6 +500,7 @@ def run(config: RunConfig) -> RunSummary:
     i, n = config.shard
     entries = entries[i::n]
     pairs = [(c, s) for c in config.corruptions for s in config.severities]
+    _sweep_temporaries(out_dir, config, pairs, entries)
     _remove_stale_temporaries(out_dir, pairs, {Path(e.file_name).stem for e in entries})
 
     mpath = manifest_path(out_dir, config.shard)

@@ -45,6 +45,7 @@ MAX_SEGMENT_ID = 256**3  # exclusive
 __all__ = [
     "ImageId",
     "PanopticJSON",
+    "check_category_ids",
     "check_png_sizes",
     "check_rle",
     "gt_image_sizes",
@@ -75,11 +76,11 @@ def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
     try:
         return json.loads(raw)
     except UnicodeDecodeError:
-        raise DataError(f"{what} {p} is not a text (UTF-8) file") from None
+        raise DataError(f"cannot read {what} {p}: not a text (UTF-8) file") from None
     except ValueError as exc:
-        raise DataError(f"{what} {p} is not valid JSON ({exc})") from None
+        raise DataError(f"cannot read {what} {p}: not valid JSON ({exc})") from None
     except RecursionError:
-        raise DataError(f"{what} {p} is nested too deeply to be a COCO file") from None
+        raise DataError(f"cannot read {what} {p}: nested too deeply to be a COCO file") from None
 
 
 def _short(obj: Any, limit: int = 60) -> str:
@@ -328,6 +329,15 @@ def load_panoptic(
             raise DataError(f"{where}: image id {missing[0]!r} has no annotation ({len(missing)} image(s) "
                             "without one)")
     return PanopticJSON(p, what, doc, by_image, images, cats)
+
+
+def check_category_ids(parsed: PanopticJSON, known: set[int]) -> None:
+    """Every segment's ``category_id`` is in `known` (e.g. a prediction's against its GT's categories)."""
+    for iid, ann in parsed.by_image.items():
+        for seg in ann["segments_info"]:
+            if seg["category_id"] not in known:
+                raise DataError(f"{parsed.what} {parsed.path}: image id {iid!r}, segment id {seg['id']}: unknown "
+                                f"category id {seg['category_id']}")
 
 
 def _id_hint(image_id: ImageId, other: Mapping[ImageId, Any]) -> str:
