@@ -102,6 +102,7 @@ class Claim:
         previous: settings of the run that wrote the folder before, when they differ (the command removes that
             run's files which this run will not rewrite); None for a new folder or equal settings.
         resumed: the folder already holds (part of) an output of equal settings.
+        was_complete: ... and it was complete (its marker is left untouched).
     """
 
     folder: Path
@@ -110,6 +111,7 @@ class Claim:
     track_status: bool = True
     previous: dict[str, Any] | None = None
     resumed: bool = False
+    was_complete: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def _write(self, status: str | None, **more: Any) -> None:
@@ -123,7 +125,7 @@ class Claim:
 
     def complete(self, **info: Any) -> None:
         """Record that the output is complete (call after the last file is written)."""
-        if self.track_status:
+        if self.track_status and not self.was_complete:
             self.extra.update(info)
             self._write("complete", finished_utc=_now())
 
@@ -207,8 +209,13 @@ def claim_output_dir(
     differing = [k for k in keys if old.get(k) != new.get(k)]
     if not differing:
         claim.resumed = True
-        # Equal settings rewrite identical bytes: a complete output stays valid (and marked so) throughout.
-        claim._write((marker.get("status") or "incomplete") if track_status else None)
+        claim.was_complete = marker.get("status") == "complete"
+        # Equal settings rewrite identical bytes: a complete output stays valid (and marked so) throughout, and the
+        # marker is left as it is (a run refused later for another reason changes nothing).
+        if not marker_path(path).is_file():  # adopted from a legacy output: write the marker now
+            claim._write((marker.get("status") or "incomplete") if track_status else None)
+        else:
+            claim.extra["started_utc"] = marker.get("started_utc", claim.extra["started_utc"])
         return claim
     was = describe_settings(old, differing)
     now = describe_settings(new, differing)

@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from harness.metrics.ap import evaluate_ap, panoptic_to_instances, panoptic_to_results
     from harness.metrics.report import format_ap_table
 
+    # Every input is validated (JSON, PNG headers) before the GT conversion decodes anything.
     if args.gt_json:
         instances = load_instances(gt_path)
         # An instances file lists thing categories only (isthing is optional there).
@@ -90,15 +91,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         gt = load_panoptic(gt_path, "panoptic GT JSON")
         sizes = gt_image_sizes(gt, gt_dir)
-        instances = panoptic_to_instances(gt.data, gt_dir)
         things = [c for c in gt.categories if c["isthing"] == 1]
         gt_ids = {int(c["id"]) for c in gt.categories}
-        log.info("converted %d thing segments to instances", len(instances["annotations"]))
-        if args.write_instances:
-            atomic_write_json(args.write_instances, instances)
 
     if args.results:
         results = load_results(pred_path, sizes, gt_ids)
+        pairs = None
     else:
         pred = load_panoptic(pred_path, "panoptic prediction JSON", require_categories=False)
         raw = {int(c["id"]) for c in pred.categories or []}
@@ -106,6 +104,13 @@ def run(args: argparse.Namespace) -> int:
             check_category_ids(pred, gt_ids | raw)
         pairs, _missing = pair_by_image(gt, pred, allow_missing=args.allow_missing)
         check_png_sizes(pred, pred_dir, sizes, "prediction PNG")
+
+    if not args.gt_json:
+        instances = panoptic_to_instances(gt.data, gt_dir)
+        log.info("converted %d thing segments to instances", len(instances["annotations"]))
+        if args.write_instances:
+            atomic_write_json(args.write_instances, instances)
+    if pairs is not None:
         thing_ids = {int(c["id"]) for c in things}
         other = sum(1 for _, pa in pairs for s in pa["segments_info"] if s["category_id"] not in thing_ids)
         if other and args.gt_json and not raw:
