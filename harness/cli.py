@@ -48,12 +48,29 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                 file: Any = None, line: str | None = None) -> None:
-    """Python warnings (torch, numpy ...) as one log line each, never a multi-line source excerpt on stderr."""
-    text = " ".join(str(message).split())
-    logging.getLogger("harness.warnings").warning("%s (%s from %s)", text, category.__name__,
-                                                  os.path.basename(filename))
+class _Warnings:
+    """Python warnings (torch, numpy ...) as one log line each, never a multi-line source excerpt on stderr.
+
+    They are kept out of the failure path: collected while the command runs and logged when it ends normally (a
+    user error shows only its own line; ``-v`` logs every warning at once, as it happens).
+    """
+
+    def __init__(self, immediate: bool) -> None:
+        self.immediate = immediate
+        self.pending: list[str] = []
+
+    def show(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        text = f"{' '.join(str(message).split())} ({category.__name__} from {os.path.basename(filename)})"
+        if self.immediate:
+            logging.getLogger("harness.warnings").warning("%s", text)
+        elif text not in self.pending:
+            self.pending.append(text)
+
+    def flush(self) -> None:
+        for text in self.pending:
+            logging.getLogger("harness.warnings").warning("%s", text)
+        self.pending.clear()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -123,9 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:  # not the main thread (e.g. called from a test thread): leave SIGTERM alone
         previous = None
     previous_showwarning = warnings.showwarning
-    warnings.showwarning = _log_warning
+    collected = _Warnings(immediate=debug)
+    warnings.showwarning = collected.show
     try:
-        return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
+        collected.flush()
+        return status
     except InputError as exc:  # UserError / DataError, CheckpointError, UnsafeCheckpointError
         log.error("%s", _one_line(exc), exc_info=debug)
         return 2

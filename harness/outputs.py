@@ -220,7 +220,7 @@ def claim_output_dir(
     was = describe_settings(old, differing)
     now = describe_settings(new, differing)
     complete = (not track_status) or marker.get("status") == "complete"
-    if complete and not overwrite:
+    if complete and not (overwrite and track_status):  # without a status there is nothing safe to replace
         hint = f", or add {overwrite_flag} to replace it" if (overwrite_flag and track_status) else ""
         kind = "a complete output" if track_status else "outputs"
         raise UserError(f"{what} {path} holds {kind} of 'harness {command}' made with {was}; this run asks for "
