@@ -142,27 +142,34 @@ def output_path(
 class ImageEntry:
     """One clean image: its COCO id (or list index without annotations) and file name."""
 
-    image_id: int
+    image_id: int | str
     file_name: str
 
 
 def load_annotations(path: Path) -> dict[str, Any]:
-    """Load a COCO/COCO-panoptic JSON and check the parts the runner uses."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"annotation file not found: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable JSON file ({exc})") from None
+    """Load a COCO/COCO-panoptic JSON and check the parts the runner uses (`harness.data.panoptic_json` rules:
+    image ids are integers or non-empty strings, all of one type; file names are plain relative names)."""
+    from harness.data.panoptic_json import check_file_name, check_image_id, read_json
+
+    data = read_json(path, "--ann JSON")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: missing key 'images' (a list)")
-    seen: set[int] = set()
+    seen: set[Any] = set()
+    kinds: set[type] = set()
     for i, img in enumerate(data["images"]):
+        where = f"{path}: images[{i}]"
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            raise DataError(f"{path}: images[{i}] lacks 'id' or 'file_name'")
-        if img["id"] in seen:
-            raise DataError(f"{path}: duplicate image id {img['id']}")
-        seen.add(img["id"])
+            raise DataError(f"{where} lacks 'id' or 'file_name'")
+        iid = check_image_id(img["id"], where)
+        check_file_name(img, where)
+        if iid in seen:
+            raise DataError(f"{path}: duplicate image id {iid!r}")
+        seen.add(iid)
+        kinds.add(type(iid))
+    if len(kinds) > 1:
+        raise DataError(f"{path}: image ids mix integers and strings")
+    if "annotations" in data and not isinstance(data["annotations"], list):
+        raise DataError(f"{path}: 'annotations' is not a list")
     return data
 
 
@@ -175,9 +182,10 @@ def list_images(images_dir: Path, annotations: dict[str, Any] | None) -> list[Im
     if annotations is not None:
         images = annotations["images"]
         if isinstance(annotations.get("annotations"), list):
-            annotated = {a.get("image_id") for a in annotations["annotations"] if isinstance(a, dict)}
+            annotated = {a.get("image_id") for a in annotations["annotations"]
+                         if isinstance(a, dict) and isinstance(a.get("image_id"), (int, str))}
             images = [img for img in images if img["id"] in annotated]
-        entries = [ImageEntry(int(img["id"]), str(img["file_name"])) for img in images]
+        entries = [ImageEntry(img["id"], str(img["file_name"])) for img in images]
         return sorted(entries, key=lambda e: e.image_id)
     from harness.io import visible_files
 
@@ -197,16 +205,17 @@ def _check_unique_stems(entries: Sequence[ImageEntry], source: Path) -> None:
         seen[stem] = e.file_name
 
 
-def select_subset(image_ids: Iterable[int], n: int, seed: int) -> list[int]:
+def select_subset(image_ids: Iterable[int | str], n: int, seed: int) -> list[int | str]:
     """Deterministic subset rule (`SUBSET_RULE`): sort, permute with default_rng(seed), take n, sort."""
-    ids = np.array(sorted(int(i) for i in image_ids), dtype=np.int64)
+    ids = sorted(int(i) if isinstance(i, (int, np.integer)) else i for i in image_ids)
     if not 0 < n <= len(ids):
         raise UserError(f"--subset {n} must be between 1 and the number of annotated images ({len(ids)})")
     perm = np.random.default_rng(seed).permutation(len(ids))
-    return sorted(int(i) for i in ids[perm[:n]])
+    return sorted(ids[int(k)] for k in perm[:n])
 
 
-def write_subset_files(out_dir: Path, annotations: dict[str, Any], ids: list[int], n: int, seed: int) -> Path:
+def write_subset_files(out_dir: Path, annotations: dict[str, Any], ids: list[int | str], n: int,
+                       seed: int) -> Path:
     """Write ``subset_<n>_<seed>.json`` (ids + rule) and the filtered ``panoptic_subset_<n>_<seed>.json``."""
     keep = set(ids)
     images = [img for img in annotations["images"] if img["id"] in keep]

@@ -46,6 +46,8 @@ __all__ = [
     "ImageId",
     "PanopticJSON",
     "check_category_ids",
+    "check_file_name",
+    "check_image_id",
     "check_png_sizes",
     "check_rle",
     "gt_image_sizes",
@@ -118,7 +120,7 @@ def _int_field(entry: Mapping[str, Any], key: str, where: str, lo: int | None = 
     return int(v)
 
 
-def _file_name(entry: Mapping[str, Any], where: str) -> str:
+def check_file_name(entry: Mapping[str, Any], where: str) -> str:
     if "file_name" not in entry:
         raise DataError(f"{where} lacks 'file_name'")
     name = entry["file_name"]
@@ -233,7 +235,7 @@ def _check_images(images: Any, where: str) -> dict[ImageId, dict[str, Any]]:
         w = f"{where}: image id {iid!r}" if isinstance(iid, str) else f"{where}: image id {iid}"
         if iid in out:
             raise DataError(f"{where}: duplicate image id {iid!r} in 'images'")
-        _file_name(img, w)
+        check_file_name(img, w)
         for key in ("height", "width"):
             if key in img:
                 _int_field(img, key, w, lo=1)
@@ -300,7 +302,7 @@ def load_panoptic(
             raise DataError(f"{where}: duplicate image id {iid!r} in 'annotations'")
         if match_images and iid not in images:  # type: ignore[operator]
             raise DataError(f"{w}: annotation for image id {iid!r} which is not in 'images'")
-        _file_name(ann, w)
+        check_file_name(ann, w)
         if "segments_info" not in ann:
             raise DataError(f"{w} lacks 'segments_info'")
         segs = ann["segments_info"]
