@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness.errors import UserError
-
 if TYPE_CHECKING:
     from models.inference import TestTransformSpec
 
@@ -44,18 +42,14 @@ class PreparedImage:
 
 
 def read_image_bgr(path: str | Path) -> np.ndarray:
-    """Decode an image as mmcv does (``cv2.imdecode(..., IMREAD_COLOR)``): ``(H, W, 3)`` uint8 BGR."""
-    import cv2
+    """Decode an image as mmcv does (``cv2.imdecode(..., IMREAD_COLOR)``): ``(H, W, 3)`` uint8 BGR.
 
-    p = Path(path)
-    try:
-        data = np.frombuffer(p.read_bytes(), dtype=np.uint8)
-    except OSError as exc:
-        raise UserError(f"cannot read image {p}: {exc.strerror}") from exc
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if img is None:
-        raise UserError(f"cannot decode image {p} (not a readable image file)")
-    return img
+    16-bit images are scaled to 8 bits by OpenCV (as mmcv sees them); C-library messages (a truncated JPEG) become
+    one warning naming the file (`harness.data.images`). Raises `DataError` (a `UserError`) naming the file.
+    """
+    from harness.data.images import decode_cv2, read_bytes
+
+    return decode_cv2(read_bytes(path), path)
 
 
 def rescale_size(w: int, h: int, scale: tuple[int, int]) -> tuple[tuple[int, int], float]:
