@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing
-import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -228,9 +227,12 @@ _WORKER_STATE: _State | None = None
 
 
 def _init_worker(ctx: ScoreContext) -> None:
-    """Scorer process start: one thread each (the processes already share the cores), no Ctrl-C traceback."""
+    """Scorer process start: one thread each (the processes already share the cores); Ctrl-C / SIGTERM end it
+    quietly with its temporary files removed (the main process logs one line and stops the pool)."""
     global _WORKER_STATE
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops the pool
+    from harness.io import init_worker_signals
+
+    init_worker_signals()
     import cv2
     import torch
 
