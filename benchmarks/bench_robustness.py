@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 COCO_C_IMAGES = 2000 * (16 * 5 + 1)  # Table 11 protocol: 2000 images x 16 corruptions x 5 severities + clean
@@ -109,9 +108,10 @@ def non_model_costs(data: Path, model: torch.nn.Module, images: int) -> dict[str
     for i in range(min(images, len(ds))):
         sample = ds[i]
         path = str(ds.image_path(sample.image_id))
-        add("decode (OpenCV, clean)", _ms(lambda: read_image_rgb(path), 3))
-        add("decode (PIL, corrupted)", _ms(lambda: read_image(path), 3))
-        add("transform", _ms(lambda: prepare(spec, sample.image), 3))
+        image = sample.image
+        add("decode (OpenCV, clean)", _ms(lambda p=path: read_image_rgb(p), 3))
+        add("decode (PIL, corrupted)", _ms(lambda p=path: read_image(p), 3))
+        add("transform", _ms(lambda im=image: prepare(spec, im), 3))
         for c in CORRUPTIONS:
             seed = corruption_seed(sample.file_name, c, 3)
             t0 = time.perf_counter()
@@ -125,15 +125,15 @@ def non_model_costs(data: Path, model: torch.nn.Module, images: int) -> dict[str
         for method in ("m", "p", "p*", "heuristic"):
             opts = model.post_process_options(method)
             result = post_process(method, cands, model.cfg.num_things, (h, w), **opts)
-            add(f"post-process {method}", _ms(lambda: post_process(method, cands, model.cfg.num_things, (h, w),
-                                                                   **opts)))
+            add(f"post-process {method}", _ms(lambda m=method, c=cands, o=opts: post_process(
+                m, c, model.cfg.num_things, (h, w), **o)))
 
-            def score(a: PQAccumulator = acc_mask) -> None:
-                ids, segs = panoptic_from_semantic(result.category, result.instance, ds.categories.ids)
-                image_stats(a.table, a.options, sample, ids, segs)
+            def score(a: PQAccumulator = acc_mask, r: Any = result, gt: Any = sample) -> None:
+                ids, segs = panoptic_from_semantic(r.category, r.instance, ds.categories.ids)
+                image_stats(a.table, a.options, gt, ids, segs)
 
             add(f"scoring (mask PQ) {method}", _ms(score))
-            add(f"scoring (mask + boundary PQ) {method}", _ms(lambda: score(acc)))
+            add(f"scoring (mask + boundary PQ) {method}", _ms(lambda s=score: s(acc)))
     return {k: statistics.fmean(v) for k, v in out.items()}
 
 
@@ -164,7 +164,7 @@ def _report_costs(name: str, costs: dict[str, float]) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=8, help="synthetic COCO-sized images (default 8)")
+    parser.add_argument("--images", type=int, default=24, help="synthetic COCO-sized images (default 24)")
     parser.add_argument("--r50-images", type=int, default=2, help="images for the R50 grid / model timing")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the grid (default 2)")
     parser.add_argument("--score-workers", type=int, default=1, help="scorer processes of the grid (default 1)")

@@ -24,7 +24,11 @@ from harness.cli import main
 from harness.engine.grid import run_grid
 from harness.engine.grid_config import GridOptions, select_image_ids
 from harness.engine.grid_stats import ExactPQ
-from harness.engine.results import CORRUPTIONS_TABLE11, KEY_COLUMNS, PER_CLASS_COLUMNS, RESULT_COLUMNS
+from harness.engine.results import (
+    CORRUPTIONS_TABLE11,
+    PER_CLASS_COLUMNS,
+    RESULT_COLUMNS,
+)
 from harness.metrics.pq import PQStats
 
 # Columns that depend on the run's metric computation (not on timing, machine, time or folder names).

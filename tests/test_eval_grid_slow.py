@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from test_eval_grid import grid, metrics, trained_tiny
 
 REPO = Path(__file__).resolve().parents[1]

@@ -95,7 +95,12 @@ def run(args: argparse.Namespace) -> int:
     """Run, resume or merge a grid; print the results."""
     import json
 
-    from harness.commands._common import check_device, check_output, existing_dir, existing_path
+    from harness.commands._common import (
+        check_device,
+        check_output,
+        existing_dir,
+        existing_path,
+    )
     from harness.errors import UserError
 
     if args.merge:

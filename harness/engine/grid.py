@@ -34,15 +34,35 @@ from typing import Any
 import pandas as pd
 import torch
 
-from harness.engine.distributed import DistInfo, all_gather_objects, barrier, init_distributed, shutdown
+from harness.engine.distributed import (
+    DistInfo,
+    all_gather_objects,
+    barrier,
+    init_distributed,
+    shutdown,
+)
 from harness.engine.grid_config import CLEAN_CELL, Cell, GridOptions, source_commit
-from harness.engine.grid_data import GridImages, collate_images, make_loader, valid_mask_size
+from harness.engine.grid_data import (
+    GridImages,
+    collate_images,
+    make_loader,
+    valid_mask_size,
+)
 from harness.engine.grid_plan import GridPlan, on_main, plan_run, utc_now
-from harness.engine.grid_results import TableMeta, build_tables, check_results_files, write_tables
-from harness.engine.grid_score import ScoreContext, ScoreJob, Scorer, candidates_to_arrays
+from harness.engine.grid_results import (
+    TableMeta,
+    build_tables,
+    check_results_files,
+    write_tables,
+)
+from harness.engine.grid_score import (
+    ScoreContext,
+    ScoreJob,
+    Scorer,
+    candidates_to_arrays,
+)
 from harness.engine.grid_stats import CellState, ImageScore, merge_cells, row_key
 from harness.engine.grid_store import read_cells, write_cell
-from harness.errors import UserError
 from harness.io import atomic_write_json
 from harness.logging_utils import progress_disabled
 from models.inference import LAST_LAYER

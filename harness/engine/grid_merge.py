@@ -17,8 +17,15 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from harness.engine.grid_config import (CLEAN_CELL, RUN_JSON, Cell, check_or_write_run_json, file_sha256,
-                                        row_pairs, source_commit)
+from harness.engine.grid_config import (
+    CLEAN_CELL,
+    RUN_JSON,
+    Cell,
+    check_or_write_run_json,
+    file_sha256,
+    row_pairs,
+    source_commit,
+)
 from harness.engine.grid_results import TableMeta
 from harness.engine.grid_stats import CellState, merge_cells
 from harness.engine.grid_store import cell_path, read_cell, write_cell
@@ -33,7 +40,7 @@ __all__ = ["merge_runs"]
 def _run_doc(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads((path / RUN_JSON).read_text(encoding="utf-8"))
-        doc["settings"]  # noqa: B018 - presence check
+        doc["settings"]
     except FileNotFoundError:
         raise UserError(f"{path} is not a grid run folder (no {RUN_JSON})") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -19,9 +19,21 @@ import torch
 from harness.data.coco_panoptic import PanopticDataset
 from harness.data.format import CategoryMap
 from harness.engine.distributed import DistInfo, broadcast_object
-from harness.engine.grid_config import (CLEAN_CELL, Cell, GridOptions, check_or_write_run_json, file_sha256,
-                                        parse_corruption_list, parse_layer_list, parse_post_processors,
-                                        row_pairs, select_image_ids, source_commit, state_dict_sha256, weights_file)
+from harness.engine.grid_config import (
+    CLEAN_CELL,
+    Cell,
+    GridOptions,
+    check_or_write_run_json,
+    file_sha256,
+    parse_corruption_list,
+    parse_layer_list,
+    parse_post_processors,
+    row_pairs,
+    select_image_ids,
+    source_commit,
+    state_dict_sha256,
+    weights_file,
+)
 from harness.engine.grid_data import ImageRef
 from harness.engine.grid_results import TableMeta
 from harness.errors import UserError
@@ -99,14 +111,10 @@ def _load(opts: GridOptions, dataset: PanopticDataset) -> tuple[torch.nn.Module,
     path = Path(opts.weights)
     if not path.exists():
         raise UserError(f"--weights not found: {path}")
-    model = load_model(path, opts.model, cats.num_things, cats.num_stuff, "cpu")
-    meta: dict[str, Any] = {}
-    try:
-        from models.checkpoint import read_meta
+    from models.checkpoint import read_meta
 
-        meta = read_meta(path)
-    except Exception:  # released files carry no meta; nothing to compare then
-        meta = {}
+    model = load_model(path, opts.model, cats.num_things, cats.num_stuff, "cpu")
+    meta = read_meta(path)  # {} for released files; our files carry the training data set's categories
     sha = file_sha256(weights_file(path)) if weights_file(path).is_file() else file_sha256(path)
     return model, model.cfg, sha, meta
 

@@ -20,8 +20,15 @@ import pandas as pd
 
 from harness.engine.grid_config import Cell
 from harness.engine.grid_stats import CellState, row_key
-from harness.engine.results import (CLEAN, CORRUPTION_FAMILIES, CORRUPTIONS_TABLE11, KEY_COLUMNS, PER_CLASS_COLUMNS,
-                                    RESULT_COLUMNS, pq_columns)
+from harness.engine.results import (
+    CLEAN,
+    CORRUPTION_FAMILIES,
+    CORRUPTIONS_TABLE11,
+    KEY_COLUMNS,
+    PER_CLASS_COLUMNS,
+    RESULT_COLUMNS,
+    pq_columns,
+)
 from harness.errors import UserError
 from harness.io import atomic_write, atomic_write_text
 from harness.metrics.pq import CategoryTable, summarize_stats
@@ -186,7 +193,7 @@ def read_results_csv(path: Path) -> pd.DataFrame:
 def _read(path: Path) -> pd.DataFrame:
     try:
         return pd.read_parquet(path) if path.suffix == ".parquet" else read_results_csv(path)
-    except Exception as exc:  # pyarrow / pandas raise many types for a damaged file
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # pandas / pyarrow errors of a damaged file
         raise UserError(f"{path} cannot be read ({type(exc).__name__}: {exc}); it was edited or damaged -- delete "
                         "it and re-run the same command to rebuild it from the run's cells/") from None
 

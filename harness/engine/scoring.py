@@ -17,7 +17,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from harness.data.coco_panoptic import PanopticSample
-from harness.metrics.pq import CategoryTable, PQAccumulator, PQOptions, PQStats, panoptic_from_semantic, score_image
+from harness.metrics.pq import (
+    CategoryTable,
+    PQAccumulator,
+    PQOptions,
+    PQStats,
+    panoptic_from_semantic,
+    score_image,
+)
 from models.postprocess import PanopticResult
 
 __all__ = ["gt_segments", "add_prediction", "image_stats"]
