@@ -1,0 +1,1074 @@
+/* Panoptic quality from PNG files: PNG decoding, joint histograms, boundaries and matching in C.
+ *
+ * Used by harness/metrics (loaded with ctypes, no Python headers, no link-time dependencies; built by
+ * `make setup` through `python -m harness.metrics.native`). Inflate is libdeflate's, reached through
+ * function pointers that the loader takes from the `deflate` package (or a system libdeflate), so this
+ * file only needs a C compiler.
+ *
+ * Exactness: every rule mirrors harness/metrics/pq.py (itself panopticapi's and boundary-iou-api's
+ * rules); anything this kernel does not handle (an unusual PNG, a bad file, segments the numpy path
+ * must name in an error, the BOUNDARY_ID collision of boundary-iou-api) stops the batch at that image
+ * with a reason code, before any of its counts are added, and Python scores that image instead.
+ *
+ * Speed: panoptic PNGs are piecewise constant. Rows are unfiltered 8 pixels at a time where the
+ * filtered bytes are zero (a whole Up row is a copy of the row above plus a few fixes), the joint
+ * histogram counts runs of equal (GT, prediction) pixel pairs, and boundaries come from running
+ * counts instead of (2d+1)^2 erosions. One decoded row of each image is live at a time for Mask PQ;
+ * Boundary PQ keeps the two code maps.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
+#define PQ_ABI_VERSION 1
+#ifndef PQ_SOURCE_HASH
+#define PQ_SOURCE_HASH "unknown"
+#endif
+
+/* Reasons a batch stops at an image (returned in status[0]); Python then scores that image. */
+enum {
+    PQ_OK = 0,
+    PQ_STOP_READ = 1,        /* cannot open or read a file */
+    PQ_STOP_PNG = 2,         /* not a PNG this kernel decodes (or corrupt): Python decodes or names it */
+    PQ_STOP_SIZE = 3,        /* GT and prediction sizes differ */
+    PQ_STOP_SEGMENTS = 4,    /* id outside 0..2^24-1, duplicate id, too many segments or bins */
+    PQ_STOP_UNLISTED = 5,    /* predicted id in the PNG but not in the JSON */
+    PQ_STOP_ABSENT = 6,      /* predicted JSON segment not in the PNG */
+    PQ_STOP_BOUNDARY_ID = 7, /* a segment id equals BOUNDARY_ID: reference painting order needed */
+    PQ_STOP_MEMORY = 8,
+    PQ_STOP_NO_INFLATE = 9,
+};
+
+/* The per-pixel boundary loops run twice as fast with AVX2; GCC compiles them for both and picks at
+   load time (ifunc), so one library runs on any x86-64. Other compilers/targets: plain build. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(PQ_NO_CLONES)
+#define PQ_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PQ_CLONES
+#endif
+
+#define MAX_SEGMENTS 65530
+#define MAX_BINS (1LL << 27)
+#define ID_LIMIT (1LL << 24)
+
+/* ------------------------------------------------------------------ libdeflate through pointers */
+
+typedef void *(*alloc_decompressor_fn)(void);
+typedef int (*zlib_decompress_fn)(void *, const void *, size_t, void *, size_t, size_t *);
+typedef void (*free_decompressor_fn)(void *);
+
+static alloc_decompressor_fn g_alloc;
+static zlib_decompress_fn g_inflate;
+static free_decompressor_fn g_free;
+
+int pq_abi_version(void) { return PQ_ABI_VERSION; }
+const char *pq_source_hash(void) { return PQ_SOURCE_HASH; }
+
+/* Set once per process, before any context is created. */
+void pq_set_inflate(void *alloc, void *inflate, void *free_fn) {
+    g_alloc = (alloc_decompressor_fn)alloc;
+    g_inflate = (zlib_decompress_fn)inflate;
+    g_free = (free_decompressor_fn)free_fn;
+}
+
+/* ------------------------------------------------------------------ per-thread context */
+
+typedef struct {
+    uint8_t *p;
+    size_t cap;
+} buf_t;
+
+static int reserve(buf_t *b, size_t n) {
+    if (n <= b->cap) return 1;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < n) cap *= 2;
+    void *p = realloc(b->p, cap);
+    if (!p) return 0;
+    b->p = (uint8_t *)p;
+    b->cap = cap;
+    return 1;
+}
+
+/* id -> code table: open addressing over the listed ids of one image (a few dozen), with a one-entry
+   memo in the callers; a 2^24 direct table would page-fault on every new random id. */
+typedef struct {
+    uint32_t *keys; /* EMPTY_KEY = free */
+    uint16_t *vals;
+    uint32_t mask;
+    uint32_t cap;
+    uint16_t zero_code; /* code of id 0 when it is not listed */
+} idmap_t;
+
+#define EMPTY_KEY 0xFFFFFFFFu
+
+static inline uint32_t hash_id(uint32_t id, uint32_t mask) { return (id * 2654435761u >> 7) & mask; }
+
+static int idmap_build(idmap_t *m, const int64_t *ids, int64_t n, uint16_t zero_code) {
+    uint32_t size = 16;
+    while (size < 4 * (uint64_t)n) size *= 2;
+    if (size > m->cap) {
+        free(m->keys);
+        free(m->vals);
+        m->keys = (uint32_t *)malloc(size * sizeof(uint32_t));
+        m->vals = (uint16_t *)malloc(size * sizeof(uint16_t));
+        if (!m->keys || !m->vals) {
+            m->cap = 0;
+            return PQ_STOP_MEMORY;
+        }
+        m->cap = size;
+    }
+    m->mask = size - 1;
+    memset(m->keys, 0xFF, size * sizeof(uint32_t));
+    m->zero_code = zero_code;
+    for (int64_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= ID_LIMIT) return PQ_STOP_SEGMENTS;
+        uint32_t id = (uint32_t)ids[i];
+        uint32_t h = hash_id(id, m->mask);
+        while (m->keys[h] != EMPTY_KEY) {
+            if (m->keys[h] == id) return PQ_STOP_SEGMENTS; /* duplicate: Python names it */
+            h = (h + 1) & m->mask;
+        }
+        m->keys[h] = id;
+        m->vals[h] = (uint16_t)(i + 1);
+        if (id == 0) m->zero_code = (uint16_t)(i + 1);
+    }
+    return PQ_OK;
+}
+
+static inline uint16_t idmap_get(const idmap_t *m, uint32_t id) {
+    uint32_t h = hash_id(id, m->mask);
+    for (;;) {
+        uint32_t k = m->keys[h];
+        if (k == id) return m->vals[h];
+        if (k == EMPTY_KEY) return id == 0 ? m->zero_code : 0;
+        h = (h + 1) & m->mask;
+    }
+}
+
+typedef struct {
+    int64_t h, w;
+    int bpp;
+    const uint8_t *raw; /* h rows of 1 filter byte + w * bpp bytes */
+} png_t;
+
+typedef struct {
+    void *dec;
+    buf_t file[2], idat[2], raw[2];
+    buf_t rows[2]; /* per image: 2 rows of (w + 1) uint32 ids, element 0 of each row = 0 (left of x = 0) */
+    buf_t zero_row;
+    buf_t codes[2]; /* per image: h * w uint16 codes (Boundary PQ) */
+    buf_t rflag[2]; /* per image: two rows of R flags (see band_t) */
+    buf_t dist[2];  /* per image: w uint16, rows since the last F per column */
+    buf_t brow[2];  /* boundary code rows */
+    buf_t chg_pos[2], chg_start[2]; /* per image: where the codes change along each row */
+    buf_t hist, bhist;
+    buf_t work; /* per-image matching scratch */
+    idmap_t map[2];
+} pq_ctx;
+
+void pq_ctx_free(pq_ctx *c) {
+    if (!c) return;
+    if (c->dec && g_free) g_free(c->dec);
+    buf_t *bufs[] = {&c->file[0], &c->file[1], &c->idat[0], &c->idat[1], &c->raw[0], &c->raw[1], &c->rows[0],
+                     &c->rows[1], &c->zero_row, &c->codes[0], &c->codes[1], &c->rflag[0], &c->rflag[1],
+                     &c->dist[0], &c->dist[1], &c->chg_pos[0], &c->chg_pos[1], &c->chg_start[0], &c->chg_start[1], &c->brow[0], &c->brow[1], &c->hist, &c->bhist, &c->work};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]->p);
+    for (int i = 0; i < 2; i++) {
+        free(c->map[i].keys);
+        free(c->map[i].vals);
+    }
+    free(c);
+}
+
+pq_ctx *pq_ctx_new(void) {
+    pq_ctx *c = (pq_ctx *)calloc(1, sizeof(pq_ctx));
+    if (!c) return NULL;
+    if (g_alloc) {
+        c->dec = g_alloc();
+        if (!c->dec) {
+            free(c);
+            return NULL;
+        }
+    }
+    return c;
+}
+
+/* ------------------------------------------------------------------ files and PNG container */
+
+static int read_file(const char *path, buf_t *b, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return PQ_STOP_READ;
+    size_t n = 0;
+    if (fseek(f, 0, SEEK_END) == 0) {
+        long end = ftell(f);
+        if (end > 0 && !reserve(b, (size_t)end + 1)) {
+            fclose(f);
+            return PQ_STOP_MEMORY;
+        }
+        rewind(f);
+    }
+    for (;;) {
+        if (!reserve(b, n + 65536)) {
+            fclose(f);
+            return PQ_STOP_MEMORY;
+        }
+        size_t got = fread(b->p + n, 1, b->cap - n, f);
+        n += got;
+        if (got == 0) break;
+    }
+    int err = ferror(f);
+    fclose(f);
+    if (err) return PQ_STOP_READ;
+    *len = n;
+    return PQ_OK;
+}
+
+static inline uint32_t be32(const uint8_t *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+/* Parse an 8-bit RGB/RGBA non-interlaced PNG and inflate its image data into raw. Anything else
+   (palette, grey, 16-bit, interlaced, corrupt) is PQ_STOP_PNG: Python decodes it or names it. */
+static int decode_container(pq_ctx *c, const uint8_t *data, size_t n, buf_t *idat, buf_t *raw, png_t *out) {
+    static const uint8_t sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    if (n < 8 || memcmp(data, sig, 8) != 0) return PQ_STOP_PNG;
+    size_t pos = 8, ilen = 0;
+    int64_t w = 0, h = 0;
+    int bpp = 0, seen_end = 0;
+    while (pos + 8 <= n) {
+        uint32_t len = be32(data + pos);
+        const uint8_t *type = data + pos + 4;
+        size_t body = pos + 8;
+        if (len > n - body) return PQ_STOP_PNG; /* truncated chunk */
+        if (!memcmp(type, "IHDR", 4)) {
+            if (len < 13) return PQ_STOP_PNG;
+            w = be32(data + body);
+            h = be32(data + body + 4);
+            int depth = data[body + 8], color = data[body + 9], interlace = data[body + 12];
+            if (depth != 8 || (color != 2 && color != 6) || interlace != 0) return PQ_STOP_PNG;
+            bpp = color == 2 ? 3 : 4;
+        } else if (!memcmp(type, "IDAT", 4)) {
+            if (!reserve(idat, ilen + len + 1)) return PQ_STOP_MEMORY;
+            memcpy(idat->p + ilen, data + body, len);
+            ilen += len;
+        } else if (!memcmp(type, "IEND", 4)) {
+            seen_end = 1;
+            break;
+        }
+        pos = body + len + 4; /* CRC not checked: the zlib stream has its own Adler-32 */
+    }
+    (void)seen_end;
+    if (!bpp || !ilen || w <= 0 || h <= 0) return PQ_STOP_PNG;
+    if ((double)h * (double)(w * bpp + 1) > (double)(1LL << 34)) return PQ_STOP_PNG;
+    size_t expected = (size_t)h * (size_t)(w * bpp + 1);
+    if (!reserve(raw, expected + 64)) return PQ_STOP_MEMORY;
+    if (!g_inflate || !c->dec) return PQ_STOP_NO_INFLATE;
+    size_t actual = 0;
+    int r = g_inflate(c->dec, idat->p, ilen, raw->p, expected, &actual);
+    if (r != 0 || actual != expected) return PQ_STOP_PNG;
+    out->w = w;
+    out->h = h;
+    out->bpp = bpp;
+    out->raw = raw->p;
+    return PQ_OK;
+}
+
+/* ------------------------------------------------------------------ PNG row filters -> ids */
+
+static inline uint32_t pack3(const uint8_t *q) {
+    return (uint32_t)q[0] | ((uint32_t)q[1] << 8) | ((uint32_t)q[2] << 16);
+}
+
+/* Bytewise a + b mod 256 on three packed bytes (no carries between channels). */
+static inline uint32_t add3(uint32_t a, uint32_t b) {
+    return (((a & 0x7f7f7fu) + (b & 0x7f7f7fu)) ^ ((a ^ b) & 0x808080u)) & 0xffffffu;
+}
+
+/* First i' >= i with q[i'] != 0, or n. */
+static inline int64_t next_nonzero(const uint8_t *q, int64_t i, int64_t n) {
+#ifdef __SSE2__
+    const __m128i zero = _mm_setzero_si128();
+    for (; i + 16 <= n; i += 16) {
+        unsigned m = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(q + i)), zero));
+        if (m != 0xFFFFu) return i + __builtin_ctz(~m & 0xFFFFu);
+    }
+#endif
+    while (i < n && !q[i]) i++;
+    return i;
+}
+
+/* First x' >= x with v[x'] != v[x' - 1] (v[-1] readable), or n. */
+static inline int64_t next_change_u32(const uint32_t *v, int64_t x, int64_t n) {
+#ifdef __SSE2__
+    for (; x + 4 <= n; x += 4) {
+        unsigned m = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(v + x)),
+                                                                 _mm_loadu_si128((const __m128i *)(v + x - 1))));
+        if (m != 0xFFFFu) return x + (__builtin_ctz(~m & 0xFFFFu) >> 2);
+    }
+#endif
+    while (x < n && v[x] == v[x - 1]) x++;
+    return x;
+}
+
+static inline void fill_u32(uint32_t *row, int64_t a, int64_t b, uint32_t v) {
+    for (int64_t k = a; k < b; k++) row[k] = v;
+}
+
+static inline uint8_t paeth(int a, int b, int c) {
+    int p = a + b - c;
+    int pa = abs(p - a), pb = abs(p - b), pc = abs(p - c);
+    if (pa <= pb && pa <= pc) return (uint8_t)a;
+    if (pb <= pc) return (uint8_t)b;
+    return (uint8_t)c;
+}
+
+static inline uint32_t paeth3(uint32_t a, uint32_t b, uint32_t c) {
+    return (uint32_t)paeth(a & 255, b & 255, c & 255) | ((uint32_t)paeth((a >> 8) & 255, (b >> 8) & 255, (c >> 8) & 255) << 8) |
+           ((uint32_t)paeth(a >> 16, b >> 16, c >> 16) << 16);
+}
+
+static inline uint32_t avg3(uint32_t a, uint32_t b) {
+    return (((a & 255) + (b & 255)) >> 1) | (((((a >> 8) & 255) + ((b >> 8) & 255)) >> 1) << 8) |
+           ((((a >> 16) + (b >> 16)) >> 1) << 16);
+}
+
+/* Undo one row's filter. q: w * bpp filtered bytes; up[-1 .. w-1] the ids of the row above (all 0
+   above the first row, up[-1] == 0). Filters act bytewise on the same channel of neighbouring
+   pixels, so the colour bytes are independent of alpha, which is skipped. Panoptic maps are flat:
+   most filtered bytes are zero, so each row is handled as stretches of all-zero pixels (found 16
+   bytes at a time) between "dirty" pixels. Returns 0, or -1 for an invalid filter type. */
+static int unfilter_row(int ft, const uint8_t *q, int64_t w, int bpp, const uint32_t *up, uint32_t *row) {
+    const int64_t n = w * bpp;
+    int64_t x = 0, xd;
+    uint32_t left = 0;
+    switch (ft) {
+    case 0:
+        for (; x < w; x++) row[x] = pack3(q + x * bpp);
+        return 0;
+    case 1: /* Sub: a zero pixel repeats the left one */
+        for (; x < w; x = xd + 1) {
+            xd = next_nonzero(q, x * bpp, n) / bpp;
+            fill_u32(row, x, xd, left);
+            if (xd >= w) break;
+            left = add3(left, pack3(q + xd * bpp));
+            row[xd] = left;
+        }
+        return 0;
+    case 2: /* Up: the row above, fixed at the dirty pixels */
+        memcpy(row, up, (size_t)w * sizeof(uint32_t));
+        for (xd = next_nonzero(q, 0, n) / bpp; xd < w; xd = next_nonzero(q, (xd + 1) * bpp, n) / bpp)
+            row[xd] = add3(up[xd], pack3(q + xd * bpp));
+        return 0;
+    case 3: /* Average */
+        for (; x < w; x++) {
+            uint32_t v = pack3(q + x * bpp);
+            uint32_t pred = (v == 0 && left == up[x]) ? left : avg3(left, up[x]);
+            left = add3(pred, v);
+            row[x] = left;
+        }
+        return 0;
+    case 4: /* Paeth, per channel paeth(a = left, b = up, c = upper left). b == c gives a; a == c gives
+               b. So in a zero stretch, once left equals the upper left the row copies the row above;
+               where the row above is flat it repeats the left pixel. */
+        for (; x < w; x = xd + 1) {
+            xd = next_nonzero(q, x * bpp, n) / bpp;
+            while (x < xd) {
+                if (left == up[x - 1]) {
+                    memcpy(row + x, up + x, (size_t)(xd - x) * sizeof(uint32_t));
+                    left = up[xd - 1];
+                    x = xd;
+                    break;
+                }
+                int64_t e = next_change_u32(up, x, xd);
+                fill_u32(row, x, e, left);
+                x = e;
+                if (x < xd) {
+                    left = paeth3(left, up[x], up[x - 1]);
+                    row[x++] = left;
+                }
+            }
+            if (xd >= w) break;
+            uint32_t v = pack3(q + xd * bpp), b = up[xd], c = up[xd - 1];
+            uint32_t pred = b == c ? left : (left == c ? b : paeth3(left, b, c));
+            left = add3(pred, v);
+            row[xd] = left;
+        }
+        return 0;
+    default:
+        return -1;
+    }
+}
+
+/* ------------------------------------------------------------------ run scanning (SSE2 or scalar) */
+
+/* First j' >= j with (g[j'], p[j']) != (gi, pi), or w. */
+static inline int64_t run_end_u32(const uint32_t *g, const uint32_t *p, int64_t j, int64_t w, uint32_t gi,
+                                  uint32_t pi) {
+#ifdef __SSE2__
+    const __m128i vg = _mm_set1_epi32((int)gi), vp = _mm_set1_epi32((int)pi);
+    for (; j + 8 <= w; j += 8) {
+        __m128i e0 = _mm_and_si128(_mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(g + j)), vg),
+                                   _mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(p + j)), vp));
+        __m128i e1 = _mm_and_si128(_mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(g + j + 4)), vg),
+                                   _mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(p + j + 4)), vp));
+        unsigned m = (unsigned)_mm_movemask_epi8(e0) | ((unsigned)_mm_movemask_epi8(e1) << 16);
+        if (m != 0xFFFFFFFFu) return j + (__builtin_ctz(~m) >> 2);
+    }
+#endif
+    while (j < w && g[j] == gi && p[j] == pi) j++;
+    return j;
+}
+
+/* Same for uint16 rows. */
+static inline int64_t run_end_u16(const uint16_t *g, const uint16_t *p, int64_t j, int64_t w, uint16_t gi,
+                                  uint16_t pi) {
+#ifdef __SSE2__
+    const __m128i vg = _mm_set1_epi16((short)gi), vp = _mm_set1_epi16((short)pi);
+    for (; j + 16 <= w; j += 16) {
+        __m128i e0 = _mm_and_si128(_mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(g + j)), vg),
+                                   _mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(p + j)), vp));
+        __m128i e1 = _mm_and_si128(_mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(g + j + 8)), vg),
+                                   _mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(p + j + 8)), vp));
+        unsigned m = (unsigned)_mm_movemask_epi8(e0) | ((unsigned)_mm_movemask_epi8(e1) << 16);
+        if (m != 0xFFFFFFFFu) return j + (__builtin_ctz(~m) >> 1);
+    }
+#endif
+    while (j < w && g[j] == gi && p[j] == pi) j++;
+    return j;
+}
+
+/* First x' >= x (x >= 1) with c[x'] != c[x' - 1], or w. */
+static inline int64_t next_change_u16(const uint16_t *c, int64_t x, int64_t w) {
+#ifdef __SSE2__
+    for (; x + 8 <= w; x += 8) {
+        __m128i e = _mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(c + x)),
+                                    _mm_loadu_si128((const __m128i *)(c + x - 1)));
+        unsigned m = (unsigned)_mm_movemask_epi8(e);
+        if (m != 0xFFFFu) return x + (__builtin_ctz(~m & 0xFFFFu) >> 1);
+    }
+#endif
+    while (x < w && c[x] == c[x - 1]) x++;
+    return x;
+}
+
+/* ------------------------------------------------------------------ run-length histograms */
+
+/* v into c[a..b); with SSE2 it writes whole 8-lane vectors and may overrun b by up to 7 elements:
+   callers keep PAD spare elements after every buffer filled this way (later runs overwrite it). */
+#define PAD 16
+static inline void fill_u16(uint16_t *c, int64_t a, int64_t b, uint16_t v) {
+#ifdef __SSE2__
+    const __m128i vv = _mm_set1_epi16((short)v);
+    for (int64_t k = a; k < b; k += 8) _mm_storeu_si128((__m128i *)(c + k), vv);
+#else
+    for (int64_t k = a; k < b; k++) c[k] = v;
+#endif
+}
+
+/* Positions along one row where a code map changes (c[x] != c[x - 1]), per row of an image. */
+typedef struct {
+    int32_t *pos;   /* all rows' positions, row after row */
+    int64_t *start; /* h + 1 offsets into pos */
+} changes_t;
+
+/* hist[cg * cols + cp] += run length over runs of equal (g, p) ids in one row. For Boundary PQ
+   (code_g != NULL) it also writes each pixel's codes and appends the positions where a code changes
+   to chg_g / chg_p (at most w each). memo: the last ids looked up and their codes (neighbouring runs
+   usually share one side). */
+static void hist_row_ids(const uint32_t *g, const uint32_t *p, int64_t w, const idmap_t *mg, const idmap_t *mp,
+                         int64_t cols, int64_t *hist, uint16_t *code_g, uint16_t *code_p, uint32_t *memo,
+                         int32_t *chg_g, int64_t *ng_chg, int32_t *chg_p, int64_t *np_chg) {
+    int64_t x = 0;
+    int32_t last_g = -1, last_p = -1;
+    while (x < w) {
+        uint32_t gi = g[x], pi = p[x];
+        int64_t j = run_end_u32(g, p, x + 1, w, gi, pi);
+        if (gi != memo[0]) {
+            memo[0] = gi;
+            memo[1] = idmap_get(mg, gi);
+        }
+        if (pi != memo[2]) {
+            memo[2] = pi;
+            memo[3] = idmap_get(mp, pi);
+        }
+        uint16_t cg = (uint16_t)memo[1], cp = (uint16_t)memo[3];
+        hist[(int64_t)cg * cols + cp] += j - x;
+        if (code_g) {
+            fill_u16(code_g, x, j, cg);
+            fill_u16(code_p, x, j, cp);
+            if (x && cg != last_g) chg_g[(*ng_chg)++] = (int32_t)x;
+            if (x && cp != last_p) chg_p[(*np_chg)++] = (int32_t)x;
+            last_g = cg;
+            last_p = cp;
+        }
+        x = j;
+    }
+}
+
+static void hist_row_codes(const uint16_t *g, const uint16_t *p, int64_t w, int64_t cols, int64_t *hist) {
+    int64_t x = 0;
+    while (x < w) {
+        uint16_t gi = g[x], pi = p[x];
+        int64_t j = run_end_u16(g, p, x + 1, w, gi, pi);
+        hist[(int64_t)gi * cols + pi] += j - x;
+        x = j;
+    }
+}
+
+/* ------------------------------------------------------------------ boundaries */
+
+/* boundary-iou-api: a pixel of segment s is on s's boundary iff its (2d+1)^2 window (d erosions by 3x3
+   after 1-px zero padding) holds another segment, VOID, or reaches outside the image. The window is
+   constant iff each of its rows is constant and vertically adjacent pixels of its column agree.
+   With R(y, x) = "row window [x-d, x+d] of row y not constant or outside the image" and
+   D(y, x) = "c(y + 1, x) != c(y, x)", F = R | D:
+
+       band(y, x) = y < d or y > h-1-d or any F(y', x) for y' in [y-d, y+d-1] or R(y+d, x).
+
+   Rows stream top to bottom: `dist[x]` counts the rows entered since the last one with F set in
+   column x (saturating at 32767), so the window test is `dist[x] <= 2d - 1`; R rows come from the
+   positions where the code changes along the row. O(h w) for any d, in 16-bit lanes, with nothing
+   but two R rows and `dist` besides the code map. */
+
+typedef struct {
+    const uint16_t *codes; /* h * w */
+    const changes_t *chg;  /* where each row's codes change, or NULL: scan the row */
+    int64_t h, w, d;
+    uint16_t *dist;        /* w: rows since the last F, saturating at DIST_MAX */
+    uint16_t *r_prev;      /* R (0 or 0xFFFF) of the row entering the F window */
+    uint16_t *r_next;      /* R of row y + d */
+} band_t;
+
+/* R of row y into r as 0 / 0xFFFF (memset-able; 16-bit like the codes, for the vector loops). */
+static void row_flags(const band_t *s, int64_t y, uint16_t *r) {
+    const int64_t w = s->w, d = s->d;
+    if (2 * d >= w) {
+        memset(r, 0xFF, (size_t)w * 2);
+        return;
+    }
+    memset(r, 0xFF, (size_t)d * 2);
+    memset(r + d, 0, (size_t)(w - 2 * d) * 2);
+    memset(r + w - d, 0xFF, (size_t)d * 2);
+    /* a change between x-1 and x makes every window holding both columns non-constant: windows
+       centred in [x-d, x+d-1]; `done` skips what overlapping intervals already set */
+    int64_t done = d;
+    const int32_t *pos = NULL, *end = NULL;
+    const uint16_t *c = s->codes + y * w;
+    if (s->chg) {
+        pos = s->chg->pos + s->chg->start[y];
+        end = s->chg->pos + s->chg->start[y + 1];
+    }
+    for (int64_t x = pos ? (pos < end ? *pos : w) : next_change_u16(c, 1, w); x < w;
+         x = pos ? (++pos < end ? *pos : w) : next_change_u16(c, x + 1, w)) {
+        int64_t a = x - d > done ? x - d : done, b = x + d - 1 > w - 1 ? w - 1 : x + d - 1;
+        if (a <= b) memset(r + a, 0xFF, (size_t)(b - a + 1) * 2);
+        if (b + 1 > done) done = b + 1;
+    }
+}
+
+/* 16 lanes of int16: one AVX2 register in the avx2 clones, two SSE2 registers otherwise. Signed
+   lanes: x86 has signed 16-bit compares only. */
+typedef int16_t v16s __attribute__((vector_size(32)));
+#define DIST_MAX 0x7FFF
+
+#define LOAD16(dst, p) memcpy(&(dst), (p), sizeof(v16s))
+#define STORE16(p, src) memcpy((p), &(src), sizeof(v16s))
+
+/* dist := 0 where F = r | (a != b), else dist + 1 saturating at DIST_MAX (16 columns; r is 0 / -1,
+   comparisons give 0 / -1). */
+#define DIST_STEP(dist, a, b, r)                          \
+    do {                                                  \
+        v16s f_ = (r) | ((a) != (b));                     \
+        v16s inc_ = (dist) - ((dist) < DIST_MAX);         \
+        (dist) = inc_ & ~f_;                              \
+    } while (0)
+
+/* Enter row e (0 <= e <= h - 2) into the F window: r_prev must hold R(e). */
+PQ_CLONES static void band_enter(band_t *s, int64_t e) {
+    const uint16_t *a = s->codes + e * s->w, *b = a + s->w;
+    const uint16_t *r = s->r_prev;
+    uint16_t *dist = s->dist;
+    int64_t x = 0;
+    for (; x + 16 <= s->w; x += 16) {
+        v16s dv, av, bv, rv;
+        LOAD16(dv, dist + x);
+        LOAD16(av, a + x);
+        LOAD16(bv, b + x);
+        LOAD16(rv, r + x);
+        DIST_STEP(dv, av, bv, rv);
+        STORE16(dist + x, dv);
+    }
+    for (; x < s->w; x++) {
+        int f = r[x] | (a[x] != b[x]);
+        dist[x] = f ? 0 : (uint16_t)(dist[x] + (dist[x] < DIST_MAX));
+    }
+}
+
+/* Prepare for rows y >= d (needs h >= 2d + 1): enters rows 0 .. 2d - 2. */
+static void band_begin(band_t *s) {
+    for (int64_t x = 0; x < s->w; x++) s->dist[x] = DIST_MAX;
+    row_flags(s, 0, s->r_prev);
+    for (int64_t e = 0; e <= 2 * s->d - 2; e++) {
+        row_flags(s, e + 1, s->r_next);
+        band_enter(s, e);
+        uint16_t *t = s->r_prev;
+        s->r_prev = s->r_next;
+        s->r_next = t;
+    }
+}
+
+static void band_swap(band_t *s) {
+    uint16_t *t = s->r_prev;
+    s->r_prev = s->r_next;
+    s->r_next = t;
+}
+
+/* Boundary code row y (rows in order): segment pixels (1..n) off the band take the interior code
+   n + 2. For d <= y <= h-1-d this enters row y + d - 1 into the F window and tests row y, in one
+   pass over the columns. band_out (pq_band) receives the band as bytes instead. */
+PQ_CLONES static void boundary_row(band_t *s, int64_t y, int64_t n, uint16_t *out, uint8_t *band_out) {
+    const int64_t w = s->w, d = s->d;
+    const uint16_t *c = s->codes + y * w;
+    if (y < d || y + d > s->h - 1) { /* the window leaves the image: all band */
+        if (out) memcpy(out, c, (size_t)w * sizeof(uint16_t));
+        if (band_out) memset(band_out, 1, (size_t)w);
+        return;
+    }
+    if (y == d) band_begin(s);
+    row_flags(s, y + d, s->r_next);
+    const uint16_t *a = s->codes + (y + d - 1) * w, *b = a + w, *rp = s->r_prev, *rn = s->r_next;
+    uint16_t *dist = s->dist;
+    const int16_t reach = (int16_t)(2 * d - 1), interior = (int16_t)(n + 2), void_code = (int16_t)(n + 1);
+    const uint16_t top = (uint16_t)n;
+    int64_t x = 0;
+    for (; x + 16 <= w; x += 16) {
+        v16s dv, v, av, bv, rv, nv;
+        LOAD16(dv, dist + x);
+        LOAD16(v, c + x);
+        LOAD16(av, a + x);
+        LOAD16(bv, b + x);
+        LOAD16(rv, rp + x);
+        LOAD16(nv, rn + x);
+        DIST_STEP(dv, av, bv, rv);
+        STORE16(dist + x, dv);
+        v16s off = (dv > reach) & (nv == 0);
+        if (out) {
+            /* codes are 0 (unlisted id), 1..n (segments) or n + 1 (VOID) */
+            v16s inner = off & ~((v == 0) | (v == void_code));
+            v16s o = (inner & interior) | (~inner & v);
+            STORE16(out + x, o);
+        } else {
+            for (int k = 0; k < 16; k++) band_out[x + k] = (uint8_t)(off[k] == 0);
+        }
+    }
+    for (; x < w; x++) {
+        int f = rp[x] | (a[x] != b[x]);
+        dist[x] = f ? 0 : (uint16_t)(dist[x] + (dist[x] < DIST_MAX));
+        int off = dist[x] > reach && rn[x] == 0;
+        uint16_t v = c[x];
+        if (out) out[x] = (off && (uint16_t)(v - 1) < top) ? interior : v;
+        if (band_out) band_out[x] = (uint8_t)!off;
+    }
+    band_swap(s);
+}
+
+/* Public: the band (uint8 0/1) of an (h, w) uint16 code map (the numpy path uses it when built). */
+int pq_band(const uint16_t *codes, int64_t h, int64_t w, int64_t d, uint8_t *out) {
+    if (h < 2 * d + 1) {
+        memset(out, 1, (size_t)(h * w));
+        return PQ_OK;
+    }
+    if (2 * d - 1 >= DIST_MAX) return PQ_STOP_SEGMENTS;
+    uint16_t *dist = (uint16_t *)malloc((size_t)w * sizeof(uint16_t));
+    uint16_t *rr = (uint16_t *)malloc((size_t)(2 * w) * sizeof(uint16_t));
+    if (!dist || !rr) {
+        free(dist);
+        free(rr);
+        return PQ_STOP_MEMORY;
+    }
+    band_t s = {codes, NULL, h, w, d, dist, rr, rr + w};
+    for (int64_t y = 0; y < h; y++) boundary_row(&s, y, 0, NULL, out + y * w);
+    free(dist);
+    free(rr);
+    return PQ_OK;
+}
+
+/* Erosion iterations: max(1, round(ratio * sqrt(h^2 + w^2))) with round-half-to-even (Python's round;
+   nearbyint under the default rounding mode). */
+int64_t pq_dilation_pixels(int64_t h, int64_t w, double ratio) {
+    double diag = sqrt((double)(h * h + w * w));
+    double d = nearbyint(ratio * diag);
+    return d < 1 ? 1 : (int64_t)d;
+}
+
+/* ------------------------------------------------------------------ histograms for the numpy path */
+
+/* hist[lut_g[g[i]] * cols + lut_p[p[i]]] += 1 for i < n (every id < the table length). */
+void pq_joint_histogram(const uint32_t *g, const uint32_t *p, int64_t n, const uint16_t *lut_g,
+                        const uint16_t *lut_p, int64_t cols, int64_t *hist) {
+    for (int64_t i = 0, j; i < n; i = j) {
+        j = run_end_u32(g, p, i + 1, n, g[i], p[i]);
+        hist[(int64_t)lut_g[g[i]] * cols + lut_p[p[i]]] += j - i;
+    }
+}
+
+/* Joint histogram of two boundary code maps built on the fly: a segment pixel (code 1..n) off the
+   band takes the interior code n + 2; n = 0 means the map already is a boundary code map. */
+void pq_boundary_histogram(const uint16_t *gc, const uint8_t *gb, int64_t gn, const uint16_t *pc, const uint8_t *pb,
+                           int64_t pn, int64_t npx, int64_t cols, int64_t *hist) {
+    for (int64_t i = 0; i < npx; i++) {
+        int64_t g = gc[i], p = pc[i];
+        if (!gb[i] && g >= 1 && g <= gn) g = gn + 2;
+        if (!pb[i] && p >= 1 && p <= pn) p = pn + 2;
+        hist[g * cols + p]++;
+    }
+}
+
+/* ------------------------------------------------------------------ single PNG decode */
+
+/* (h, w, bpp, supported) of a PNG in memory; supported = 1 for 8-bit RGB/RGBA non-interlaced. */
+int pq_png_info(const uint8_t *data, int64_t n, int64_t *info) {
+    static const uint8_t sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    info[0] = info[1] = info[2] = info[3] = 0;
+    if (n < 33 || memcmp(data, sig, 8) != 0 || memcmp(data + 12, "IHDR", 4) != 0) return PQ_STOP_PNG;
+    info[1] = be32(data + 16);
+    info[0] = be32(data + 20);
+    int depth = data[24], color = data[25], interlace = data[28];
+    info[2] = color == 2 ? 3 : (color == 6 ? 4 : 0);
+    info[3] = depth == 8 && info[2] && interlace == 0;
+    return PQ_OK;
+}
+
+
+/* Row-by-row decoder state of one image: two rows of w + 1 ids whose element 0 stays 0, so that
+   row[-1] and up[-1] (the left neighbours of x = 0) read 0 as the PNG filters require. */
+typedef struct {
+    png_t png;
+    uint32_t *base;  /* 2 * (w + 1) ids */
+    uint32_t *zero;  /* w + 1 zeros: the row above the first row */
+    int64_t stride;
+} rowdec_t;
+
+static int rowdec_init(pq_ctx *c, int k, const png_t *png, rowdec_t *d) {
+    d->png = *png;
+    d->stride = png->w * png->bpp + 1;
+    size_t n = (size_t)(png->w + 1);
+    if (!reserve(&c->rows[k], 2 * n * sizeof(uint32_t)) || !reserve(&c->zero_row, n * sizeof(uint32_t)))
+        return PQ_STOP_MEMORY;
+    d->base = (uint32_t *)c->rows[k].p;
+    d->zero = (uint32_t *)c->zero_row.p;
+    memset(d->zero, 0, n * sizeof(uint32_t));
+    d->base[0] = d->base[n] = 0;
+    return PQ_OK;
+}
+
+/* Decode row y (rows must be decoded in order); returns the ids of the row or NULL (bad filter). */
+static const uint32_t *rowdec_next(rowdec_t *d, int64_t y) {
+    int64_t n = d->png.w + 1;
+    uint32_t *cur = d->base + (y & 1) * n + 1;
+    const uint32_t *up = y ? d->base + ((y + 1) & 1) * n + 1 : d->zero + 1;
+    const uint8_t *q = d->png.raw + y * d->stride;
+    if (unfilter_row(q[0], q + 1, d->png.w, d->png.bpp, up, cur)) return NULL;
+    return cur;
+}
+
+/* Decode an 8-bit RGB/RGBA PNG into out (h * w uint32 ids = R + 256 G + 65536 B). Returns PQ_OK, or
+   PQ_STOP_PNG with detail[0] = 1 + the first row with an invalid filter type (0 otherwise). */
+int pq_decode_ids(pq_ctx *c, const uint8_t *data, int64_t n, uint32_t *out, int64_t *detail) {
+    png_t png;
+    rowdec_t d;
+    detail[0] = 0;
+    int r = decode_container(c, data, (size_t)n, &c->idat[0], &c->raw[0], &png);
+    if (r) return r;
+    if ((r = rowdec_init(c, 0, &png, &d))) return r;
+    for (int64_t y = 0; y < png.h; y++) {
+        const uint32_t *row = rowdec_next(&d, y);
+        if (!row) {
+            detail[0] = y + 1;
+            return PQ_STOP_PNG;
+        }
+        memcpy(out + y * png.w, row, (size_t)png.w * sizeof(uint32_t));
+    }
+    return PQ_OK;
+}
+
+/* ------------------------------------------------------------------ matching (pq.py: _accumulate) */
+
+typedef struct {
+    int64_t g, p;   /* 0-based segment indices */
+    double iou;     /* mask IoU */
+    double biou;    /* min(mask IoU, boundary IoU) */
+} cand_t;
+
+typedef struct {
+    int64_t gid, pid;
+    int64_t g, p;
+    double iou;
+} match_t;
+
+static int cmp_match(const void *a, const void *b) {
+    const match_t *x = (const match_t *)a, *y = (const match_t *)b;
+    if (x->gid != y->gid) return x->gid < y->gid ? -1 : 1;
+    if (x->pid != y->pid) return x->pid < y->pid ? -1 : 1;
+    return 0;
+}
+
+typedef struct {
+    int64_t ng, np;
+    const int64_t *gid, *pid;
+    const int32_t *gcat, *pcat;
+    const uint8_t *gcrowd;
+    const int64_t *hist; /* (ng + 2) x (np + 2) */
+    int64_t cols;
+    const int64_t *pred_area, *pred_void; /* (np,) */
+    int all_crowd;
+} image_t;
+
+static inline int64_t inter_at(const image_t *im, int64_t g, int64_t p) { return im->hist[(g + 1) * im->cols + p + 1]; }
+
+/* TP/FN/FP counting of one image given the candidates' IoU (which = 0: mask, 1: boundary).
+   Mirrors _accumulate: matched pairs add their IoU in (GT id, predicted id) order. */
+static int accumulate(const image_t *im, const cand_t *cand, int64_t ncand, int which, match_t *mbuf, uint8_t *gflag,
+                      uint8_t *pflag, int64_t *tp, int64_t *fp, int64_t *fn, double *iou_sum) {
+    int64_t nm = 0;
+    for (int64_t k = 0; k < ncand; k++) {
+        double v = which ? cand[k].biou : cand[k].iou;
+        if (v > 0.5) {
+            match_t *m = &mbuf[nm++];
+            m->g = cand[k].g;
+            m->p = cand[k].p;
+            m->gid = im->gid[m->g];
+            m->pid = im->pid[m->p];
+            m->iou = v;
+        }
+    }
+    if (nm > 1) qsort(mbuf, (size_t)nm, sizeof(match_t), cmp_match);
+    memset(gflag, 0, (size_t)im->ng);
+    memset(pflag, 0, (size_t)im->np);
+    for (int64_t k = 0; k < nm; k++) {
+        int32_t cat = im->gcat[mbuf[k].g];
+        tp[cat] += 1;
+        iou_sum[cat] += mbuf[k].iou;
+        gflag[mbuf[k].g] = 1;
+        pflag[mbuf[k].p] = 1;
+    }
+    for (int64_t g = 0; g < im->ng; g++)
+        if (!gflag[g] && !im->gcrowd[g]) fn[im->gcat[g]] += 1;
+    for (int64_t p = 0; p < im->np; p++) {
+        if (pflag[p]) continue;
+        int64_t ignored = im->pred_void[p];
+        if (im->all_crowd) {
+            for (int64_t g = 0; g < im->ng; g++)
+                if (im->gcrowd[g] && im->gcat[g] == im->pcat[p]) ignored += inter_at(im, g, p);
+        } else {
+            /* one crowd region per category: the last in JSON order (dict overwrite upstream) */
+            int64_t last = -1;
+            for (int64_t g = 0; g < im->ng; g++)
+                if (im->gcrowd[g] && im->gcat[g] == im->pcat[p]) last = g;
+            if (last >= 0) ignored += inter_at(im, last, p);
+        }
+        if (!((double)ignored / (double)im->pred_area[p] > 0.5)) fp[im->pcat[p]] += 1;
+    }
+    return PQ_OK;
+}
+
+static inline double nan_min(double a, double b) {
+    if (a != a || b != b) return NAN; /* np.minimum propagates NaN */
+    return a < b ? a : b;
+}
+
+/* ------------------------------------------------------------------ batch scoring of files */
+
+/* Score images i0..n-1 of a batch; stops before the first image it cannot score exactly.
+ *
+ * paths: 2n NUL-terminated paths (GT, prediction, GT, ...) at offsets path_off[2k], path_off[2k+1].
+ * gt segments of image k: indices gstart[k]..gstart[k+1]-1 of gid, gcat (category index), gcrowd,
+ * garea (JSON area, < 0: take the PNG count); predicted: pstart, pid, pcat.
+ * opts: [boundary, all_crowd_regions, separate_boundary_label, boundary_id]; ratio: dilation ratio.
+ * Counts are added into tp/fp/fn/iou (mask) and btp/bfp/bfn/biou (boundary) per category index.
+ * Returns the index of the first image not scored (n when all were); status[0] = reason,
+ * status[1] = detail. */
+int64_t pq_score_files(pq_ctx *c, int64_t i0, int64_t n, const char *paths, const int64_t *path_off,
+                       const int64_t *gstart, const int64_t *gid, const int32_t *gcat, const uint8_t *gcrowd,
+                       const int64_t *garea, const int64_t *pstart, const int64_t *pid, const int32_t *pcat,
+                       const int64_t *opts, double ratio, int64_t *tp, int64_t *fp, int64_t *fn, double *iou,
+                       int64_t *btp, int64_t *bfp, int64_t *bfn, double *biou, int64_t *status) {
+    const int boundary = (int)opts[0], all_crowd = (int)opts[1], separate = (int)opts[2];
+    const int64_t boundary_id = opts[3];
+    status[0] = status[1] = 0;
+    for (int64_t k = i0; k < n; k++) {
+        int r;
+#define STOP(code)           \
+    do {                     \
+        status[0] = (code);  \
+        return k;            \
+    } while (0)
+        const int64_t g0 = gstart[k], ng = gstart[k + 1] - g0, p0 = pstart[k], np = pstart[k + 1] - p0;
+        const int64_t rows = ng + 2, cols = np + 2;
+        if (ng > MAX_SEGMENTS || np > MAX_SEGMENTS || rows * cols > MAX_BINS) STOP(PQ_STOP_SEGMENTS);
+        if (boundary && !separate) {
+            for (int64_t i = 0; i < ng; i++)
+                if (gid[g0 + i] == boundary_id) STOP(PQ_STOP_BOUNDARY_ID);
+            for (int64_t i = 0; i < np; i++)
+                if (pid[p0 + i] == boundary_id) STOP(PQ_STOP_BOUNDARY_ID);
+        }
+        if ((r = idmap_build(&c->map[0], gid + g0, ng, (uint16_t)(ng + 1)))) STOP(r);
+        if ((r = idmap_build(&c->map[1], pid + p0, np, (uint16_t)(np + 1)))) STOP(r);
+
+        png_t png[2];
+        for (int s = 0; s < 2; s++) {
+            size_t len = 0;
+            if ((r = read_file(paths + path_off[2 * k + s], &c->file[s], &len))) STOP(r);
+            if ((r = decode_container(c, c->file[s].p, len, &c->idat[s], &c->raw[s], &png[s]))) STOP(r);
+        }
+        if (png[0].h != png[1].h || png[0].w != png[1].w) STOP(PQ_STOP_SIZE);
+        const int64_t h = png[0].h, w = png[0].w;
+
+        if (!reserve(&c->hist, (size_t)(rows * cols) * sizeof(int64_t))) STOP(PQ_STOP_MEMORY);
+        int64_t *hist = (int64_t *)c->hist.p;
+        memset(hist, 0, (size_t)(rows * cols) * sizeof(int64_t));
+        uint16_t *codes[2] = {NULL, NULL};
+        if (boundary) {
+            for (int s = 0; s < 2; s++) {
+                if (!reserve(&c->codes[s], (size_t)(h * w + PAD) * sizeof(uint16_t))) STOP(PQ_STOP_MEMORY);
+                codes[s] = (uint16_t *)c->codes[s].p;
+            }
+        }
+        rowdec_t dec[2];
+        for (int s = 0; s < 2; s++)
+            if ((r = rowdec_init(c, s, &png[s], &dec[s]))) STOP(r);
+        uint32_t memo[4] = {0xFFFFFFFFu, 0, 0xFFFFFFFFu, 0};
+        changes_t chg[2] = {{NULL, NULL}, {NULL, NULL}};
+        int64_t nchg[2] = {0, 0};
+        if (boundary)
+            for (int s = 0; s < 2; s++) {
+                if (!reserve(&c->chg_start[s], (size_t)(h + 1) * sizeof(int64_t))) STOP(PQ_STOP_MEMORY);
+                chg[s].start = (int64_t *)c->chg_start[s].p;
+            }
+        for (int64_t y = 0; y < h; y++) {
+            const uint32_t *gr = rowdec_next(&dec[0], y);
+            const uint32_t *pr = rowdec_next(&dec[1], y);
+            if (!gr || !pr) STOP(PQ_STOP_PNG);
+            if (boundary) {
+                for (int s = 0; s < 2; s++) {
+                    if (!reserve(&c->chg_pos[s], (size_t)(nchg[s] + w) * sizeof(int32_t))) STOP(PQ_STOP_MEMORY);
+                    chg[s].pos = (int32_t *)c->chg_pos[s].p;
+                    chg[s].start[y] = nchg[s];
+                }
+                hist_row_ids(gr, pr, w, &c->map[0], &c->map[1], cols, hist, codes[0] + y * w, codes[1] + y * w, memo,
+                             chg[0].pos, &nchg[0], chg[1].pos, &nchg[1]);
+            } else {
+                hist_row_ids(gr, pr, w, &c->map[0], &c->map[1], cols, hist, NULL, NULL, memo, NULL, NULL, NULL, NULL);
+            }
+        }
+        if (boundary)
+            for (int s = 0; s < 2; s++) chg[s].start[h] = nchg[s];
+
+        /* prediction checks (panopticapi raises KeyError for both) */
+        for (int64_t i = 0; i < rows; i++)
+            if (hist[i * cols]) STOP(PQ_STOP_UNLISTED);
+        /* scratch: pred_area, pred_void, gt_area (np + np + ng int64), flags, candidates, matches */
+        size_t need = (size_t)(2 * np + ng) * sizeof(int64_t) + (size_t)(ng + np) + 16 +
+                      (size_t)(ng * np) * (sizeof(cand_t) + sizeof(match_t));
+        if (!reserve(&c->work, need)) STOP(PQ_STOP_MEMORY);
+        int64_t *pred_area = (int64_t *)c->work.p, *pred_void = pred_area + np, *gt_area = pred_void + np;
+        uint8_t *gflag = (uint8_t *)(gt_area + ng), *pflag = gflag + ng;
+        cand_t *cand = (cand_t *)(((uintptr_t)(pflag + np) + 15) & ~(uintptr_t)15);
+        match_t *mbuf = (match_t *)(cand + ng * np);
+        for (int64_t p = 0; p < np; p++) {
+            int64_t s = 0;
+            for (int64_t i = 0; i < rows; i++) s += hist[i * cols + p + 1];
+            if (s == 0) STOP(PQ_STOP_ABSENT);
+            pred_area[p] = s;
+        }
+        int64_t void_row = ng + 1;
+        for (int64_t g = 0; g < ng; g++)
+            if (gid[g0 + g] == 0) {
+                void_row = g + 1;
+                break;
+            }
+        for (int64_t p = 0; p < np; p++) pred_void[p] = hist[void_row * cols + p + 1];
+        for (int64_t g = 0; g < ng; g++) {
+            int64_t a = garea[g0 + g];
+            if (a < 0) {
+                a = 0;
+                for (int64_t j = 0; j < cols; j++) a += hist[(g + 1) * cols + j];
+            }
+            gt_area[g] = a;
+        }
+
+        /* candidates in np.nonzero order (row-major over GT x prediction) */
+        int64_t ncand = 0;
+        for (int64_t g = 0; g < ng; g++) {
+            if (gcrowd[g0 + g]) continue;
+            for (int64_t p = 0; p < np; p++) {
+                int64_t inter = hist[(g + 1) * cols + p + 1];
+                if (!inter || gcat[g0 + g] != pcat[p0 + p]) continue;
+                cand_t *cd = &cand[ncand++];
+                cd->g = g;
+                cd->p = p;
+                cd->iou = (double)inter / (double)(pred_area[p] + gt_area[g] - inter - pred_void[p]);
+                cd->biou = cd->iou;
+            }
+        }
+
+        if (boundary) {
+            const int64_t brows = ng + 3, bcols = np + 3;
+            const int64_t d = pq_dilation_pixels(h, w, ratio);
+            if (2 * d - 1 >= DIST_MAX) STOP(PQ_STOP_SEGMENTS); /* absurd widths: numpy path */
+            if (!reserve(&c->bhist, (size_t)(brows * bcols) * sizeof(int64_t))) STOP(PQ_STOP_MEMORY);
+            int64_t *bh = (int64_t *)c->bhist.p;
+            memset(bh, 0, (size_t)(brows * bcols) * sizeof(int64_t));
+            uint16_t *brow[2];
+            band_t band[2];
+            for (int s = 0; s < 2; s++) {
+                if (!reserve(&c->rflag[s], (size_t)(2 * w) * sizeof(uint16_t)) || !reserve(&c->brow[s], (size_t)w * sizeof(uint16_t)) ||
+                    !reserve(&c->dist[s], (size_t)w * sizeof(uint16_t)))
+                    STOP(PQ_STOP_MEMORY);
+                brow[s] = (uint16_t *)c->brow[s].p;
+                uint16_t *rr = (uint16_t *)c->rflag[s].p;
+                band_t b = {codes[s], &chg[s], h, w, d, (uint16_t *)c->dist[s].p, rr, rr + w};
+                band[s] = b;
+            }
+            for (int64_t y = 0; y < h; y++) {
+                boundary_row(&band[0], y, ng, brow[0], NULL);
+                boundary_row(&band[1], y, np, brow[1], NULL);
+                hist_row_codes(brow[0], brow[1], w, bcols, bh);
+            }
+            /* boundary areas: row / column sums of the boundary histogram (reusing gt_area's slot is
+               not possible: the mask areas are still needed), kept in the candidates' pass */
+            int64_t *g_barea = (int64_t *)malloc((size_t)(ng + np + 1) * sizeof(int64_t));
+            if (!g_barea) STOP(PQ_STOP_MEMORY);
+            int64_t *p_barea = g_barea + ng;
+            for (int64_t g = 0; g < ng; g++) {
+                int64_t s = 0;
+                for (int64_t j = 0; j < bcols; j++) s += bh[(g + 1) * bcols + j];
+                g_barea[g] = s;
+            }
+            for (int64_t p = 0; p < np; p++) {
+                int64_t s = 0;
+                for (int64_t i = 0; i < brows; i++) s += bh[i * bcols + p + 1];
+                p_barea[p] = s;
+            }
+            for (int64_t k2 = 0; k2 < ncand; k2++) {
+                int64_t g = cand[k2].g, p = cand[k2].p;
+                int64_t b_inter = bh[(g + 1) * bcols + p + 1], b_void = bh[void_row * bcols + p + 1];
+                double bi = (double)b_inter / (double)(p_barea[p] + g_barea[g] - b_inter - b_void);
+                cand[k2].biou = nan_min(cand[k2].iou, bi);
+            }
+            free(g_barea);
+        }
+
+        image_t im = {ng, np, gid + g0, pid + p0, gcat + g0, pcat + p0, gcrowd + g0, hist, cols, pred_area, pred_void,
+                      all_crowd};
+        accumulate(&im, cand, ncand, 0, mbuf, gflag, pflag, tp, fp, fn, iou);
+        if (boundary) accumulate(&im, cand, ncand, 1, mbuf, gflag, pflag, btp, bfp, bfn, biou);
+#undef STOP
+    }
+    return n;
+}
