@@ -3,7 +3,8 @@
 `make setup` builds it next to this module (`python -m harness.metrics.native`, stamp keyed on the
 source). At run time `load()` uses, in order:
 
-1. `harness/metrics/_png_pq.so` when it was built from the current source (the hash is compiled in);
+1. `harness/metrics/_png_pq.so` (or $HARNESS_PQ_LIB) when it was built from the current source (the
+   source tag is compiled in);
 2. otherwise a build in the per-user cache (`$XDG_CACHE_HOME` or `~/.cache` / `psf-harness`), compiled
    at first use with the system C compiler (`$CC`, else Python's, else `cc`) in about a second;
 3. otherwise nothing: the numpy path and a general PNG decoder (pyspng, OpenCV, PIL) take over,
@@ -227,14 +228,14 @@ def resolve(lib_path: Path | None = None, cache_dir: Path | None = None, cc: str
         inflate, inflate_desc = _inflate_symbols()
     except RuntimeError as exc:
         return None, str(exc)
-    lib_path = lib_path or LIB_PATH
+    lib_path = lib_path or Path(os.environ.get("HARNESS_PQ_LIB") or LIB_PATH)
     want = source_hash()
     problems: list[str] = []
     if lib_path.is_file():
         try:
             native = Native(lib_path, inflate, inflate_desc)
             if want is None or native.built_from == want:
-                return native, f"built by make setup ({lib_path})"
+                return native, "built by make setup" if lib_path == LIB_PATH else f"from {lib_path}"
             problems.append(f"{lib_path.name} is stale (built from {native.built_from}, source is {want})")
         except (OSError, RuntimeError, AttributeError) as exc:
             problems.append(f"{lib_path.name} does not load ({exc})")
