@@ -10,19 +10,26 @@
  * must name in an error, the BOUNDARY_ID collision of boundary-iou-api) stops the batch at that image
  * with a reason code, before any of its counts are added, and Python scores that image instead.
  *
- * Speed: panoptic PNGs are piecewise constant. Rows are unfiltered 8 pixels at a time where the
- * filtered bytes are zero (a whole Up row is a copy of the row above plus a few fixes), the joint
- * histogram counts runs of equal (GT, prediction) pixel pairs, and boundaries come from running
- * counts instead of (2d+1)^2 erosions. One decoded row of each image is live at a time for Mask PQ;
- * Boundary PQ keeps the two code maps.
+ * Speed: panoptic PNGs are piecewise constant. Rows are unfiltered as stretches of zero filtered
+ * bytes between a few "dirty" pixels (a whole Up row is a copy of the row above plus fixes), the joint
+ * histogram counts runs of equal (GT, prediction) pixel pairs, and boundaries come from a streaming
+ * O(h w) window test instead of (2d+1)^2 erosions, fused with their histogram. One decoded row of each
+ * image is live at a time for Mask PQ; Boundary PQ keeps the two code maps. The hot loops
+ * (png_pq_simd.h) are compiled for SSE2 and, with GCC on x86-64, for AVX2, chosen at run time.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __SSE2__
+#if defined(__SSE2__)
 #include <emmintrin.h>
+#endif
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(PQ_NO_AVX2)
+#define PQ_HAVE_AVX2 1
+#include <immintrin.h>
+#else
+#define PQ_HAVE_AVX2 0
 #endif
 
 #define PQ_ABI_VERSION 1
@@ -43,14 +50,6 @@ enum {
     PQ_STOP_MEMORY = 8,
     PQ_STOP_NO_INFLATE = 9,
 };
-
-/* The per-pixel boundary loops run twice as fast with AVX2; GCC compiles them for both and picks at
-   load time (ifunc), so one library runs on any x86-64. Other compilers/targets: plain build. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(PQ_NO_CLONES)
-#define PQ_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PQ_CLONES
-#endif
 
 #define MAX_SEGMENTS 65530
 #define MAX_BINS (1LL << 27)
@@ -164,7 +163,6 @@ typedef struct {
     buf_t codes[2]; /* per image: h * w uint16 codes (Boundary PQ) */
     buf_t rflag[2]; /* per image: two rows of R flags (see band_t) */
     buf_t dist[2];  /* per image: w uint16, rows since the last F per column */
-    buf_t brow[2];  /* boundary code rows */
     buf_t chg_pos[2], chg_start[2]; /* per image: where the codes change along each row */
     buf_t hist, bhist;
     buf_t work; /* per-image matching scratch */
@@ -176,7 +174,7 @@ void pq_ctx_free(pq_ctx *c) {
     if (c->dec && g_free) g_free(c->dec);
     buf_t *bufs[] = {&c->file[0], &c->file[1], &c->idat[0], &c->idat[1], &c->raw[0], &c->raw[1], &c->rows[0],
                      &c->rows[1], &c->zero_row, &c->codes[0], &c->codes[1], &c->rflag[0], &c->rflag[1],
-                     &c->dist[0], &c->dist[1], &c->chg_pos[0], &c->chg_pos[1], &c->chg_start[0], &c->chg_start[1], &c->brow[0], &c->brow[1], &c->hist, &c->bhist, &c->work};
+                     &c->dist[0], &c->dist[1], &c->chg_pos[0], &c->chg_pos[1], &c->chg_start[0], &c->chg_start[1], &c->hist, &c->bhist, &c->work};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]->p);
     for (int i = 0; i < 2; i++) {
         free(c->map[i].keys);
@@ -290,35 +288,6 @@ static inline uint32_t add3(uint32_t a, uint32_t b) {
 }
 
 /* First i' >= i with q[i'] != 0, or n. */
-static inline int64_t next_nonzero(const uint8_t *q, int64_t i, int64_t n) {
-#ifdef __SSE2__
-    const __m128i zero = _mm_setzero_si128();
-    for (; i + 16 <= n; i += 16) {
-        unsigned m = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(q + i)), zero));
-        if (m != 0xFFFFu) return i + __builtin_ctz(~m & 0xFFFFu);
-    }
-#endif
-    while (i < n && !q[i]) i++;
-    return i;
-}
-
-/* First x' >= x with v[x'] != v[x' - 1] (v[-1] readable), or n. */
-static inline int64_t next_change_u32(const uint32_t *v, int64_t x, int64_t n) {
-#ifdef __SSE2__
-    for (; x + 4 <= n; x += 4) {
-        unsigned m = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(v + x)),
-                                                                 _mm_loadu_si128((const __m128i *)(v + x - 1))));
-        if (m != 0xFFFFu) return x + (__builtin_ctz(~m & 0xFFFFu) >> 2);
-    }
-#endif
-    while (x < n && v[x] == v[x - 1]) x++;
-    return x;
-}
-
-static inline void fill_u32(uint32_t *row, int64_t a, int64_t b, uint32_t v) {
-    for (int64_t k = a; k < b; k++) row[k] = v;
-}
-
 static inline uint8_t paeth(int a, int b, int c) {
     int p = a + b - c;
     int pa = abs(p - a), pb = abs(p - b), pc = abs(p - c);
@@ -337,190 +306,7 @@ static inline uint32_t avg3(uint32_t a, uint32_t b) {
            ((((a >> 16) + (b >> 16)) >> 1) << 16);
 }
 
-/* Undo one row's filter. q: w * bpp filtered bytes; up[-1 .. w-1] the ids of the row above (all 0
-   above the first row, up[-1] == 0). Filters act bytewise on the same channel of neighbouring
-   pixels, so the colour bytes are independent of alpha, which is skipped. Panoptic maps are flat:
-   most filtered bytes are zero, so each row is handled as stretches of all-zero pixels (found 16
-   bytes at a time) between "dirty" pixels. Returns 0, or -1 for an invalid filter type. */
-static int unfilter_row(int ft, const uint8_t *q, int64_t w, int bpp, const uint32_t *up, uint32_t *row) {
-    const int64_t n = w * bpp;
-    int64_t x = 0, xd;
-    uint32_t left = 0;
-    switch (ft) {
-    case 0:
-        for (; x < w; x++) row[x] = pack3(q + x * bpp);
-        return 0;
-    case 1: /* Sub: a zero pixel repeats the left one */
-        for (; x < w; x = xd + 1) {
-            xd = next_nonzero(q, x * bpp, n) / bpp;
-            fill_u32(row, x, xd, left);
-            if (xd >= w) break;
-            left = add3(left, pack3(q + xd * bpp));
-            row[xd] = left;
-        }
-        return 0;
-    case 2: /* Up: the row above, fixed at the dirty pixels */
-        memcpy(row, up, (size_t)w * sizeof(uint32_t));
-        for (xd = next_nonzero(q, 0, n) / bpp; xd < w; xd = next_nonzero(q, (xd + 1) * bpp, n) / bpp)
-            row[xd] = add3(up[xd], pack3(q + xd * bpp));
-        return 0;
-    case 3: /* Average */
-        for (; x < w; x++) {
-            uint32_t v = pack3(q + x * bpp);
-            uint32_t pred = (v == 0 && left == up[x]) ? left : avg3(left, up[x]);
-            left = add3(pred, v);
-            row[x] = left;
-        }
-        return 0;
-    case 4: /* Paeth, per channel paeth(a = left, b = up, c = upper left). b == c gives a; a == c gives
-               b. So in a zero stretch, once left equals the upper left the row copies the row above;
-               where the row above is flat it repeats the left pixel. */
-        for (; x < w; x = xd + 1) {
-            xd = next_nonzero(q, x * bpp, n) / bpp;
-            while (x < xd) {
-                if (left == up[x - 1]) {
-                    memcpy(row + x, up + x, (size_t)(xd - x) * sizeof(uint32_t));
-                    left = up[xd - 1];
-                    x = xd;
-                    break;
-                }
-                int64_t e = next_change_u32(up, x, xd);
-                fill_u32(row, x, e, left);
-                x = e;
-                if (x < xd) {
-                    left = paeth3(left, up[x], up[x - 1]);
-                    row[x++] = left;
-                }
-            }
-            if (xd >= w) break;
-            uint32_t v = pack3(q + xd * bpp), b = up[xd], c = up[xd - 1];
-            uint32_t pred = b == c ? left : (left == c ? b : paeth3(left, b, c));
-            left = add3(pred, v);
-            row[xd] = left;
-        }
-        return 0;
-    default:
-        return -1;
-    }
-}
-
-/* ------------------------------------------------------------------ run scanning (SSE2 or scalar) */
-
-/* First j' >= j with (g[j'], p[j']) != (gi, pi), or w. */
-static inline int64_t run_end_u32(const uint32_t *g, const uint32_t *p, int64_t j, int64_t w, uint32_t gi,
-                                  uint32_t pi) {
-#ifdef __SSE2__
-    const __m128i vg = _mm_set1_epi32((int)gi), vp = _mm_set1_epi32((int)pi);
-    for (; j + 8 <= w; j += 8) {
-        __m128i e0 = _mm_and_si128(_mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(g + j)), vg),
-                                   _mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(p + j)), vp));
-        __m128i e1 = _mm_and_si128(_mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(g + j + 4)), vg),
-                                   _mm_cmpeq_epi32(_mm_loadu_si128((const __m128i *)(p + j + 4)), vp));
-        unsigned m = (unsigned)_mm_movemask_epi8(e0) | ((unsigned)_mm_movemask_epi8(e1) << 16);
-        if (m != 0xFFFFFFFFu) return j + (__builtin_ctz(~m) >> 2);
-    }
-#endif
-    while (j < w && g[j] == gi && p[j] == pi) j++;
-    return j;
-}
-
-/* Same for uint16 rows. */
-static inline int64_t run_end_u16(const uint16_t *g, const uint16_t *p, int64_t j, int64_t w, uint16_t gi,
-                                  uint16_t pi) {
-#ifdef __SSE2__
-    const __m128i vg = _mm_set1_epi16((short)gi), vp = _mm_set1_epi16((short)pi);
-    for (; j + 16 <= w; j += 16) {
-        __m128i e0 = _mm_and_si128(_mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(g + j)), vg),
-                                   _mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(p + j)), vp));
-        __m128i e1 = _mm_and_si128(_mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(g + j + 8)), vg),
-                                   _mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(p + j + 8)), vp));
-        unsigned m = (unsigned)_mm_movemask_epi8(e0) | ((unsigned)_mm_movemask_epi8(e1) << 16);
-        if (m != 0xFFFFFFFFu) return j + (__builtin_ctz(~m) >> 1);
-    }
-#endif
-    while (j < w && g[j] == gi && p[j] == pi) j++;
-    return j;
-}
-
-/* First x' >= x (x >= 1) with c[x'] != c[x' - 1], or w. */
-static inline int64_t next_change_u16(const uint16_t *c, int64_t x, int64_t w) {
-#ifdef __SSE2__
-    for (; x + 8 <= w; x += 8) {
-        __m128i e = _mm_cmpeq_epi16(_mm_loadu_si128((const __m128i *)(c + x)),
-                                    _mm_loadu_si128((const __m128i *)(c + x - 1)));
-        unsigned m = (unsigned)_mm_movemask_epi8(e);
-        if (m != 0xFFFFu) return x + (__builtin_ctz(~m & 0xFFFFu) >> 1);
-    }
-#endif
-    while (x < w && c[x] == c[x - 1]) x++;
-    return x;
-}
-
-/* ------------------------------------------------------------------ run-length histograms */
-
-/* v into c[a..b); with SSE2 it writes whole 8-lane vectors and may overrun b by up to 7 elements:
-   callers keep PAD spare elements after every buffer filled this way (later runs overwrite it). */
-#define PAD 16
-static inline void fill_u16(uint16_t *c, int64_t a, int64_t b, uint16_t v) {
-#ifdef __SSE2__
-    const __m128i vv = _mm_set1_epi16((short)v);
-    for (int64_t k = a; k < b; k += 8) _mm_storeu_si128((__m128i *)(c + k), vv);
-#else
-    for (int64_t k = a; k < b; k++) c[k] = v;
-#endif
-}
-
-/* Positions along one row where a code map changes (c[x] != c[x - 1]), per row of an image. */
-typedef struct {
-    int32_t *pos;   /* all rows' positions, row after row */
-    int64_t *start; /* h + 1 offsets into pos */
-} changes_t;
-
-/* hist[cg * cols + cp] += run length over runs of equal (g, p) ids in one row. For Boundary PQ
-   (code_g != NULL) it also writes each pixel's codes and appends the positions where a code changes
-   to chg_g / chg_p (at most w each). memo: the last ids looked up and their codes (neighbouring runs
-   usually share one side). */
-static void hist_row_ids(const uint32_t *g, const uint32_t *p, int64_t w, const idmap_t *mg, const idmap_t *mp,
-                         int64_t cols, int64_t *hist, uint16_t *code_g, uint16_t *code_p, uint32_t *memo,
-                         int32_t *chg_g, int64_t *ng_chg, int32_t *chg_p, int64_t *np_chg) {
-    int64_t x = 0;
-    int32_t last_g = -1, last_p = -1;
-    while (x < w) {
-        uint32_t gi = g[x], pi = p[x];
-        int64_t j = run_end_u32(g, p, x + 1, w, gi, pi);
-        if (gi != memo[0]) {
-            memo[0] = gi;
-            memo[1] = idmap_get(mg, gi);
-        }
-        if (pi != memo[2]) {
-            memo[2] = pi;
-            memo[3] = idmap_get(mp, pi);
-        }
-        uint16_t cg = (uint16_t)memo[1], cp = (uint16_t)memo[3];
-        hist[(int64_t)cg * cols + cp] += j - x;
-        if (code_g) {
-            fill_u16(code_g, x, j, cg);
-            fill_u16(code_p, x, j, cp);
-            if (x && cg != last_g) chg_g[(*ng_chg)++] = (int32_t)x;
-            if (x && cp != last_p) chg_p[(*np_chg)++] = (int32_t)x;
-            last_g = cg;
-            last_p = cp;
-        }
-        x = j;
-    }
-}
-
-static void hist_row_codes(const uint16_t *g, const uint16_t *p, int64_t w, int64_t cols, int64_t *hist) {
-    int64_t x = 0;
-    while (x < w) {
-        uint16_t gi = g[x], pi = p[x];
-        int64_t j = run_end_u16(g, p, x + 1, w, gi, pi);
-        hist[(int64_t)gi * cols + pi] += j - x;
-        x = j;
-    }
-}
-
-/* ------------------------------------------------------------------ boundaries */
+/* ------------------------------------------------------------------ boundary state */
 
 /* boundary-iou-api: a pixel of segment s is on s's boundary iff its (2d+1)^2 window (d erosions by 3x3
    after 1-px zero padding) holds another segment, VOID, or reaches outside the image. The window is
@@ -531,9 +317,17 @@ static void hist_row_codes(const uint16_t *g, const uint16_t *p, int64_t w, int6
        band(y, x) = y < d or y > h-1-d or any F(y', x) for y' in [y-d, y+d-1] or R(y+d, x).
 
    Rows stream top to bottom: `dist[x]` counts the rows entered since the last one with F set in
-   column x (saturating at 32767), so the window test is `dist[x] <= 2d - 1`; R rows come from the
+   column x (saturating at DIST_MAX), so the window test is `dist[x] <= 2d - 1`; R rows come from the
    positions where the code changes along the row. O(h w) for any d, in 16-bit lanes, with nothing
    but two R rows and `dist` besides the code map. */
+
+/* Positions along each row where a code map changes (c[x] != c[x - 1]). */
+typedef struct {
+    int32_t *pos;   /* all rows' positions, row after row */
+    int64_t *start; /* h + 1 offsets into pos */
+} changes_t;
+
+#define DIST_MAX 0x7FFF
 
 typedef struct {
     const uint16_t *codes; /* h * w */
@@ -544,138 +338,63 @@ typedef struct {
     uint16_t *r_next;      /* R of row y + d */
 } band_t;
 
-/* R of row y into r as 0 / 0xFFFF (memset-able; 16-bit like the codes, for the vector loops). */
-static void row_flags(const band_t *s, int64_t y, uint16_t *r) {
-    const int64_t w = s->w, d = s->d;
-    if (2 * d >= w) {
-        memset(r, 0xFF, (size_t)w * 2);
-        return;
-    }
-    memset(r, 0xFF, (size_t)d * 2);
-    memset(r + d, 0, (size_t)(w - 2 * d) * 2);
-    memset(r + w - d, 0xFF, (size_t)d * 2);
-    /* a change between x-1 and x makes every window holding both columns non-constant: windows
-       centred in [x-d, x+d-1]; `done` skips what overlapping intervals already set */
-    int64_t done = d;
-    const int32_t *pos = NULL, *end = NULL;
-    const uint16_t *c = s->codes + y * w;
-    if (s->chg) {
-        pos = s->chg->pos + s->chg->start[y];
-        end = s->chg->pos + s->chg->start[y + 1];
-    }
-    for (int64_t x = pos ? (pos < end ? *pos : w) : next_change_u16(c, 1, w); x < w;
-         x = pos ? (++pos < end ? *pos : w) : next_change_u16(c, x + 1, w)) {
-        int64_t a = x - d > done ? x - d : done, b = x + d - 1 > w - 1 ? w - 1 : x + d - 1;
-        if (a <= b) memset(r + a, 0xFF, (size_t)(b - a + 1) * 2);
-        if (b + 1 > done) done = b + 1;
-    }
-}
-
-/* 16 lanes of int16: one AVX2 register in the avx2 clones, two SSE2 registers otherwise. Signed
-   lanes: x86 has signed 16-bit compares only. */
-typedef int16_t v16s __attribute__((vector_size(32)));
-#define DIST_MAX 0x7FFF
-
-#define LOAD16(dst, p) memcpy(&(dst), (p), sizeof(v16s))
-#define STORE16(p, src) memcpy((p), &(src), sizeof(v16s))
-
-/* dist := 0 where F = r | (a != b), else dist + 1 saturating at DIST_MAX (16 columns; r is 0 / -1,
-   comparisons give 0 / -1). */
-#define DIST_STEP(dist, a, b, r)                          \
-    do {                                                  \
-        v16s f_ = (r) | ((a) != (b));                     \
-        v16s inc_ = (dist) - ((dist) < DIST_MAX);         \
-        (dist) = inc_ & ~f_;                              \
-    } while (0)
-
-/* Enter row e (0 <= e <= h - 2) into the F window: r_prev must hold R(e). */
-PQ_CLONES static void band_enter(band_t *s, int64_t e) {
-    const uint16_t *a = s->codes + e * s->w, *b = a + s->w;
-    const uint16_t *r = s->r_prev;
-    uint16_t *dist = s->dist;
-    int64_t x = 0;
-    for (; x + 16 <= s->w; x += 16) {
-        v16s dv, av, bv, rv;
-        LOAD16(dv, dist + x);
-        LOAD16(av, a + x);
-        LOAD16(bv, b + x);
-        LOAD16(rv, r + x);
-        DIST_STEP(dv, av, bv, rv);
-        STORE16(dist + x, dv);
-    }
-    for (; x < s->w; x++) {
-        int f = r[x] | (a[x] != b[x]);
-        dist[x] = f ? 0 : (uint16_t)(dist[x] + (dist[x] < DIST_MAX));
-    }
-}
-
-/* Prepare for rows y >= d (needs h >= 2d + 1): enters rows 0 .. 2d - 2. */
-static void band_begin(band_t *s) {
-    for (int64_t x = 0; x < s->w; x++) s->dist[x] = DIST_MAX;
-    row_flags(s, 0, s->r_prev);
-    for (int64_t e = 0; e <= 2 * s->d - 2; e++) {
-        row_flags(s, e + 1, s->r_next);
-        band_enter(s, e);
-        uint16_t *t = s->r_prev;
-        s->r_prev = s->r_next;
-        s->r_next = t;
-    }
-}
-
-static void band_swap(band_t *s) {
+static inline void band_swap(band_t *s) {
     uint16_t *t = s->r_prev;
     s->r_prev = s->r_next;
     s->r_next = t;
 }
 
-/* Boundary code row y (rows in order): segment pixels (1..n) off the band take the interior code
-   n + 2. For d <= y <= h-1-d this enters row y + d - 1 into the F window and tests row y, in one
-   pass over the columns. band_out (pq_band) receives the band as bytes instead. */
-PQ_CLONES static void boundary_row(band_t *s, int64_t y, int64_t n, uint16_t *out, uint8_t *band_out) {
-    const int64_t w = s->w, d = s->d;
-    const uint16_t *c = s->codes + y * w;
-    if (y < d || y + d > s->h - 1) { /* the window leaves the image: all band */
-        if (out) memcpy(out, c, (size_t)w * sizeof(uint16_t));
-        if (band_out) memset(band_out, 1, (size_t)w);
-        return;
+/* ------------------------------------------------------------------ hot loops, two instruction sets */
+
+/* Spare elements after every row/map that vector fills may overrun (see fill_u32). */
+#define PAD 32
+
+#define SFX(name) name##_base
+#define PQ_AVX2 0
+#include "png_pq_simd.h"
+#undef SFX
+#undef PQ_AVX2
+
+#if PQ_HAVE_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#define SFX(name) name##_avx2
+#define PQ_AVX2 1
+#include "png_pq_simd.h"
+#undef SFX
+#undef PQ_AVX2
+#pragma GCC pop_options
+#endif
+
+typedef struct {
+    int (*unfilter_row)(int, const uint8_t *, int64_t, int, const uint32_t *, uint32_t *);
+    void (*hist_row_ids)(const uint32_t *, const uint32_t *, int64_t, const idmap_t *, const idmap_t *, int64_t,
+                         int64_t *, uint16_t *, uint16_t *, uint32_t *, int32_t *, int64_t *, int32_t *, int64_t *);
+    void (*boundary_hist)(band_t *, band_t *, int64_t, int64_t, int64_t, int64_t *);
+    void (*band_map)(band_t *, uint8_t *);
+    const char *name;
+} kernels_t;
+
+static const kernels_t k_base = {unfilter_row_base, hist_row_ids_base, boundary_hist_base, band_map_base, "sse2"};
+#if PQ_HAVE_AVX2
+static const kernels_t k_avx2 = {unfilter_row_avx2, hist_row_ids_avx2, boundary_hist_avx2, band_map_avx2, "avx2"};
+#endif
+
+static const kernels_t *kern(void) {
+#if PQ_HAVE_AVX2
+    static const kernels_t *chosen;
+    if (!chosen) {
+        __builtin_cpu_init();
+        chosen = (__builtin_cpu_supports("avx2") && !getenv("PQ_NO_AVX2")) ? &k_avx2 : &k_base;
     }
-    if (y == d) band_begin(s);
-    row_flags(s, y + d, s->r_next);
-    const uint16_t *a = s->codes + (y + d - 1) * w, *b = a + w, *rp = s->r_prev, *rn = s->r_next;
-    uint16_t *dist = s->dist;
-    const int16_t reach = (int16_t)(2 * d - 1), interior = (int16_t)(n + 2), void_code = (int16_t)(n + 1);
-    const uint16_t top = (uint16_t)n;
-    int64_t x = 0;
-    for (; x + 16 <= w; x += 16) {
-        v16s dv, v, av, bv, rv, nv;
-        LOAD16(dv, dist + x);
-        LOAD16(v, c + x);
-        LOAD16(av, a + x);
-        LOAD16(bv, b + x);
-        LOAD16(rv, rp + x);
-        LOAD16(nv, rn + x);
-        DIST_STEP(dv, av, bv, rv);
-        STORE16(dist + x, dv);
-        v16s off = (dv > reach) & (nv == 0);
-        if (out) {
-            /* codes are 0 (unlisted id), 1..n (segments) or n + 1 (VOID) */
-            v16s inner = off & ~((v == 0) | (v == void_code));
-            v16s o = (inner & interior) | (~inner & v);
-            STORE16(out + x, o);
-        } else {
-            for (int k = 0; k < 16; k++) band_out[x + k] = (uint8_t)(off[k] == 0);
-        }
-    }
-    for (; x < w; x++) {
-        int f = rp[x] | (a[x] != b[x]);
-        dist[x] = f ? 0 : (uint16_t)(dist[x] + (dist[x] < DIST_MAX));
-        int off = dist[x] > reach && rn[x] == 0;
-        uint16_t v = c[x];
-        if (out) out[x] = (off && (uint16_t)(v - 1) < top) ? interior : v;
-        if (band_out) band_out[x] = (uint8_t)!off;
-    }
-    band_swap(s);
+    return chosen;
+#else
+    return &k_base;
+#endif
 }
+
+/* Instruction set the hot loops use ("avx2" or "sse2"; "sse2" also names the plain C build). */
+const char *pq_simd(void) { return kern()->name; }
 
 /* Public: the band (uint8 0/1) of an (h, w) uint16 code map (the numpy path uses it when built). */
 int pq_band(const uint16_t *codes, int64_t h, int64_t w, int64_t d, uint8_t *out) {
@@ -692,7 +411,7 @@ int pq_band(const uint16_t *codes, int64_t h, int64_t w, int64_t d, uint8_t *out
         return PQ_STOP_MEMORY;
     }
     band_t s = {codes, NULL, h, w, d, dist, rr, rr + w};
-    for (int64_t y = 0; y < h; y++) boundary_row(&s, y, 0, NULL, out + y * w);
+    kern()->band_map(&s, out);
     free(dist);
     free(rr);
     return PQ_OK;
@@ -712,7 +431,7 @@ int64_t pq_dilation_pixels(int64_t h, int64_t w, double ratio) {
 void pq_joint_histogram(const uint32_t *g, const uint32_t *p, int64_t n, const uint16_t *lut_g,
                         const uint16_t *lut_p, int64_t cols, int64_t *hist) {
     for (int64_t i = 0, j; i < n; i = j) {
-        j = run_end_u32(g, p, i + 1, n, g[i], p[i]);
+        j = run_end_u32_base(g, p, i + 1, n, g[i], p[i]);
         hist[(int64_t)lut_g[g[i]] * cols + lut_p[p[i]]] += j - i;
     }
 }
@@ -745,19 +464,22 @@ int pq_png_info(const uint8_t *data, int64_t n, int64_t *info) {
 }
 
 
-/* Row-by-row decoder state of one image: two rows of w + 1 ids whose element 0 stays 0, so that
-   row[-1] and up[-1] (the left neighbours of x = 0) read 0 as the PNG filters require. */
+/* Row-by-row decoder state of one image: two rows of ids, each with a 0 before it (row[-1], up[-1]:
+   the left neighbours of x = 0 read 0 as the PNG filters require) and PAD spare elements after it. */
 typedef struct {
     png_t png;
-    uint32_t *base;  /* 2 * (w + 1) ids */
-    uint32_t *zero;  /* w + 1 zeros: the row above the first row */
-    int64_t stride;
+    uint32_t *base;  /* 2 * (1 + w + PAD) ids */
+    uint32_t *zero;  /* 1 + w + PAD zeros: the row above the first row */
+    int64_t stride, n;
+    int (*unfilter)(int, const uint8_t *, int64_t, int, const uint32_t *, uint32_t *);
 } rowdec_t;
 
 static int rowdec_init(pq_ctx *c, int k, const png_t *png, rowdec_t *d) {
     d->png = *png;
     d->stride = png->w * png->bpp + 1;
-    size_t n = (size_t)(png->w + 1);
+    d->n = png->w + 1 + PAD;
+    d->unfilter = kern()->unfilter_row;
+    size_t n = (size_t)d->n;
     if (!reserve(&c->rows[k], 2 * n * sizeof(uint32_t)) || !reserve(&c->zero_row, n * sizeof(uint32_t)))
         return PQ_STOP_MEMORY;
     d->base = (uint32_t *)c->rows[k].p;
@@ -769,11 +491,10 @@ static int rowdec_init(pq_ctx *c, int k, const png_t *png, rowdec_t *d) {
 
 /* Decode row y (rows must be decoded in order); returns the ids of the row or NULL (bad filter). */
 static const uint32_t *rowdec_next(rowdec_t *d, int64_t y) {
-    int64_t n = d->png.w + 1;
-    uint32_t *cur = d->base + (y & 1) * n + 1;
-    const uint32_t *up = y ? d->base + ((y + 1) & 1) * n + 1 : d->zero + 1;
+    uint32_t *cur = d->base + (y & 1) * d->n + 1;
+    const uint32_t *up = y ? d->base + ((y + 1) & 1) * d->n + 1 : d->zero + 1;
     const uint8_t *q = d->png.raw + y * d->stride;
-    if (unfilter_row(q[0], q + 1, d->png.w, d->png.bpp, up, cur)) return NULL;
+    if (d->unfilter(q[0], q + 1, d->png.w, d->png.bpp, up, cur)) return NULL;
     return cur;
 }
 
@@ -939,6 +660,7 @@ int64_t pq_score_files(pq_ctx *c, int64_t i0, int64_t n, const char *paths, cons
                 codes[s] = (uint16_t *)c->codes[s].p;
             }
         }
+        const kernels_t *K = kern();
         rowdec_t dec[2];
         for (int s = 0; s < 2; s++)
             if ((r = rowdec_init(c, s, &png[s], &dec[s]))) STOP(r);
@@ -960,10 +682,11 @@ int64_t pq_score_files(pq_ctx *c, int64_t i0, int64_t n, const char *paths, cons
                     chg[s].pos = (int32_t *)c->chg_pos[s].p;
                     chg[s].start[y] = nchg[s];
                 }
-                hist_row_ids(gr, pr, w, &c->map[0], &c->map[1], cols, hist, codes[0] + y * w, codes[1] + y * w, memo,
-                             chg[0].pos, &nchg[0], chg[1].pos, &nchg[1]);
+                K->hist_row_ids(gr, pr, w, &c->map[0], &c->map[1], cols, hist, codes[0] + y * w, codes[1] + y * w, memo,
+                                chg[0].pos, &nchg[0], chg[1].pos, &nchg[1]);
             } else {
-                hist_row_ids(gr, pr, w, &c->map[0], &c->map[1], cols, hist, NULL, NULL, memo, NULL, NULL, NULL, NULL);
+                K->hist_row_ids(gr, pr, w, &c->map[0], &c->map[1], cols, hist, NULL, NULL, memo, NULL, NULL, NULL,
+                                NULL);
             }
         }
         if (boundary)
@@ -972,14 +695,17 @@ int64_t pq_score_files(pq_ctx *c, int64_t i0, int64_t n, const char *paths, cons
         /* prediction checks (panopticapi raises KeyError for both) */
         for (int64_t i = 0; i < rows; i++)
             if (hist[i * cols]) STOP(PQ_STOP_UNLISTED);
-        /* scratch: pred_area, pred_void, gt_area (np + np + ng int64), flags, candidates, matches */
-        size_t need = (size_t)(2 * np + ng) * sizeof(int64_t) + (size_t)(ng + np) + 16 +
-                      (size_t)(ng * np) * (sizeof(cand_t) + sizeof(match_t));
+        /* scratch: pred_area, pred_void (np), gt_area (ng), boundary areas (ng + np), flags, then the
+           candidates and matches: at most one per non-zero histogram cell, so <= min(ng np, h w) */
+        int64_t maxc = ng * np < h * w ? ng * np : h * w;
+        size_t need = (size_t)(3 * np + 2 * ng) * sizeof(int64_t) + (size_t)(ng + np) + 16 +
+                      (size_t)maxc * (sizeof(cand_t) + sizeof(match_t));
         if (!reserve(&c->work, need)) STOP(PQ_STOP_MEMORY);
         int64_t *pred_area = (int64_t *)c->work.p, *pred_void = pred_area + np, *gt_area = pred_void + np;
-        uint8_t *gflag = (uint8_t *)(gt_area + ng), *pflag = gflag + ng;
+        int64_t *barea = gt_area + ng;
+        uint8_t *gflag = (uint8_t *)(barea + ng + np), *pflag = gflag + ng;
         cand_t *cand = (cand_t *)(((uintptr_t)(pflag + np) + 15) & ~(uintptr_t)15);
-        match_t *mbuf = (match_t *)(cand + ng * np);
+        match_t *mbuf = (match_t *)(cand + maxc);
         for (int64_t p = 0; p < np; p++) {
             int64_t s = 0;
             for (int64_t i = 0; i < rows; i++) s += hist[i * cols + p + 1];
@@ -1024,27 +750,18 @@ int64_t pq_score_files(pq_ctx *c, int64_t i0, int64_t n, const char *paths, cons
             if (!reserve(&c->bhist, (size_t)(brows * bcols) * sizeof(int64_t))) STOP(PQ_STOP_MEMORY);
             int64_t *bh = (int64_t *)c->bhist.p;
             memset(bh, 0, (size_t)(brows * bcols) * sizeof(int64_t));
-            uint16_t *brow[2];
             band_t band[2];
             for (int s = 0; s < 2; s++) {
-                if (!reserve(&c->rflag[s], (size_t)(2 * w) * sizeof(uint16_t)) || !reserve(&c->brow[s], (size_t)w * sizeof(uint16_t)) ||
-                    !reserve(&c->dist[s], (size_t)w * sizeof(uint16_t)))
+                if (!reserve(&c->rflag[s], (size_t)(2 * w + PAD) * sizeof(uint16_t)) ||
+                    !reserve(&c->dist[s], (size_t)(w + PAD) * sizeof(uint16_t)))
                     STOP(PQ_STOP_MEMORY);
-                brow[s] = (uint16_t *)c->brow[s].p;
                 uint16_t *rr = (uint16_t *)c->rflag[s].p;
                 band_t b = {codes[s], &chg[s], h, w, d, (uint16_t *)c->dist[s].p, rr, rr + w};
                 band[s] = b;
             }
-            for (int64_t y = 0; y < h; y++) {
-                boundary_row(&band[0], y, ng, brow[0], NULL);
-                boundary_row(&band[1], y, np, brow[1], NULL);
-                hist_row_codes(brow[0], brow[1], w, bcols, bh);
-            }
-            /* boundary areas: row / column sums of the boundary histogram (reusing gt_area's slot is
-               not possible: the mask areas are still needed), kept in the candidates' pass */
-            int64_t *g_barea = (int64_t *)malloc((size_t)(ng + np + 1) * sizeof(int64_t));
-            if (!g_barea) STOP(PQ_STOP_MEMORY);
-            int64_t *p_barea = g_barea + ng;
+            K->boundary_hist(&band[0], &band[1], ng, np, bcols, bh);
+            /* boundary areas: row / column sums of the boundary histogram */
+            int64_t *g_barea = barea, *p_barea = barea + ng;
             for (int64_t g = 0; g < ng; g++) {
                 int64_t s = 0;
                 for (int64_t j = 0; j < bcols; j++) s += bh[(g + 1) * bcols + j];
@@ -1061,7 +778,6 @@ int64_t pq_score_files(pq_ctx *c, int64_t i0, int64_t n, const char *paths, cons
                 double bi = (double)b_inter / (double)(p_barea[p] + g_barea[g] - b_inter - b_void);
                 cand[k2].biou = nan_min(cand[k2].iou, bi);
             }
-            free(g_barea);
         }
 
         image_t im = {ng, np, gid + g0, pid + p0, gcat + g0, pcat + p0, gcrowd + g0, hist, cols, pred_area, pred_void,

@@ -126,7 +126,7 @@ def _print_table(report: dict[str, Any]) -> None:
     print("eval-pq kernel (csrc/png_pq.c: PNG decoding, histograms, boundaries):")
     if pq["available"]:
         print(f"  available  {pq['library']}")
-        print(f"  inflate    {pq['inflate']}")
+        print(f"  inflate    {pq['inflate']}; vector loops: {pq['simd']}")
         print(f"  from       {pq['reason']}")
     else:
         print("  unavailable: eval-pq uses numpy and a general PNG decoder (same numbers, slower)")

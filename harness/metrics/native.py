@@ -27,12 +27,14 @@ import sys
 import threading
 import zlib
 from pathlib import Path
+from typing import Sequence
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Native", "load", "reason", "status", "build", "source_hash", "LIB_PATH", "SOURCE"]
 
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "png_pq.c"
+SOURCES = (SOURCE, SOURCE.with_name("png_pq_simd.h"))  # the .c includes the header twice
 LIB_PATH = Path(__file__).resolve().parent / "_png_pq.so"
 ABI_VERSION = 1
 CFLAGS = ["-O3", "-shared", "-fPIC", "-std=c99", "-fno-strict-aliasing"]
@@ -72,14 +74,17 @@ def source_hash() -> str | None:
     stale build, it is not a security check.
     """
     try:
-        text = SOURCE.read_bytes() + "\0".join(CFLAGS).encode()
+        text = b"".join(p.read_bytes() for p in SOURCES) + "\0".join(CFLAGS).encode()
     except OSError:
         return None
     return f"{zlib.crc32(text):08x}{zlib.crc32(text[::-1]):08x}"
 
 
-def build(dest: Path = LIB_PATH, cc: str | None = None, verbose: bool = False) -> Path:
-    """Compile csrc/png_pq.c into `dest` (atomic replace). Raises RuntimeError with the reason."""
+def build(dest: Path = LIB_PATH, cc: str | None = None, verbose: bool = False, extra: Sequence[str] = ()) -> Path:
+    """Compile csrc/png_pq.c into `dest` (atomic replace). Raises RuntimeError with the reason.
+
+    `extra`: more compiler flags (the tests build -DPQ_NO_SIMD / -DPQ_NO_AVX2 variants with them).
+    """
     import subprocess
     import tempfile
 
@@ -92,7 +97,7 @@ def build(dest: Path = LIB_PATH, cc: str | None = None, verbose: bool = False) -
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".build-") as tmp:
         out = Path(tmp) / dest.name
-        cmd = [cc, *CFLAGS, f'-DPQ_SOURCE_HASH="{tag}"', "-o", str(out), str(SOURCE), "-lm"]
+        cmd = [cc, *CFLAGS, *extra, f'-DPQ_SOURCE_HASH="{tag}"', "-o", str(out), str(SOURCE), "-lm"]
         if verbose:
             log.info("%s", " ".join(cmd))
         try:
@@ -142,6 +147,8 @@ class Native:
             raise RuntimeError(f"{path.name}: ABI {lib.pq_abi_version()}, expected {ABI_VERSION}")
         lib.pq_source_hash.restype = ctypes.c_char_p
         lib.pq_source_hash.argtypes = []
+        lib.pq_simd.restype = ctypes.c_char_p
+        lib.pq_simd.argtypes = []
         lib.pq_set_inflate.restype = None
         lib.pq_set_inflate.argtypes = [vp, vp, vp]
         lib.pq_ctx_new.restype = vp
@@ -170,6 +177,7 @@ class Native:
         self.path = path
         self.inflate = inflate_desc
         self.built_from = lib.pq_source_hash().decode()
+        self.simd = lib.pq_simd().decode()
         self._local = threading.local()
 
     def ctx(self) -> int:
@@ -276,13 +284,14 @@ def reason() -> str:
 
 
 def status() -> dict[str, object]:
-    """For `harness doctor`: {available, library, source, inflate, reason}."""
+    """For `harness doctor`: {available, library, source, inflate, simd, reason}."""
     native = load()
     return {
         "available": native is not None,
         "library": str(native.path) if native else None,
         "source": str(SOURCE),
         "inflate": native.inflate if native else None,
+        "simd": native.simd if native else None,
         "reason": _reason,
     }
 
