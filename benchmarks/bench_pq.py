@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="data folder (default: a temporary folder; reused if it exists)")
     p.add_argument("--boundary-iou-api", default=None, help="checkout of bowenc0221/boundary-iou-api to time too")
     p.add_argument("--decoders", action="store_true", help="time PNG decoders / inflate per PNG instead")
+    p.add_argument("--no-panopticapi", action="store_true", help="skip panopticapi (slow) in quick checks")
     p.add_argument("--json-out", default=None, help="write the timings here")
     args = p.parse_args(argv)
 
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     cmds = {OURS: ours, OURS_B: ours[:-1] + [str(res_b), "--boundary"]}
     if _installed("hotcoco"):
         cmds[HOTCOCO] = [sys.executable, "-c", _HOTCOCO.format(**fmt)]
-    if _installed("panopticapi"):
+    if _installed("panopticapi") and not args.no_panopticapi:
         cmds[PANOPTICAPI] = [sys.executable, "-c", _PANOPTICAPI.format(**fmt)]
     load_before = load()
     walls, cpus, outs = time_interleaved(cmds, env, args.repeat)

@@ -101,6 +101,7 @@ typedef struct {
     uint32_t mask;
     uint32_t cap;
     uint16_t zero_code; /* code of id 0 when it is not listed */
+    uint32_t nseg;      /* listed segments: codes 1..nseg */
 } idmap_t;
 
 #define EMPTY_KEY 0xFFFFFFFFu
@@ -124,6 +125,7 @@ static int idmap_build(idmap_t *m, const int64_t *ids, int64_t n, uint16_t zero_
     m->mask = size - 1;
     memset(m->keys, 0xFF, size * sizeof(uint32_t));
     m->zero_code = zero_code;
+    m->nseg = (uint32_t)n;
     for (int64_t i = 0; i < n; i++) {
         if (ids[i] < 0 || ids[i] >= ID_LIMIT) return PQ_STOP_SEGMENTS;
         uint32_t id = (uint32_t)ids[i];
@@ -160,10 +162,8 @@ typedef struct {
     buf_t file[2], idat[2], raw[2];
     buf_t rows[2]; /* per image: 2 rows of (w + 1) uint32 ids, element 0 of each row = 0 (left of x = 0) */
     buf_t zero_row;
-    buf_t codes[2]; /* per image: h * w uint16 codes (Boundary PQ) */
-    buf_t rflag[2]; /* per image: two rows of R flags (see band_t) */
-    buf_t dist[2];  /* per image: w uint16, rows since the last F per column */
-    buf_t chg_pos[2], chg_start[2]; /* per image: where the codes change along each row */
+    buf_t run_pos[3], run_code[3], run_start[3], run_code2; /* runs of GT, predicted codes and pairs */
+    buf_t band[2], bwork;                                   /* per image: band state (see band_t) */
     buf_t hist, bhist;
     buf_t work; /* per-image matching scratch */
     idmap_t map[2];
@@ -173,8 +173,10 @@ void pq_ctx_free(pq_ctx *c) {
     if (!c) return;
     if (c->dec && g_free) g_free(c->dec);
     buf_t *bufs[] = {&c->file[0], &c->file[1], &c->idat[0], &c->idat[1], &c->raw[0], &c->raw[1], &c->rows[0],
-                     &c->rows[1], &c->zero_row, &c->codes[0], &c->codes[1], &c->rflag[0], &c->rflag[1],
-                     &c->dist[0], &c->dist[1], &c->chg_pos[0], &c->chg_pos[1], &c->chg_start[0], &c->chg_start[1], &c->hist, &c->bhist, &c->work};
+                     &c->rows[1], &c->zero_row, &c->run_pos[0], &c->run_pos[1], &c->run_pos[2], &c->run_code[0],
+                     &c->run_code[1], &c->run_code[2], &c->run_start[0], &c->run_start[1], &c->run_start[2],
+                     &c->run_code2, &c->band[0], &c->band[1], &c->bwork, &c->hist, &c->bhist,
+                     &c->work};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]->p);
     for (int i = 0; i < 2; i++) {
         free(c->map[i].keys);
@@ -306,43 +308,45 @@ static inline uint32_t avg3(uint32_t a, uint32_t b) {
            ((((a >> 16) + (b >> 16)) >> 1) << 16);
 }
 
-/* ------------------------------------------------------------------ boundary state */
+/* ------------------------------------------------------------------ runs */
+
+/* Runs of one code map, row after row: row y has runs start[y] .. start[y + 1] - 1 of (pos, code);
+   for runs of code pairs, code2 holds the predicted code. */
+typedef struct {
+    int32_t *pos;
+    uint16_t *code;
+    int64_t *start; /* h + 2 (start[h + 1] == start[h]) */
+    int64_t n;
+    uint16_t *code2;
+} runs_t;
+
+static inline void runs_push(runs_t *r, int64_t x, uint16_t code) {
+    r->pos[r->n] = (int32_t)x;
+    r->code[r->n++] = code;
+}
+
+/* ------------------------------------------------------------------ boundaries */
 
 /* boundary-iou-api: a pixel of segment s is on s's boundary iff its (2d+1)^2 window (d erosions by 3x3
    after 1-px zero padding) holds another segment, VOID, or reaches outside the image. The window is
    constant iff each of its rows is constant and vertically adjacent pixels of its column agree.
    With R(y, x) = "row window [x-d, x+d] of row y not constant or outside the image" and
-   D(y, x) = "c(y + 1, x) != c(y, x)", F = R | D:
+   D(y, x) = "c(y + 1, x) != c(y, x)":
 
-       band(y, x) = y < d or y > h-1-d or any F(y', x) for y' in [y-d, y+d-1] or R(y+d, x).
+       band(y, x) = y < d or y > h-1-d or any R(y', x), y' in [y-d, y+d], or any D(y', x), y' in [y-d, y+d-1]
+                  = y < d or y > h-1-d or any G(y', x), y' in [y-d, y+d-1],  G(y) = R(y) | R(y + 1) | D(y).
 
-   Rows stream top to bottom: `dist[x]` counts the rows entered since the last one with F set in
-   column x (saturating at DIST_MAX), so the window test is `dist[x] <= 2d - 1`; R rows come from the
-   positions where the code changes along the row. O(h w) for any d, in 16-bit lanes, with nothing
-   but two R rows and `dist` besides the code map. */
-
-/* Positions along each row where a code map changes (c[x] != c[x - 1]). */
-typedef struct {
-    int32_t *pos;   /* all rows' positions, row after row */
-    int64_t *start; /* h + 1 offsets into pos */
-} changes_t;
-
-#define DIST_MAX 0x7FFF
+   All of it on runs and bit rows (one bit per column): R(y) is the columns within d of the edges and
+   [x-d, x+d-1] around each run start x > 0; D(y) comes from merging the runs of rows y and y + 1.
+   The OR of G over a sliding window of 2d rows is van Herk / Gil-Werman: within blocks of 2d rows,
+   prefix and suffix ORs, and window [a, a + 2d - 1] = suffix(a) | prefix(a + 2d - 1). So the band
+   costs a few word operations per row and run, for any d. */
 
 typedef struct {
-    const uint16_t *codes; /* h * w */
-    const changes_t *chg;  /* where each row's codes change, or NULL: scan the row */
-    int64_t h, w, d;
-    uint16_t *dist;        /* w: rows since the last F, saturating at DIST_MAX */
-    uint16_t *r_prev;      /* R (0 or 0xFFFF) of the row entering the F window */
-    uint16_t *r_next;      /* R of row y + d */
+    int64_t h, w, d, nw;  /* nw: 64-bit words per bit row */
+    uint64_t *pre, *suf;  /* (h - 1) x nw: block prefix / suffix ORs of G */
+    uint64_t *tmp;        /* 2 x nw: R of two consecutive rows */
 } band_t;
-
-static inline void band_swap(band_t *s) {
-    uint16_t *t = s->r_prev;
-    s->r_prev = s->r_next;
-    s->r_next = t;
-}
 
 /* ------------------------------------------------------------------ hot loops, two instruction sets */
 
@@ -357,7 +361,7 @@ static inline void band_swap(band_t *s) {
 
 #if PQ_HAVE_AVX2
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,popcnt")
 #define SFX(name) name##_avx2
 #define PQ_AVX2 1
 #include "png_pq_simd.h"
@@ -369,15 +373,19 @@ static inline void band_swap(band_t *s) {
 typedef struct {
     int (*unfilter_row)(int, const uint8_t *, int64_t, int, const uint32_t *, uint32_t *);
     void (*hist_row_ids)(const uint32_t *, const uint32_t *, int64_t, const idmap_t *, const idmap_t *, int64_t,
-                         int64_t *, uint16_t *, uint16_t *, uint32_t *, int32_t *, int64_t *, int32_t *, int64_t *);
-    void (*boundary_hist)(band_t *, band_t *, int64_t, int64_t, int64_t, int64_t *);
-    void (*band_map)(band_t *, uint8_t *);
+                         int64_t *, uint32_t *, runs_t *, runs_t *, runs_t *);
+    void (*band_build)(band_t *, const runs_t *);
+    void (*boundary_hist)(const band_t *, const band_t *, const runs_t *, int64_t, int64_t, int64_t, int64_t,
+                          int64_t, int64_t, int64_t *, uint64_t *, uint64_t *, int32_t *);
+    void (*band_row)(const band_t *, int64_t, uint64_t *);
     const char *name;
 } kernels_t;
 
-static const kernels_t k_base = {unfilter_row_base, hist_row_ids_base, boundary_hist_base, band_map_base, "sse2"};
+static const kernels_t k_base = {unfilter_row_base, hist_row_ids_base, band_build_base, boundary_hist_base,
+                                 band_row_base, "sse2"};
 #if PQ_HAVE_AVX2
-static const kernels_t k_avx2 = {unfilter_row_avx2, hist_row_ids_avx2, boundary_hist_avx2, band_map_avx2, "avx2"};
+static const kernels_t k_avx2 = {unfilter_row_avx2, hist_row_ids_avx2, band_build_avx2, boundary_hist_avx2,
+                                 band_row_avx2, "avx2"};
 #endif
 
 static const kernels_t *kern(void) {
@@ -385,7 +393,9 @@ static const kernels_t *kern(void) {
     static const kernels_t *chosen;
     if (!chosen) {
         __builtin_cpu_init();
-        chosen = (__builtin_cpu_supports("avx2") && !getenv("PQ_NO_AVX2")) ? &k_avx2 : &k_base;
+        chosen = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt") && !getenv("PQ_NO_AVX2"))
+                     ? &k_avx2
+                     : &k_base;
     }
     return chosen;
 #else
@@ -402,19 +412,39 @@ int pq_band(const uint16_t *codes, int64_t h, int64_t w, int64_t d, uint8_t *out
         memset(out, 1, (size_t)(h * w));
         return PQ_OK;
     }
-    if (2 * d - 1 >= DIST_MAX) return PQ_STOP_SEGMENTS;
-    uint16_t *dist = (uint16_t *)malloc((size_t)w * sizeof(uint16_t));
-    uint16_t *rr = (uint16_t *)malloc((size_t)(2 * w) * sizeof(uint16_t));
-    if (!dist || !rr) {
-        free(dist);
-        free(rr);
-        return PQ_STOP_MEMORY;
+    const int64_t nw = (w + 63) >> 6;
+    runs_t r = {(int32_t *)malloc((size_t)(h * w) * sizeof(int32_t)),
+                (uint16_t *)malloc((size_t)(h * w) * sizeof(uint16_t)),
+                (int64_t *)malloc((size_t)(h + 2) * sizeof(int64_t)), 0, NULL};
+    uint64_t *words = (uint64_t *)malloc((size_t)(2 * (h - 1) * nw + 3 * nw) * sizeof(uint64_t));
+    int rc = PQ_STOP_MEMORY;
+    if (r.pos && r.code && r.start && words) {
+        for (int64_t y = 0; y < h; y++) {
+            const uint16_t *c = codes + y * w;
+            r.start[y] = r.n;
+            for (int64_t x = 0; x < w; x++)
+                if (!x || c[x] != c[x - 1]) runs_push(&r, x, c[x]);
+        }
+        r.start[h] = r.start[h + 1] = r.n;
+        band_t b = {h, w, d, nw, words, words + (h - 1) * nw, words + 2 * (h - 1) * nw};
+        kern()->band_build(&b, &r);
+        uint64_t *row = b.tmp + 2 * nw;
+        for (int64_t y = 0; y < h; y++) {
+            uint8_t *o = out + y * w;
+            if (y < d || y + d > h - 1) {
+                memset(o, 1, (size_t)w);
+                continue;
+            }
+            kern()->band_row(&b, y, row);
+            for (int64_t x = 0; x < w; x++) o[x] = (uint8_t)((row[x >> 6] >> (x & 63)) & 1);
+        }
+        rc = PQ_OK;
     }
-    band_t s = {codes, NULL, h, w, d, dist, rr, rr + w};
-    kern()->band_map(&s, out);
-    free(dist);
-    free(rr);
-    return PQ_OK;
+    free(r.pos);
+    free(r.code);
+    free(r.start);
+    free(words);
+    return rc;
 }
 
 /* Erosion iterations: max(1, round(ratio * sqrt(h^2 + w^2))) with round-half-to-even (Python's round;
@@ -653,44 +683,39 @@ int64_t pq_score_files(pq_ctx *c, int64_t i0, int64_t n, const char *paths, cons
         if (!reserve(&c->hist, (size_t)(rows * cols) * sizeof(int64_t))) STOP(PQ_STOP_MEMORY);
         int64_t *hist = (int64_t *)c->hist.p;
         memset(hist, 0, (size_t)(rows * cols) * sizeof(int64_t));
-        uint16_t *codes[2] = {NULL, NULL};
-        if (boundary) {
-            for (int s = 0; s < 2; s++) {
-                if (!reserve(&c->codes[s], (size_t)(h * w + PAD) * sizeof(uint16_t))) STOP(PQ_STOP_MEMORY);
-                codes[s] = (uint16_t *)c->codes[s].p;
-            }
-        }
         const kernels_t *K = kern();
         rowdec_t dec[2];
         for (int s = 0; s < 2; s++)
             if ((r = rowdec_init(c, s, &png[s], &dec[s]))) STOP(r);
         uint32_t memo[4] = {0xFFFFFFFFu, 0, 0xFFFFFFFFu, 0};
-        changes_t chg[2] = {{NULL, NULL}, {NULL, NULL}};
-        int64_t nchg[2] = {0, 0};
-        if (boundary)
-            for (int s = 0; s < 2; s++) {
-                if (!reserve(&c->chg_start[s], (size_t)(h + 1) * sizeof(int64_t))) STOP(PQ_STOP_MEMORY);
-                chg[s].start = (int64_t *)c->chg_start[s].p;
-            }
+        runs_t runs[3] = {{NULL, NULL, NULL, 0, NULL}, {NULL, NULL, NULL, 0, NULL}, {NULL, NULL, NULL, 0, NULL}};
+        if (boundary) {
+            for (int s = 0; s < 3; s++)
+                if (!reserve(&c->run_start[s], (size_t)(h + 2) * sizeof(int64_t))) STOP(PQ_STOP_MEMORY);
+        }
         for (int64_t y = 0; y < h; y++) {
             const uint32_t *gr = rowdec_next(&dec[0], y);
             const uint32_t *pr = rowdec_next(&dec[1], y);
             if (!gr || !pr) STOP(PQ_STOP_PNG);
             if (boundary) {
-                for (int s = 0; s < 2; s++) {
-                    if (!reserve(&c->chg_pos[s], (size_t)(nchg[s] + w) * sizeof(int32_t))) STOP(PQ_STOP_MEMORY);
-                    chg[s].pos = (int32_t *)c->chg_pos[s].p;
-                    chg[s].start[y] = nchg[s];
+                for (int s = 0; s < 3; s++) {
+                    if (!reserve(&c->run_pos[s], (size_t)(runs[s].n + w) * sizeof(int32_t)) ||
+                        !reserve(&c->run_code[s], (size_t)(runs[s].n + w) * sizeof(uint16_t)))
+                        STOP(PQ_STOP_MEMORY);
+                    runs[s].pos = (int32_t *)c->run_pos[s].p;
+                    runs[s].code = (uint16_t *)c->run_code[s].p;
+                    runs[s].start = (int64_t *)c->run_start[s].p;
+                    runs[s].start[y] = runs[s].n;
                 }
-                K->hist_row_ids(gr, pr, w, &c->map[0], &c->map[1], cols, hist, codes[0] + y * w, codes[1] + y * w, memo,
-                                chg[0].pos, &nchg[0], chg[1].pos, &nchg[1]);
+                if (!reserve(&c->run_code2, (size_t)(runs[2].n + w) * sizeof(uint16_t))) STOP(PQ_STOP_MEMORY);
+                runs[2].code2 = (uint16_t *)c->run_code2.p;
+                K->hist_row_ids(gr, pr, w, &c->map[0], &c->map[1], cols, hist, memo, &runs[0], &runs[1], &runs[2]);
             } else {
-                K->hist_row_ids(gr, pr, w, &c->map[0], &c->map[1], cols, hist, NULL, NULL, memo, NULL, NULL, NULL,
-                                NULL);
+                K->hist_row_ids(gr, pr, w, &c->map[0], &c->map[1], cols, hist, memo, NULL, NULL, NULL);
             }
         }
         if (boundary)
-            for (int s = 0; s < 2; s++) chg[s].start[h] = nchg[s];
+            for (int s = 0; s < 3; s++) runs[s].start[h] = runs[s].start[h + 1] = runs[s].n;
 
         /* prediction checks (panopticapi raises KeyError for both) */
         for (int64_t i = 0; i < rows; i++)
@@ -746,20 +771,27 @@ int64_t pq_score_files(pq_ctx *c, int64_t i0, int64_t n, const char *paths, cons
         if (boundary) {
             const int64_t brows = ng + 3, bcols = np + 3;
             const int64_t d = pq_dilation_pixels(h, w, ratio);
-            if (2 * d - 1 >= DIST_MAX) STOP(PQ_STOP_SEGMENTS); /* absurd widths: numpy path */
             if (!reserve(&c->bhist, (size_t)(brows * bcols) * sizeof(int64_t))) STOP(PQ_STOP_MEMORY);
             int64_t *bh = (int64_t *)c->bhist.p;
             memset(bh, 0, (size_t)(brows * bcols) * sizeof(int64_t));
+            const int64_t nw = (w + 63) >> 6;
             band_t band[2];
-            for (int s = 0; s < 2; s++) {
-                if (!reserve(&c->rflag[s], (size_t)(2 * w + PAD) * sizeof(uint16_t)) ||
-                    !reserve(&c->dist[s], (size_t)(w + PAD) * sizeof(uint16_t)))
-                    STOP(PQ_STOP_MEMORY);
-                uint16_t *rr = (uint16_t *)c->rflag[s].p;
-                band_t b = {codes[s], &chg[s], h, w, d, (uint16_t *)c->dist[s].p, rr, rr + w};
-                band[s] = b;
+            const band_t *bands[2] = {NULL, NULL};
+            if (h >= 2 * d + 1) {
+                for (int s = 0; s < 2; s++) {
+                    if (!reserve(&c->band[s], (size_t)(2 * (h - 1) * nw + 2 * nw) * sizeof(uint64_t)))
+                        STOP(PQ_STOP_MEMORY);
+                    uint64_t *words = (uint64_t *)c->band[s].p;
+                    band_t b = {h, w, d, nw, words, words + (h - 1) * nw, words + 2 * (h - 1) * nw};
+                    band[s] = b;
+                    K->band_build(&band[s], &runs[s]);
+                    bands[s] = &band[s];
+                }
             }
-            K->boundary_hist(&band[0], &band[1], ng, np, bcols, bh);
+            if (!reserve(&c->bwork, (size_t)(2 * (nw + 1)) * sizeof(uint64_t) + (size_t)(3 * (nw + 1)) * sizeof(int32_t)))
+                STOP(PQ_STOP_MEMORY);
+            uint64_t *mg = (uint64_t *)c->bwork.p, *mp = mg + nw + 1;
+            K->boundary_hist(bands[0], bands[1], &runs[2], h, w, d, ng, np, bcols, bh, mg, mp, (int32_t *)(mp + nw + 1));
             /* boundary areas: row / column sums of the boundary histogram */
             int64_t *g_barea = barea, *p_barea = barea + ng;
             for (int64_t g = 0; g < ng; g++) {

@@ -21,11 +21,11 @@ typedef __m256i SFX(vec);
 #define V_EQ8(a, b) _mm256_cmpeq_epi8((a), (b))
 #define V_EQ16(a, b) _mm256_cmpeq_epi16((a), (b))
 #define V_EQ32(a, b) _mm256_cmpeq_epi32((a), (b))
-#define V_GT16(a, b) _mm256_cmpgt_epi16((a), (b))
 #define V_AND(a, b) _mm256_and_si256((a), (b))
 #define V_OR(a, b) _mm256_or_si256((a), (b))
 #define V_ANDNOT(a, b) _mm256_andnot_si256((a), (b)) /* ~a & b */
-#define V_SUB16(a, b) _mm256_sub_epi16((a), (b))
+#define V_ADDS16(a, b) _mm256_adds_epi16((a), (b))
+#define V_BLEND(m, a, b) _mm256_blendv_epi8((b), (a), (m)) /* m ? a : b, bytewise */
 #define V_MASK(v) ((uint32_t)_mm256_movemask_epi8(v))
 #elif defined(__SSE2__) && !defined(PQ_NO_SIMD)
 #define PQ_VEC 1
@@ -41,11 +41,11 @@ typedef __m128i SFX(vec);
 #define V_EQ8(a, b) _mm_cmpeq_epi8((a), (b))
 #define V_EQ16(a, b) _mm_cmpeq_epi16((a), (b))
 #define V_EQ32(a, b) _mm_cmpeq_epi32((a), (b))
-#define V_GT16(a, b) _mm_cmpgt_epi16((a), (b))
 #define V_AND(a, b) _mm_and_si128((a), (b))
 #define V_OR(a, b) _mm_or_si128((a), (b))
 #define V_ANDNOT(a, b) _mm_andnot_si128((a), (b))
-#define V_SUB16(a, b) _mm_sub_epi16((a), (b))
+#define V_ADDS16(a, b) _mm_adds_epi16((a), (b))
+#define V_BLEND(m, a, b) _mm_or_si128(_mm_and_si128((m), (a)), _mm_andnot_si128((m), (b)))
 #define V_MASK(v) ((uint32_t)_mm_movemask_epi8(v))
 #else
 #define PQ_VEC 0
@@ -104,15 +104,6 @@ static inline void SFX(fill_u32)(uint32_t *row, int64_t a, int64_t b, uint32_t v
     for (int64_t k = a; k < b; k += V_LANES32) V_STORE(row + k, vv);
 #else
     for (int64_t k = a; k < b; k++) row[k] = v;
-#endif
-}
-
-static inline void SFX(fill_u16)(uint16_t *c, int64_t a, int64_t b, uint16_t v) {
-#if PQ_VEC
-    const VEC vv = V_SET16(v);
-    for (int64_t k = a; k < b; k += V_LANES16) V_STORE(c + k, vv);
-#else
-    for (int64_t k = a; k < b; k++) c[k] = v;
 #endif
 }
 
@@ -189,12 +180,12 @@ static int SFX(unfilter_row)(int ft, const uint8_t *q, int64_t w, int bpp, const
 /* ------------------------------------------------------------------ Mask PQ histogram */
 
 /* hist[cg * cols + cp] += run length over runs of equal (g, p) ids in one row. For Boundary PQ
-   (code_g != NULL) it also writes each pixel's codes (PAD spare elements after the row) and appends
-   the positions where a code changes along the row to chg_g / chg_p. memo: the last ids looked up
-   and their codes (neighbouring runs usually share one side). */
+   (rg != NULL) it also appends the row's runs of equal GT codes to rg, of predicted codes to rp and
+   of (GT, predicted) code pairs to rgp (code = GT code, code2 = predicted code; at most w each).
+   memo: the last ids looked up and their codes (neighbouring runs usually share one side). */
 static void SFX(hist_row_ids)(const uint32_t *g, const uint32_t *p, int64_t w, const idmap_t *mg,
-                              const idmap_t *mp, int64_t cols, int64_t *hist, uint16_t *code_g, uint16_t *code_p,
-                              uint32_t *memo, int32_t *chg_g, int64_t *ng_chg, int32_t *chg_p, int64_t *np_chg) {
+                              const idmap_t *mp, int64_t cols, int64_t *hist, uint32_t *memo, runs_t *rg,
+                              runs_t *rp, runs_t *rgp) {
     int64_t x = 0;
     uint32_t last_g = 0xFFFFFFFFu, last_p = 0xFFFFFFFFu;
     while (x < w) {
@@ -210,11 +201,14 @@ static void SFX(hist_row_ids)(const uint32_t *g, const uint32_t *p, int64_t w, c
         }
         uint16_t cg = (uint16_t)memo[1], cp = (uint16_t)memo[3];
         hist[(int64_t)cg * cols + cp] += j - x;
-        if (code_g) {
-            SFX(fill_u16)(code_g, x, j, cg);
-            SFX(fill_u16)(code_p, x, j, cp);
-            if (x && cg != last_g) chg_g[(*ng_chg)++] = (int32_t)x;
-            if (x && cp != last_p) chg_p[(*np_chg)++] = (int32_t)x;
+        if (rg) {
+            if (cg != last_g) runs_push(rg, x, cg);
+            if (cp != last_p) runs_push(rp, x, cp);
+            if (!x || rgp->code[rgp->n - 1] != cg || rgp->code2[rgp->n - 1] != cp) { /* else: other unlisted ids */
+                rgp->pos[rgp->n] = (int32_t)x;
+                rgp->code2[rgp->n] = cp;
+                rgp->code[rgp->n++] = cg;
+            }
             last_g = cg;
             last_p = cp;
         }
@@ -222,195 +216,168 @@ static void SFX(hist_row_ids)(const uint32_t *g, const uint32_t *p, int64_t w, c
     }
 }
 
-/* ------------------------------------------------------------------ boundaries (see band_t) */
+/* ------------------------------------------------------------------ boundaries (see band_t in png_pq.c) */
 
-/* R of row y into r as 0 / 0xFFFF: the row's window [x-d, x+d] leaves the image or holds a change. */
-static void SFX(row_flags)(const band_t *s, int64_t y, uint16_t *r) {
-    const int64_t w = s->w, d = s->d;
-    if (2 * d >= w) {
-        memset(r, 0xFF, (size_t)w * 2);
+#if PQ_AVX2
+#define POPCNT64(x) __builtin_popcountll(x) /* the popcnt instruction in this target */
+#else
+static inline int SFX(popcnt64)(uint64_t x) { /* SWAR: no library call without -mpopcnt */
+    x = x - ((x >> 1) & 0x5555555555555555ull);
+    x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0Full;
+    return (int)((x * 0x0101010101010101ull) >> 56);
+}
+#define POPCNT64(x) SFX(popcnt64)(x)
+#endif
+
+/* Bits a..b (inclusive) of a bit row. */
+static inline void SFX(set_bits)(uint64_t *row, int64_t a, int64_t b) {
+    int64_t wa = a >> 6, wb = b >> 6;
+    uint64_t ma = ~0ull << (a & 63), mb = ~0ull >> (63 - (b & 63));
+    if (wa == wb) {
+        row[wa] |= ma & mb;
         return;
     }
-    memset(r, 0xFF, (size_t)d * 2);
-    memset(r + d, 0, (size_t)(w - 2 * d) * 2);
-    memset(r + w - d, 0xFF, (size_t)d * 2);
-    /* a change between x-1 and x makes every window holding both columns non-constant: windows
-       centred in [x-d, x+d-1]; `done` skips what overlapping intervals already set */
-    int64_t done = d, x = 0;
-    const int32_t *pos = NULL, *end = NULL;
-    const uint16_t *c = s->codes + y * w;
-    if (s->chg) {
-        pos = s->chg->pos + s->chg->start[y];
-        end = s->chg->pos + s->chg->start[y + 1];
+    row[wa] |= ma;
+    for (int64_t k = wa + 1; k < wb; k++) row[k] = ~0ull;
+    row[wb] |= mb;
+}
+
+/* R(y) as a bit row. */
+static void SFX(r_bits)(const runs_t *r, int64_t y, int64_t w, int64_t d, int64_t nw, uint64_t *row) {
+    memset(row, 0, (size_t)nw * sizeof(uint64_t));
+    if (2 * d >= w) {
+        SFX(set_bits)(row, 0, w - 1);
+        return;
     }
-#if PQ_VEC
-    const VEC ones = V_SET16(0xFFFF);
-#endif
-    for (;;) {
-        if (pos) {
-            if (pos >= end) break;
-            x = *pos++;
-        } else {
-            while (++x < w && c[x] == c[x - 1]) {
+    SFX(set_bits)(row, 0, d - 1);
+    SFX(set_bits)(row, w - d, w - 1);
+    for (int64_t i = r->start[y] + 1; i < r->start[y + 1]; i++) {
+        int64_t x = r->pos[i];
+        SFX(set_bits)(row, x - d > 0 ? x - d : 0, x + d - 1 < w - 1 ? x + d - 1 : w - 1);
+    }
+}
+
+/* OR D(e) into a bit row: columns where rows e and e + 1 differ (from their runs). */
+static void SFX(d_bits)(const runs_t *r, int64_t e, int64_t w, uint64_t *row) {
+    const int32_t *pos = r->pos;
+    const uint16_t *code = r->code;
+    int64_t i = r->start[e], ie = r->start[e + 1], j = ie, je = r->start[e + 2];
+    int64_t x = 0, open = -1; /* open: start of the differing stretch in progress */
+    while (x < w) {
+        int64_t ei = i + 1 < ie ? pos[i + 1] : w, ej = j + 1 < je ? pos[j + 1] : w;
+        int64_t end = ei < ej ? ei : ej;
+        int differ = code[i] != code[j];
+        if (differ != (open >= 0)) {
+            if (differ) {
+                open = x;
+            } else {
+                SFX(set_bits)(row, open, x - 1);
+                open = -1;
             }
-            if (x >= w) break;
         }
-        int64_t a = x - d > done ? x - d : done, b = x + d - 1 > w - 1 ? w - 1 : x + d - 1;
-        if (a > b) continue;
-        done = b + 1;
-#if PQ_VEC
-        if (b - a + 1 >= V_LANES16) { /* whole registers, the last one flush with b */
-            for (; a + V_LANES16 <= b + 1; a += V_LANES16) V_STORE(r + a, ones);
-            if (a <= b) V_STORE(r + b + 1 - V_LANES16, ones);
-            continue;
-        }
-#endif
-        for (; a <= b; a++) r[a] = 0xFFFF;
+        x = end;
+        i += ei == end;
+        j += ej == end;
+    }
+    if (open >= 0) SFX(set_bits)(row, open, w - 1);
+}
+
+/* Build the prefix / suffix ORs of G for one map (needs h >= 2d + 1). */
+static void SFX(band_build)(band_t *b, const runs_t *r) {
+    const int64_t h = b->h, w = b->w, d = b->d, nw = b->nw, L = 2 * d;
+    uint64_t *rc = b->tmp, *rn = b->tmp + nw;
+    SFX(r_bits)(r, 0, w, d, nw, rc);
+    for (int64_t y = 0; y <= h - 2; y++) { /* G(y) into pre[y] */
+        uint64_t *gy = b->pre + y * nw;
+        SFX(r_bits)(r, y + 1, w, d, nw, rn);
+        for (int64_t k = 0; k < nw; k++) gy[k] = rc[k] | rn[k];
+        SFX(d_bits)(r, y, w, gy);
+        uint64_t *t = rc;
+        rc = rn;
+        rn = t;
+    }
+    for (int64_t y = h - 2; y >= 0; y--) { /* suffix ORs within blocks of L rows */
+        const uint64_t *gy = b->pre + y * nw;
+        uint64_t *sy = b->suf + y * nw;
+        if (y % L == L - 1 || y == h - 2)
+            memcpy(sy, gy, (size_t)nw * sizeof(uint64_t));
+        else
+            for (int64_t k = 0; k < nw; k++) sy[k] = gy[k] | sy[nw + k];
+    }
+    for (int64_t y = 0; y <= h - 2; y++) { /* prefix ORs within blocks, in place */
+        if (y % L == 0) continue;
+        uint64_t *py = b->pre + y * nw;
+        for (int64_t k = 0; k < nw; k++) py[k] |= py[k - nw];
     }
 }
 
-/* dist := 0 where F = r | (a != b), else dist + 1 saturating at DIST_MAX. */
-#if PQ_VEC
-#define DIST_STEP(dist, a, b, r)                                              \
-    do {                                                                      \
-        VEC f_ = V_OR((r), V_ANDNOT(V_EQ16((a), (b)), V_SET16(-1)));          \
-        VEC inc_ = V_SUB16((dist), V_GT16(V_SET16(DIST_MAX), (dist)));        \
-        (dist) = V_ANDNOT(f_, inc_);                                          \
-    } while (0)
-#endif
-
-/* Enter row e (0 <= e <= h - 2) into the F window: r_prev must hold R(e). */
-static void SFX(band_enter)(band_t *s, int64_t e) {
-    const uint16_t *a = s->codes + e * s->w, *b = a + s->w;
-    const uint16_t *r = s->r_prev;
-    uint16_t *dist = s->dist;
-    int64_t x = 0;
-#if PQ_VEC
-    for (; x + V_LANES16 <= s->w; x += V_LANES16) {
-        VEC dv = V_LOAD(dist + x);
-        DIST_STEP(dv, V_LOAD(a + x), V_LOAD(b + x), V_LOAD(r + x));
-        V_STORE(dist + x, dv);
-    }
-#endif
-    for (; x < s->w; x++) {
-        int f = r[x] | (a[x] != b[x]);
-        dist[x] = f ? 0 : (uint16_t)(dist[x] + (dist[x] < DIST_MAX));
-    }
+/* Band bits of row y (d <= y <= h-1-d) into out (nw words; bits past w are 0). */
+static void SFX(band_row)(const band_t *b, int64_t y, uint64_t *out) {
+    const uint64_t *s = b->suf + (y - b->d) * b->nw, *p = b->pre + (y + b->d - 1) * b->nw;
+    for (int64_t k = 0; k < b->nw; k++) out[k] = s[k] | p[k];
+    if (b->w & 63) out[b->nw - 1] &= ~0ull >> (64 - (b->w & 63));
 }
 
-/* Prepare for rows y >= d (needs h >= 2d + 1): enters rows 0 .. 2d - 2. */
-static void SFX(band_begin)(band_t *s) {
-    for (int64_t x = 0; x < s->w; x++) s->dist[x] = DIST_MAX;
-    SFX(row_flags)(s, 0, s->r_prev);
-    for (int64_t e = 0; e <= 2 * s->d - 2; e++) {
-        SFX(row_flags)(s, e + 1, s->r_next);
-        SFX(band_enter)(s, e);
-        band_swap(s);
+/* Prefix counts of set bits per word: pre[k] = bits in words < k (m2: of m & m2). */
+static inline void SFX(bit_prefix)(const uint64_t *m, const uint64_t *m2, int64_t nw, int32_t *pre) {
+    int32_t n = 0;
+    for (int64_t k = 0; k < nw; k++) {
+        pre[k] = n;
+        n += POPCNT64(m2 ? m[k] & m2[k] : m[k]);
     }
+    pre[nw] = n;
 }
 
-/* Rows y < d or y > h-1-d: the window leaves the image, all band. Else enter row y + d - 1, R(y+d)
-   into r_next; the caller tests dist > 2d - 1 and r_next == 0 ("off the band"), then band_swap. */
-static inline int SFX(band_advance)(band_t *s, int64_t y) {
-    if (y < s->d || y + s->d > s->h - 1) return 0;
-    if (y == s->d) SFX(band_begin)(s);
-    SFX(row_flags)(s, y + s->d, s->r_next);
-    return 1;
+/* Set bits in [0, x) (x <= w; the words hold one spare word past the row). */
+static inline int64_t SFX(bits_upto)(const uint64_t *m, const uint64_t *m2, const int32_t *pre, int64_t x) {
+    int64_t k = x >> 6;
+    uint64_t word = m2 ? m[k] & m2[k] : m[k];
+    return pre[k] + POPCNT64(word & ((1ull << (x & 63)) - 1));
 }
 
-/* The band (0/1 bytes) of a whole code map (pq_band). */
-static void SFX(band_map)(band_t *s, uint8_t *out) {
-    const int64_t w = s->w, d = s->d;
-    const uint16_t reach = (uint16_t)(2 * d - 1);
-    for (int64_t y = 0; y < s->h; y++) {
-        uint8_t *o = out + y * w;
-        if (!SFX(band_advance)(s, y)) {
-            memset(o, 1, (size_t)w);
-            continue;
-        }
-        SFX(band_enter)(s, y + d - 1);
-        for (int64_t x = 0; x < w; x++) o[x] = (uint8_t)((s->dist[x] <= reach) | (s->r_next[x] != 0));
-        band_swap(s);
-    }
-}
-
-/* Boundary PQ joint histogram bh ((ng + 3) x bcols) of the two code maps, row by row: a segment
-   pixel (codes 1..n) off its band counts as the interior code n + 2. Per row and register of
-   columns: the F window of both maps advances, the boundary codes are formed, and runs of equal
-   (GT, prediction) boundary codes are counted (movemask + ctz to find where a run ends). */
-static void SFX(boundary_hist)(band_t *sg, band_t *sp, int64_t ng, int64_t np, int64_t bcols, int64_t *bh) {
-    const int64_t w = sg->w, h = sg->h, d = sg->d;
-    const uint16_t reach = (uint16_t)(2 * d - 1);
-    const uint16_t gi_code = (uint16_t)(ng + 2), pi_code = (uint16_t)(np + 2);
-    const uint16_t gv_code = (uint16_t)(ng + 1), pv_code = (uint16_t)(np + 1);
+/* Boundary PQ joint histogram bh ((ng + 3) x bcols): a run of one (GT code, predicted code) pair
+   splits into four boundary pairs (both on their band, only one, neither; a segment off its band
+   takes the interior code n + 2, codes that are not segments are always "on the band"), counted
+   from prefix popcounts of the band bits. bg, bp: the maps' band states (NULL when h < 2d + 1:
+   every row is band); work: 2 * (nw + 1) words + 3 * (nw + 1) int32. */
+static void SFX(boundary_hist)(const band_t *bg, const band_t *bp, const runs_t *pairs, int64_t h, int64_t w,
+                          int64_t d, int64_t ng, int64_t np, int64_t bcols, int64_t *bh, uint64_t *mg, uint64_t *mp,
+                          int32_t *cnt) {
+    const int64_t nw = (w + 63) >> 6;
+    const uint16_t gi = (uint16_t)(ng + 2), pi = (uint16_t)(np + 2), gv = (uint16_t)(ng + 1), pv = (uint16_t)(np + 1);
+    int32_t *cg_pre = cnt, *cp_pre = cnt + nw + 1, *cb_pre = cnt + 2 * (nw + 1);
+    mg[nw] = mp[nw] = 0;
     for (int64_t y = 0; y < h; y++) {
-        const uint16_t *cg = sg->codes + y * w, *cp = sp->codes + y * w;
-        int inner = SFX(band_advance)(sg, y);
-        SFX(band_advance)(sp, y);
-        const uint16_t *ag = sg->codes + (y + d - 1) * w, *ap = sp->codes + (y + d - 1) * w;
-        uint16_t cur_g = 0xFFFF, cur_p = 0xFFFF;
-        int64_t start = 0, x = 0;
-#define BOUNDARY_CODE(c, dist, rn, interior, void_code) \
-    ((dist) > reach && (rn) == 0 && (c) != 0 && (c) != (void_code) ? (interior) : (c))
-#if PQ_VEC
-        VEC vcg = V_SET16(cur_g), vcp = V_SET16(cur_p);
-        const VEC vreach = V_SET16(reach), zero = V_ZERO();
-        const VEC vgi = V_SET16(gi_code), vpi = V_SET16(pi_code), vgv = V_SET16(gv_code), vpv = V_SET16(pv_code);
-        for (; x + V_LANES16 <= w; x += V_LANES16) {
-            VEC bg = V_LOAD(cg + x), bp = V_LOAD(cp + x);
-            if (inner) {
-                VEC dg = V_LOAD(sg->dist + x), dp = V_LOAD(sp->dist + x);
-                DIST_STEP(dg, V_LOAD(ag + x), V_LOAD(ag + w + x), V_LOAD(sg->r_prev + x));
-                DIST_STEP(dp, V_LOAD(ap + x), V_LOAD(ap + w + x), V_LOAD(sp->r_prev + x));
-                V_STORE(sg->dist + x, dg);
-                V_STORE(sp->dist + x, dp);
-                /* off the band, and a segment (not 0 = unlisted, not VOID): the interior code */
-                VEC og = V_AND(V_GT16(dg, vreach), V_EQ16(V_LOAD(sg->r_next + x), zero));
-                VEC op = V_AND(V_GT16(dp, vreach), V_EQ16(V_LOAD(sp->r_next + x), zero));
-                og = V_ANDNOT(V_OR(V_EQ16(bg, zero), V_EQ16(bg, vgv)), og);
-                op = V_ANDNOT(V_OR(V_EQ16(bp, zero), V_EQ16(bp, vpv)), op);
-                bg = V_OR(V_AND(og, vgi), V_ANDNOT(og, bg));
-                bp = V_OR(V_AND(op, vpi), V_ANDNOT(op, bp));
-            }
-            uint32_t diff = ~V_MASK(V_AND(V_EQ16(bg, vcg), V_EQ16(bp, vcp))) & V_FULL;
-            if (!diff) continue;
-            uint16_t lg[V_LANES16], lp[V_LANES16];
-            V_STORE(lg, bg);
-            V_STORE(lp, bp);
-            while (diff) {
-                int k = __builtin_ctz(diff) >> 1;
-                if (cur_g != 0xFFFF || cur_p != 0xFFFF || x + k > 0) bh[(int64_t)cur_g * bcols + cur_p] += x + k - start;
-                start = x + k;
-                cur_g = lg[k];
-                cur_p = lp[k];
-                vcg = V_SET16(cur_g);
-                vcp = V_SET16(cur_p);
-                diff = ~V_MASK(V_AND(V_EQ16(bg, vcg), V_EQ16(bp, vcp))) & V_FULL & (uint32_t)(~0ull << (2 * k + 2));
-            }
-        }
-#endif
-        for (; x < w; x++) {
-            uint16_t bg = cg[x], bp = cp[x];
-            if (inner) {
-                uint16_t *dg = &sg->dist[x], *dp = &sp->dist[x];
-                int fg = sg->r_prev[x] | (ag[x] != ag[x + w]), fp = sp->r_prev[x] | (ap[x] != ap[x + w]);
-                *dg = fg ? 0 : (uint16_t)(*dg + (*dg < DIST_MAX));
-                *dp = fp ? 0 : (uint16_t)(*dp + (*dp < DIST_MAX));
-                bg = BOUNDARY_CODE(bg, *dg, sg->r_next[x], gi_code, gv_code);
-                bp = BOUNDARY_CODE(bp, *dp, sp->r_next[x], pi_code, pv_code);
-            }
-            if (bg != cur_g || bp != cur_p) {
-                if (x > 0) bh[(int64_t)cur_g * bcols + cur_p] += x - start;
-                start = x;
-                cur_g = bg;
-                cur_p = bp;
-            }
-        }
-#undef BOUNDARY_CODE
-        bh[(int64_t)cur_g * bcols + cur_p] += w - start;
+        const int inner = bg && y >= d && y + d <= h - 1;
         if (inner) {
-            band_swap(sg);
-            band_swap(sp);
+            SFX(band_row)(bg, y, mg);
+            SFX(band_row)(bp, y, mp);
+            SFX(bit_prefix)(mg, NULL, nw, cg_pre);
+            SFX(bit_prefix)(mp, NULL, nw, cp_pre);
+            SFX(bit_prefix)(mg, mp, nw, cb_pre);
+        }
+        const int64_t r0 = pairs->start[y], r1 = pairs->start[y + 1];
+        int64_t g0 = 0, p0 = 0, b0 = 0; /* band counts before the current run */
+        for (int64_t i = r0; i < r1; i++) {
+            const int64_t x = pairs->pos[i], t = i + 1 < r1 ? pairs->pos[i + 1] : w, len = t - x;
+            const uint16_t cg = pairs->code[i], cp = pairs->code2[i];
+            if (!inner) {
+                bh[(int64_t)cg * bcols + cp] += len;
+                continue;
+            }
+            const int64_t g1 = SFX(bits_upto)(mg, NULL, cg_pre, t), p1 = SFX(bits_upto)(mp, NULL, cp_pre, t);
+            const int64_t b1 = SFX(bits_upto)(mg, mp, cb_pre, t);
+            const int sg = cg != 0 && cg != gv, sp = cp != 0 && cp != pv;
+            const int64_t nb_g = sg ? g1 - g0 : len, nb_p = sp ? p1 - p0 : len;
+            const int64_t both = sg && sp ? b1 - b0 : (sg ? nb_g : nb_p);
+            bh[(int64_t)cg * bcols + cp] += both;
+            bh[(int64_t)cg * bcols + pi] += nb_g - both;
+            bh[(int64_t)gi * bcols + cp] += nb_p - both;
+            bh[(int64_t)gi * bcols + pi] += len - nb_g - nb_p + both;
+            g0 = g1;
+            p0 = p1;
+            b0 = b1;
         }
     }
 }
@@ -426,13 +393,13 @@ static void SFX(boundary_hist)(band_t *sg, band_t *sp, int64_t ng, int64_t np, i
 #undef V_EQ8
 #undef V_EQ16
 #undef V_EQ32
-#undef V_GT16
 #undef V_AND
 #undef V_OR
 #undef V_ANDNOT
-#undef V_SUB16
+#undef V_ADDS16
+#undef V_BLEND
 #undef V_MASK
 #undef V_LANES16
 #undef V_LANES32
 #undef PQ_VEC
-#undef DIST_STEP
+#undef POPCNT64
