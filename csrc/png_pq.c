@@ -11,11 +11,12 @@
  * with a reason code, before any of its counts are added, and Python scores that image instead.
  *
  * Speed: panoptic PNGs are piecewise constant. Rows are unfiltered as stretches of zero filtered
- * bytes between a few "dirty" pixels (a whole Up row is a copy of the row above plus fixes), the joint
- * histogram counts runs of equal (GT, prediction) pixel pairs, and boundaries come from a streaming
- * O(h w) window test instead of (2d+1)^2 erosions, fused with their histogram. One decoded row of each
- * image is live at a time for Mask PQ; Boundary PQ keeps the two code maps. The hot loops
- * (png_pq_simd.h) are compiled for SSE2 and, with GCC on x86-64, for AVX2, chosen at run time.
+ * bytes between a few "dirty" pixels (a whole Up row is a copy of the row above plus fixes), and the
+ * joint histogram counts runs of equal (GT, prediction) pixel pairs; one decoded row of each image is
+ * live at a time. Boundary PQ works on those runs too: bit rows of "events" per row, a van Herk
+ * sliding OR over 2d rows for the band, and popcounts per run instead of (2d+1)^2 erosions. The hot
+ * loops (png_pq_simd.h) are compiled for SSE2 and, with GCC on x86-64, for AVX2 + popcnt, chosen at
+ * run time.
  */
 #include <math.h>
 #include <stdint.h>
@@ -68,11 +69,15 @@ static free_decompressor_fn g_free;
 int pq_abi_version(void) { return PQ_ABI_VERSION; }
 const char *pq_source_hash(void) { return PQ_SOURCE_HASH; }
 
-/* Set once per process, before any context is created. */
+static const struct kernels *kern(void);
+
+/* Set once per process, before any context is created (and before any thread uses the kernels:
+   the instruction set is chosen here). */
 void pq_set_inflate(void *alloc, void *inflate, void *free_fn) {
     g_alloc = (alloc_decompressor_fn)alloc;
     g_inflate = (zlib_decompress_fn)inflate;
     g_free = (free_decompressor_fn)free_fn;
+    (void)kern();
 }
 
 /* ------------------------------------------------------------------ per-thread context */
@@ -370,7 +375,7 @@ typedef struct {
 #pragma GCC pop_options
 #endif
 
-typedef struct {
+typedef struct kernels {
     int (*unfilter_row)(int, const uint8_t *, int64_t, int, const uint32_t *, uint32_t *);
     void (*hist_row_ids)(const uint32_t *, const uint32_t *, int64_t, const idmap_t *, const idmap_t *, int64_t,
                          int64_t *, uint32_t *, runs_t *, runs_t *, runs_t *);

@@ -2,8 +2,8 @@
  * with GCC on x86-64, name_avx2 inside `#pragma GCC target("avx2")`; png_pq.c picks one set at run
  * time (__builtin_cpu_supports), so one library runs on any x86-64 and uses AVX2 where it exists.
  *
- * Vector helpers: V_LANES16 uint16 lanes per register; V_MASK(v) = one bit per byte (movemask);
- * V_FULL = all bytes set. Without SSE2 (or with -DPQ_NO_SIMD, which the tests use) every loop has a
+ * Vector helpers: V_LANES32 uint32 lanes per register; V_MASK(v) = one bit per byte (movemask);
+ * V_FULL = all bytes set. The boundary part is plain C on 64-bit words (popcnt in the AVX2 build). Without SSE2 (or with -DPQ_NO_SIMD, which the tests use) every loop has a
  * plain C version with the same results.
  */
 
@@ -15,17 +15,11 @@ typedef __m256i SFX(vec);
 #define V_FULL 0xFFFFFFFFu
 #define V_LOAD(p) _mm256_loadu_si256((const __m256i *)(const void *)(p))
 #define V_STORE(p, v) _mm256_storeu_si256((__m256i *)(void *)(p), (v))
-#define V_SET16(x) _mm256_set1_epi16((short)(x))
 #define V_SET32(x) _mm256_set1_epi32((int)(x))
 #define V_ZERO() _mm256_setzero_si256()
 #define V_EQ8(a, b) _mm256_cmpeq_epi8((a), (b))
-#define V_EQ16(a, b) _mm256_cmpeq_epi16((a), (b))
 #define V_EQ32(a, b) _mm256_cmpeq_epi32((a), (b))
 #define V_AND(a, b) _mm256_and_si256((a), (b))
-#define V_OR(a, b) _mm256_or_si256((a), (b))
-#define V_ANDNOT(a, b) _mm256_andnot_si256((a), (b)) /* ~a & b */
-#define V_ADDS16(a, b) _mm256_adds_epi16((a), (b))
-#define V_BLEND(m, a, b) _mm256_blendv_epi8((b), (a), (m)) /* m ? a : b, bytewise */
 #define V_MASK(v) ((uint32_t)_mm256_movemask_epi8(v))
 #elif defined(__SSE2__) && !defined(PQ_NO_SIMD)
 #define PQ_VEC 1
@@ -35,22 +29,15 @@ typedef __m128i SFX(vec);
 #define V_FULL 0xFFFFu
 #define V_LOAD(p) _mm_loadu_si128((const __m128i *)(const void *)(p))
 #define V_STORE(p, v) _mm_storeu_si128((__m128i *)(void *)(p), (v))
-#define V_SET16(x) _mm_set1_epi16((short)(x))
 #define V_SET32(x) _mm_set1_epi32((int)(x))
 #define V_ZERO() _mm_setzero_si128()
 #define V_EQ8(a, b) _mm_cmpeq_epi8((a), (b))
-#define V_EQ16(a, b) _mm_cmpeq_epi16((a), (b))
 #define V_EQ32(a, b) _mm_cmpeq_epi32((a), (b))
 #define V_AND(a, b) _mm_and_si128((a), (b))
-#define V_OR(a, b) _mm_or_si128((a), (b))
-#define V_ANDNOT(a, b) _mm_andnot_si128((a), (b))
-#define V_ADDS16(a, b) _mm_adds_epi16((a), (b))
-#define V_BLEND(m, a, b) _mm_or_si128(_mm_and_si128((m), (a)), _mm_andnot_si128((m), (b)))
 #define V_MASK(v) ((uint32_t)_mm_movemask_epi8(v))
 #else
 #define PQ_VEC 0
 #endif
-#define V_LANES16 (V_BYTES / 2)
 #define V_LANES32 (V_BYTES / 4)
 
 /* ------------------------------------------------------------------ scans */
@@ -387,19 +374,12 @@ static void SFX(boundary_hist)(const band_t *bg, const band_t *bp, const runs_t 
 #undef V_FULL
 #undef V_LOAD
 #undef V_STORE
-#undef V_SET16
 #undef V_SET32
 #undef V_ZERO
 #undef V_EQ8
-#undef V_EQ16
 #undef V_EQ32
 #undef V_AND
-#undef V_OR
-#undef V_ANDNOT
-#undef V_ADDS16
-#undef V_BLEND
 #undef V_MASK
-#undef V_LANES16
 #undef V_LANES32
 #undef PQ_VEC
 #undef POPCNT64

@@ -13,7 +13,8 @@ source). At run time `load()` uses, in order:
 
 Inflate is libdeflate's: the library gets its entry points from the `deflate` package (a declared
 dependency that bundles libdeflate) or a system `libdeflate`, so the C file needs no headers or
-link flags beyond libc and libm.
+link flags beyond libc and libm. The hot loops exist for SSE2 and AVX2 (+ popcnt) in one library;
+the CPU picks (PQ_NO_AVX2=1 forces the SSE2 ones, for tests).
 
 This module imports neither numpy nor anything heavy: `harness eval-pq` starts with it.
 """
