@@ -243,8 +243,9 @@ static int decode_container(pq_ctx *c, const uint8_t *data, size_t n, buf_t *ida
     static const uint8_t sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
     if (n < 8 || memcmp(data, sig, 8) != 0) return PQ_STOP_PNG;
     size_t pos = 8, ilen = 0;
+    const uint8_t *first = NULL; /* a single IDAT chunk (the usual case) is inflated in place */
     int64_t w = 0, h = 0;
-    int bpp = 0, seen_end = 0;
+    int bpp = 0, chunks = 0;
     while (pos + 8 <= n) {
         uint32_t len = be32(data + pos);
         const uint8_t *type = data + pos + 4;
@@ -258,23 +259,31 @@ static int decode_container(pq_ctx *c, const uint8_t *data, size_t n, buf_t *ida
             if (depth != 8 || (color != 2 && color != 6) || interlace != 0) return PQ_STOP_PNG;
             bpp = color == 2 ? 3 : 4;
         } else if (!memcmp(type, "IDAT", 4)) {
-            if (!reserve(idat, ilen + len + 1)) return PQ_STOP_MEMORY;
-            memcpy(idat->p + ilen, data + body, len);
+            if (chunks++ == 0) {
+                first = data + body;
+            } else {
+                if (chunks == 2) { /* more than one: concatenate */
+                    if (!reserve(idat, ilen + len + 1)) return PQ_STOP_MEMORY;
+                    memcpy(idat->p, first, ilen);
+                    first = idat->p;
+                }
+                if (!reserve(idat, ilen + len + 1)) return PQ_STOP_MEMORY;
+                memcpy(idat->p + ilen, data + body, len);
+                first = idat->p;
+            }
             ilen += len;
         } else if (!memcmp(type, "IEND", 4)) {
-            seen_end = 1;
             break;
         }
         pos = body + len + 4; /* CRC not checked: the zlib stream has its own Adler-32 */
     }
-    (void)seen_end;
     if (!bpp || !ilen || w <= 0 || h <= 0) return PQ_STOP_PNG;
     if ((double)h * (double)(w * bpp + 1) > (double)(1LL << 34)) return PQ_STOP_PNG;
     size_t expected = (size_t)h * (size_t)(w * bpp + 1);
     if (!reserve(raw, expected + 64)) return PQ_STOP_MEMORY;
     if (!g_inflate || !c->dec) return PQ_STOP_NO_INFLATE;
     size_t actual = 0;
-    int r = g_inflate(c->dec, idat->p, ilen, raw->p, expected, &actual);
+    int r = g_inflate(c->dec, first, ilen, raw->p, expected, &actual);
     if (r != 0 || actual != expected) return PQ_STOP_PNG;
     out->w = w;
     out->h = h;

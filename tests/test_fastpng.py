@@ -249,6 +249,33 @@ def test_png_variants_the_kernel_refuses_fall_back(tmp_path: Path) -> None:
             read_id_map(tmp_path / name)
 
 
+def test_image_data_split_over_several_idat_chunks(tmp_path: Path) -> None:
+    """PNG writers may split the zlib stream over many IDAT chunks (PIL does past 64 KiB)."""
+    rng = np.random.default_rng(8)
+    ids = rng.choice(np.array([0, 5, 70000, 123456], np.uint32), (40, 50))
+    path = tmp_path / "a.png"
+    Image.fromarray(id2rgb(ids)).save(path)
+    data = path.read_bytes()
+    pos, out, idat = 8, [data[:8]], b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        if kind == b"IDAT":
+            idat += body
+        elif kind == b"IEND":
+            for k in range(0, len(idat), 7):  # many small IDAT chunks
+                part = idat[k : k + 7]
+                out.append(struct.pack(">I", len(part)) + b"IDAT" + part +
+                           struct.pack(">I", zlib.crc32(b"IDAT" + part) & 0xFFFFFFFF))
+            out.append(data[pos : pos + 12 + length])
+        else:
+            out.append(data[pos : pos + 12 + length])
+        pos += 12 + length
+    split = b"".join(out)
+    assert split.count(b"IDAT") > 3
+    np.testing.assert_array_equal(fastpng.decode_ids(split), ids)
+
+
 def test_eval_with_refused_pngs_equals_eval_with_plain_pngs(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     images = [_image(rng, 24, 31, quirks=False) for _ in range(6)]
