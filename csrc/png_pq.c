@@ -303,7 +303,6 @@ static inline uint32_t add3(uint32_t a, uint32_t b) {
     return (((a & 0x7f7f7fu) + (b & 0x7f7f7fu)) ^ ((a ^ b) & 0x808080u)) & 0xffffffu;
 }
 
-/* First i' >= i with q[i'] != 0, or n. */
 static inline uint8_t paeth(int a, int b, int c) {
     int p = a + b - c;
     int pa = abs(p - a), pb = abs(p - b), pc = abs(p - c);
@@ -313,7 +312,8 @@ static inline uint8_t paeth(int a, int b, int c) {
 }
 
 static inline uint32_t paeth3(uint32_t a, uint32_t b, uint32_t c) {
-    return (uint32_t)paeth(a & 255, b & 255, c & 255) | ((uint32_t)paeth((a >> 8) & 255, (b >> 8) & 255, (c >> 8) & 255) << 8) |
+    return (uint32_t)paeth(a & 255, b & 255, c & 255) |
+           ((uint32_t)paeth((a >> 8) & 255, (b >> 8) & 255, (c >> 8) & 255) << 8) |
            ((uint32_t)paeth(a >> 16, b >> 16, c >> 16) << 16);
 }
 
@@ -364,7 +364,7 @@ typedef struct {
 
 /* ------------------------------------------------------------------ hot loops, two instruction sets */
 
-/* Spare elements after every row/map that vector fills may overrun (see fill_u32). */
+/* Spare elements after every decoded row that vector fills may overrun (see fill_u32). */
 #define PAD 32
 
 #define SFX(name) name##_base
@@ -802,10 +802,11 @@ int64_t pq_score_files(pq_ctx *c, int64_t i0, int64_t n, const char *paths, cons
                     bands[s] = &band[s];
                 }
             }
-            if (!reserve(&c->bwork, (size_t)(2 * (nw + 1)) * sizeof(uint64_t) + (size_t)(3 * (nw + 1)) * sizeof(int32_t)))
-                STOP(PQ_STOP_MEMORY);
+            size_t work = (size_t)(2 * (nw + 1)) * sizeof(uint64_t) + (size_t)(3 * (nw + 1)) * sizeof(int32_t);
+            if (!reserve(&c->bwork, work)) STOP(PQ_STOP_MEMORY);
             uint64_t *mg = (uint64_t *)c->bwork.p, *mp = mg + nw + 1;
-            K->boundary_hist(bands[0], bands[1], &runs[2], h, w, d, ng, np, bcols, bh, mg, mp, (int32_t *)(mp + nw + 1));
+            K->boundary_hist(bands[0], bands[1], &runs[2], h, w, d, ng, np, bcols, bh, mg, mp,
+                             (int32_t *)(mp + nw + 1));
             /* boundary areas: row / column sums of the boundary histogram */
             int64_t *g_barea = barea, *p_barea = barea + ng;
             for (int64_t g = 0; g < ng; g++) {

@@ -3,7 +3,8 @@
  * time (__builtin_cpu_supports), so one library runs on any x86-64 and uses AVX2 where it exists.
  *
  * Vector helpers: V_LANES32 uint32 lanes per register; V_MASK(v) = one bit per byte (movemask);
- * V_FULL = all bytes set. The boundary part is plain C on 64-bit words (popcnt in the AVX2 build). Without SSE2 (or with -DPQ_NO_SIMD, which the tests use) every loop has a
+ * V_FULL = all bytes set. The boundary part is plain C on 64-bit words (popcnt in the AVX2 build).
+ * Without SSE2 (or with -DPQ_NO_SIMD, which the tests use) every loop has a
  * plain C version with the same results.
  */
 
