@@ -324,8 +324,9 @@ static inline uint32_t avg3(uint32_t a, uint32_t b) {
 
 /* ------------------------------------------------------------------ runs */
 
-/* Runs of one code map, row after row: row y has runs start[y] .. start[y + 1] - 1 of (pos, code);
-   for runs of code pairs, code2 holds the predicted code. */
+/* Runs of one code map, row after row: row y has runs start[y] .. start[y + 1] - 1 of (pos, code),
+   the last one a sentinel at pos = w (code 0xFFFF); runs of code pairs have no sentinel and code2
+   holds the predicted code. */
 typedef struct {
     int32_t *pos;
     uint16_t *code;
@@ -427,8 +428,8 @@ int pq_band(const uint16_t *codes, int64_t h, int64_t w, int64_t d, uint8_t *out
         return PQ_OK;
     }
     const int64_t nw = (w + 63) >> 6;
-    runs_t r = {(int32_t *)malloc((size_t)(h * w) * sizeof(int32_t)),
-                (uint16_t *)malloc((size_t)(h * w) * sizeof(uint16_t)),
+    runs_t r = {(int32_t *)malloc((size_t)(h * (w + 1)) * sizeof(int32_t)),
+                (uint16_t *)malloc((size_t)(h * (w + 1)) * sizeof(uint16_t)),
                 (int64_t *)malloc((size_t)(h + 2) * sizeof(int64_t)), 0, NULL};
     uint64_t *words = (uint64_t *)malloc((size_t)(2 * (h - 1) * nw + 3 * nw) * sizeof(uint64_t));
     int rc = PQ_STOP_MEMORY;
@@ -438,6 +439,7 @@ int pq_band(const uint16_t *codes, int64_t h, int64_t w, int64_t d, uint8_t *out
             r.start[y] = r.n;
             for (int64_t x = 0; x < w; x++)
                 if (!x || c[x] != c[x - 1]) runs_push(&r, x, c[x]);
+            runs_push(&r, w, 0xFFFF);
         }
         r.start[h] = r.start[h + 1] = r.n;
         band_t b = {h, w, d, nw, words, words + (h - 1) * nw, words + 2 * (h - 1) * nw};
@@ -713,15 +715,15 @@ int64_t pq_score_files(pq_ctx *c, int64_t i0, int64_t n, const char *paths, cons
             if (!gr || !pr) STOP(PQ_STOP_PNG);
             if (boundary) {
                 for (int s = 0; s < 3; s++) {
-                    if (!reserve(&c->run_pos[s], (size_t)(runs[s].n + w) * sizeof(int32_t)) ||
-                        !reserve(&c->run_code[s], (size_t)(runs[s].n + w) * sizeof(uint16_t)))
+                    if (!reserve(&c->run_pos[s], (size_t)(runs[s].n + w + 1) * sizeof(int32_t)) ||
+                        !reserve(&c->run_code[s], (size_t)(runs[s].n + w + 1) * sizeof(uint16_t)))
                         STOP(PQ_STOP_MEMORY);
                     runs[s].pos = (int32_t *)c->run_pos[s].p;
                     runs[s].code = (uint16_t *)c->run_code[s].p;
                     runs[s].start = (int64_t *)c->run_start[s].p;
                     runs[s].start[y] = runs[s].n;
                 }
-                if (!reserve(&c->run_code2, (size_t)(runs[2].n + w) * sizeof(uint16_t))) STOP(PQ_STOP_MEMORY);
+                if (!reserve(&c->run_code2, (size_t)(runs[2].n + w + 1) * sizeof(uint16_t))) STOP(PQ_STOP_MEMORY);
                 runs[2].code2 = (uint16_t *)c->run_code2.p;
                 K->hist_row_ids(gr, pr, w, &c->map[0], &c->map[1], cols, hist, memo, &runs[0], &runs[1], &runs[2]);
             } else {

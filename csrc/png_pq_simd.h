@@ -168,8 +168,9 @@ static int SFX(unfilter_row)(int ft, const uint8_t *q, int64_t w, int bpp, const
 /* ------------------------------------------------------------------ Mask PQ histogram */
 
 /* hist[cg * cols + cp] += run length over runs of equal (g, p) ids in one row. For Boundary PQ
-   (rg != NULL) it also appends the row's runs of equal GT codes to rg, of predicted codes to rp and
-   of (GT, predicted) code pairs to rgp (code = GT code, code2 = predicted code; at most w each).
+   (rg != NULL) it also appends the row's runs of equal GT codes to rg and of predicted codes to rp
+   (each row ending with a sentinel run at w), and of (GT, predicted) code pairs to rgp (code = GT
+   code, code2 = predicted code); at most w + 1 each.
    memo: the last ids looked up and their codes (neighbouring runs usually share one side). */
 static void SFX(hist_row_ids)(const uint32_t *g, const uint32_t *p, int64_t w, const idmap_t *mg,
                               const idmap_t *mp, int64_t cols, int64_t *hist, uint32_t *memo, runs_t *rg,
@@ -202,6 +203,10 @@ static void SFX(hist_row_ids)(const uint32_t *g, const uint32_t *p, int64_t w, c
         }
         x = j;
     }
+    if (rg) { /* sentinels: the next run "starts" at w */
+        runs_push(rg, w, 0xFFFF);
+        runs_push(rp, w, 0xFFFF);
+    }
 }
 
 /* ------------------------------------------------------------------ boundaries (see band_t in png_pq.c) */
@@ -231,7 +236,8 @@ static inline void SFX(set_bits)(uint64_t *row, int64_t a, int64_t b) {
     row[wb] |= mb;
 }
 
-/* R(y) as a bit row. */
+/* R(y) as a bit row. Each row's runs end with a sentinel run start at w (see runs_t), which also
+   sets the right edge columns [w - d, w - 1]. */
 static void SFX(r_bits)(const runs_t *r, int64_t y, int64_t w, int64_t d, int64_t nw, uint64_t *row) {
     memset(row, 0, (size_t)nw * sizeof(uint64_t));
     if (2 * d >= w) {
@@ -239,28 +245,30 @@ static void SFX(r_bits)(const runs_t *r, int64_t y, int64_t w, int64_t d, int64_
         return;
     }
     SFX(set_bits)(row, 0, d - 1);
-    SFX(set_bits)(row, w - d, w - 1);
     for (int64_t i = r->start[y] + 1; i < r->start[y + 1]; i++) {
         int64_t x = r->pos[i];
         SFX(set_bits)(row, x - d > 0 ? x - d : 0, x + d - 1 < w - 1 ? x + d - 1 : w - 1);
     }
 }
 
-/* OR D(e) into a bit row: columns where rows e and e + 1 differ (from their runs). */
-static void SFX(d_bits)(const runs_t *r, int64_t e, int64_t w, uint64_t *row) {
+/* OR D(e) into a bit row: columns where rows e and e + 1 differ (merging their runs). Only the part
+   of a differing stretch [a, b) farther than d from its ends is needed: a and b are run starts of
+   row e or e + 1 (or the image edges), whose R intervals [a - d, a + d - 1], [b - d, b + d - 1]
+   cover the rest. */
+static void SFX(d_bits)(const runs_t *r, int64_t e, int64_t w, int64_t d, uint64_t *row) {
     const int32_t *pos = r->pos;
     const uint16_t *code = r->code;
-    int64_t i = r->start[e], ie = r->start[e + 1], j = ie, je = r->start[e + 2];
+    int64_t i = r->start[e], j = r->start[e + 1];
     int64_t x = 0, open = -1; /* open: start of the differing stretch in progress */
     while (x < w) {
-        int64_t ei = i + 1 < ie ? pos[i + 1] : w, ej = j + 1 < je ? pos[j + 1] : w;
+        int64_t ei = pos[i + 1], ej = pos[j + 1]; /* the sentinels end both rows at w */
         int64_t end = ei < ej ? ei : ej;
         int differ = code[i] != code[j];
         if (differ != (open >= 0)) {
             if (differ) {
                 open = x;
             } else {
-                SFX(set_bits)(row, open, x - 1);
+                if (x - open > 2 * d) SFX(set_bits)(row, open + d, x - d - 1);
                 open = -1;
             }
         }
@@ -268,7 +276,7 @@ static void SFX(d_bits)(const runs_t *r, int64_t e, int64_t w, uint64_t *row) {
         i += ei == end;
         j += ej == end;
     }
-    if (open >= 0) SFX(set_bits)(row, open, w - 1);
+    if (open >= 0 && w - open > 2 * d) SFX(set_bits)(row, open + d, w - d - 1);
 }
 
 /* Build the prefix / suffix ORs of G for one map (needs h >= 2d + 1). */
@@ -280,7 +288,7 @@ static void SFX(band_build)(band_t *b, const runs_t *r) {
         uint64_t *gy = b->pre + y * nw;
         SFX(r_bits)(r, y + 1, w, d, nw, rn);
         for (int64_t k = 0; k < nw; k++) gy[k] = rc[k] | rn[k];
-        SFX(d_bits)(r, y, w, gy);
+        SFX(d_bits)(r, y, w, d, gy);
         uint64_t *t = rc;
         rc = rn;
         rn = t;
