@@ -361,6 +361,7 @@ typedef struct {
     int64_t h, w, d, nw;  /* nw: 64-bit words per bit row */
     uint64_t *pre, *suf;  /* (h - 1) x nw: block prefix / suffix ORs of G */
     uint64_t *tmp;        /* 2 x nw: R of two consecutive rows */
+    int64_t *longs;       /* 2 x (w + 2): the runs longer than 2d of two consecutive rows */
 } band_t;
 
 /* ------------------------------------------------------------------ hot loops, two instruction sets */
@@ -431,7 +432,7 @@ int pq_band(const uint16_t *codes, int64_t h, int64_t w, int64_t d, uint8_t *out
     runs_t r = {(int32_t *)malloc((size_t)(h * (w + 1)) * sizeof(int32_t)),
                 (uint16_t *)malloc((size_t)(h * (w + 1)) * sizeof(uint16_t)),
                 (int64_t *)malloc((size_t)(h + 2) * sizeof(int64_t)), 0, NULL};
-    uint64_t *words = (uint64_t *)malloc((size_t)(2 * (h - 1) * nw + 3 * nw) * sizeof(uint64_t));
+    uint64_t *words = (uint64_t *)malloc((size_t)(2 * (h - 1) * nw + 3 * nw + 2 * (w + 2)) * sizeof(uint64_t));
     int rc = PQ_STOP_MEMORY;
     if (r.pos && r.code && r.start && words) {
         for (int64_t y = 0; y < h; y++) {
@@ -442,7 +443,8 @@ int pq_band(const uint16_t *codes, int64_t h, int64_t w, int64_t d, uint8_t *out
             runs_push(&r, w, 0xFFFF);
         }
         r.start[h] = r.start[h + 1] = r.n;
-        band_t b = {h, w, d, nw, words, words + (h - 1) * nw, words + 2 * (h - 1) * nw};
+        band_t b = {h, w, d, nw, words, words + (h - 1) * nw, words + 2 * (h - 1) * nw,
+                    (int64_t *)(words + 2 * (h - 1) * nw + 3 * nw)};
         kern()->band_build(&b, &r);
         uint64_t *row = b.tmp + 2 * nw;
         for (int64_t y = 0; y < h; y++) {
@@ -798,7 +800,8 @@ int64_t pq_score_files(pq_ctx *c, int64_t i0, int64_t n, const char *paths, cons
                     if (!reserve(&c->band[s], (size_t)(2 * (h - 1) * nw + 2 * nw) * sizeof(uint64_t)))
                         STOP(PQ_STOP_MEMORY);
                     uint64_t *words = (uint64_t *)c->band[s].p;
-                    band_t b = {h, w, d, nw, words, words + (h - 1) * nw, words + 2 * (h - 1) * nw};
+                    band_t b = {h, w, d, nw, words, words + (h - 1) * nw, words + 2 * (h - 1) * nw,
+                    (int64_t *)(words + 2 * (h - 1) * nw + 3 * nw)};
                     band[s] = b;
                     K->band_build(&band[s], &runs[s]);
                     bands[s] = &band[s];

@@ -236,62 +236,68 @@ static inline void SFX(set_bits)(uint64_t *row, int64_t a, int64_t b) {
     row[wb] |= mb;
 }
 
-/* R(y) as a bit row. Each row's runs end with a sentinel run start at w (see runs_t), which also
-   sets the right edge columns [w - d, w - 1]. */
-static void SFX(r_bits)(const runs_t *r, int64_t y, int64_t w, int64_t d, int64_t nw, uint64_t *row) {
+/* R(y) as a bit row, and the runs of row y longer than 2d (their indices into `longs`; returns how
+   many). Each row's runs end with a sentinel run start at w (see runs_t), which also sets the right
+   edge columns [w - d, w - 1]. */
+static int64_t SFX(r_bits)(const runs_t *r, int64_t y, int64_t w, int64_t d, int64_t nw, uint64_t *row,
+                           int64_t *longs) {
+    const int32_t *pos = r->pos;
+    int64_t n = 0;
     memset(row, 0, (size_t)nw * sizeof(uint64_t));
     if (2 * d >= w) {
         SFX(set_bits)(row, 0, w - 1);
-        return;
+        return 0; /* every column is within d of an edge: D never matters */
     }
     SFX(set_bits)(row, 0, d - 1);
-    for (int64_t i = r->start[y] + 1; i < r->start[y + 1]; i++) {
-        int64_t x = r->pos[i];
+    for (int64_t i = r->start[y], e = r->start[y + 1] - 1; i < e; i++) {
+        int64_t x = pos[i + 1];
         SFX(set_bits)(row, x - d > 0 ? x - d : 0, x + d - 1 < w - 1 ? x + d - 1 : w - 1);
+        longs[n] = i;
+        n += x - pos[i] > 2 * d;
     }
+    return n;
 }
 
-/* OR D(e) into a bit row: columns where rows e and e + 1 differ (merging their runs). Only the part
-   of a differing stretch [a, b) farther than d from its ends is needed: a and b are run starts of
-   row e or e + 1 (or the image edges), whose R intervals [a - d, a + d - 1], [b - d, b + d - 1]
-   cover the rest. */
-static void SFX(d_bits)(const runs_t *r, int64_t e, int64_t w, int64_t d, uint64_t *row) {
+/* OR D(e) into a bit row where R(e) | R(e + 1) does not already cover it. Columns where rows e and
+   e + 1 differ lie in intersections [lo, hi) of a run of row e with a run of row e + 1 of another
+   code; lo and hi are run starts (or the image edges), whose R intervals cover d columns on each
+   side, so only [lo + d, hi - d - 1] is needed, and only when both runs are longer than 2d: the
+   merge runs over the long runs of the two rows (ga, gb: their indices) only. */
+static void SFX(d_bits)(const runs_t *r, const int64_t *ga, int64_t na, const int64_t *gb, int64_t nb, int64_t d,
+                        uint64_t *row) {
     const int32_t *pos = r->pos;
     const uint16_t *code = r->code;
-    int64_t i = r->start[e], j = r->start[e + 1];
-    int64_t x = 0, open = -1; /* open: start of the differing stretch in progress */
-    while (x < w) {
-        int64_t ei = pos[i + 1], ej = pos[j + 1]; /* the sentinels end both rows at w */
-        int64_t end = ei < ej ? ei : ej;
-        int differ = code[i] != code[j];
-        if (differ != (open >= 0)) {
-            if (differ) {
-                open = x;
-            } else {
-                if (x - open > 2 * d) SFX(set_bits)(row, open + d, x - d - 1);
-                open = -1;
-            }
-        }
-        x = end;
-        i += ei == end;
-        j += ej == end;
+    int64_t i = 0, j = 0;
+    while (i < na && j < nb) {
+        int64_t a = ga[i], b = gb[j];
+        int64_t lo = pos[a] > pos[b] ? pos[a] : pos[b], ta = pos[a + 1], tb = pos[b + 1];
+        int64_t hi = ta < tb ? ta : tb;
+        if (hi - lo > 2 * d && code[a] != code[b]) SFX(set_bits)(row, lo + d, hi - d - 1);
+        if (ta <= tb)
+            i++;
+        else
+            j++;
     }
-    if (open >= 0 && w - open > 2 * d) SFX(set_bits)(row, open + d, w - d - 1);
 }
 
 /* Build the prefix / suffix ORs of G for one map (needs h >= 2d + 1). */
 static void SFX(band_build)(band_t *b, const runs_t *r) {
     const int64_t h = b->h, w = b->w, d = b->d, nw = b->nw, L = 2 * d;
     uint64_t *rc = b->tmp, *rn = b->tmp + nw;
-    SFX(r_bits)(r, 0, w, d, nw, rc);
+    int64_t *lc = b->longs, *ln = b->longs + (w + 2);
+    int64_t nc = SFX(r_bits)(r, 0, w, d, nw, rc, lc);
     for (int64_t y = 0; y <= h - 2; y++) { /* G(y) into pre[y] */
         uint64_t *gy = b->pre + y * nw;
-        SFX(r_bits)(r, y + 1, w, d, nw, rn);
+        int64_t nn = SFX(r_bits)(r, y + 1, w, d, nw, rn, ln);
         for (int64_t k = 0; k < nw; k++) gy[k] = rc[k] | rn[k];
-        SFX(d_bits)(r, y, w, d, gy);
+        SFX(d_bits)(r, lc, nc, ln, nn, d, gy);
         uint64_t *t = rc;
         rc = rn;
         rn = t;
+        int64_t *tl = lc;
+        lc = ln;
+        ln = tl;
+        nc = nn;
     }
     for (int64_t y = h - 2; y >= 0; y--) { /* suffix ORs within blocks of L rows */
         const uint64_t *gy = b->pre + y * nw;
