@@ -197,9 +197,17 @@ def test_kernel_matches_on_large_maps_and_many_segments(tmp_path: Path) -> None:
 def test_band_kernel_equals_dilation_minus_erosion(d: int) -> None:
     """The O(HW) window test equals max_filter != min_filter over (2d+1)^2 windows (cv2)."""
     rng = np.random.default_rng(d)
+    maps = []
     for h, w in ((37, 53), (2 * d, 40), (2 * d + 1, 2 * d + 1), (60, 2 * d), (1, 17), (45, 1)):
         codes = cv2.resize(rng.integers(0, 7, (5, 6)).astype(np.uint16), (w, h), interpolation=cv2.INTER_NEAREST)
         codes[rng.random((h, w)) < 0.02] = 11
+        maps.append(codes)
+    # long runs whose code changes from one row to the next far from any run start (D alone)
+    stripes = np.repeat((np.arange(70) // 3 % 4)[:, None], 150, axis=1).astype(np.uint16)
+    stripes[:, 75:] += 4
+    maps.append(stripes)
+    for codes in maps:
+        h, w = codes.shape
         kernel = np.ones((2 * d + 1, 2 * d + 1), np.uint8)
         hi = cv2.dilate(codes, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=65535)
         lo = cv2.erode(codes, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=65535)
