@@ -797,7 +797,8 @@ int64_t pq_score_files(pq_ctx *c, int64_t i0, int64_t n, const char *paths, cons
             const band_t *bands[2] = {NULL, NULL};
             if (h >= 2 * d + 1) {
                 for (int s = 0; s < 2; s++) {
-                    if (!reserve(&c->band[s], (size_t)(2 * (h - 1) * nw + 2 * nw) * sizeof(uint64_t)))
+                    /* pre, suf: 2 (h - 1) nw words; tmp: 2 nw (+ nw spare); longs: 2 (w + 2) int64 */
+                    if (!reserve(&c->band[s], (size_t)(2 * (h - 1) * nw + 3 * nw + 2 * (w + 2)) * sizeof(uint64_t)))
                         STOP(PQ_STOP_MEMORY);
                     uint64_t *words = (uint64_t *)c->band[s].p;
                     band_t b = {h, w, d, nw, words, words + (h - 1) * nw, words + 2 * (h - 1) * nw,

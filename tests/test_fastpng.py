@@ -439,3 +439,28 @@ def test_doctor_reports_the_kernel_and_why_not() -> None:
     assert proc.returncode == 1
     assert "switched off by HARNESS_PNG_DECODER=opencv" in proc.stdout
     assert "required backend(s) not built: pq" in proc.stderr
+
+
+@pytest.mark.parametrize("size", [(128, 128), (301, 67), (64, 900)])
+def test_boundary_kernel_on_single_images_with_empty_predictions(tmp_path: Path, size: tuple[int, int]) -> None:
+    """Regression: the band buffers were sized without the run lists they end with (a heap overflow that
+    crashed `eval-pq --boundary` on a lone image whose prediction is all void). Run in a child process so a
+    crash fails this test only; the numbers must equal the numpy path's."""
+    h, w = size
+    gt = np.zeros((h, w), np.uint32)
+    gt[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 5
+    pred = np.zeros((h, w), np.uint32)
+    seg = [{"id": 5, "category_id": CATS[0]["id"], "iscrowd": 0, "area": int((gt == 5).sum())}]
+    _write(tmp_path, [(gt, seg, pred, [])])
+    results = []
+    for decoder in ("", "pil"):
+        out = tmp_path / f"r{decoder}.json"
+        env = {**os.environ, "HARNESS_PNG_DECODER": decoder} if decoder else dict(os.environ)
+        proc = subprocess.run([sys.executable, "-m", "harness", "eval-pq", "--gt-json", str(tmp_path / "gt.json"),
+                               "--gt-dir", str(tmp_path / "gt"), "--pred-json", str(tmp_path / "pred.json"),
+                               "--pred-dir", str(tmp_path / "pred"), "--boundary", "--out", str(out), "-q"],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        results.append(json.loads(out.read_text()))
+    assert results[0] == results[1]
+    assert results[0]["boundary_pq"]["All"]["pq"] == 0.0 and results[0]["pq"]["All"]["n"] == 1
