@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("predict", "predict"),
     ("convert", "convert"),
     ("report", "report"),
+    ("sweep", "sweep"),
     ("doctor", "doctor"),
     ("demo", "demo"),
 ]
