@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from typing import Sequence
 
@@ -37,6 +38,21 @@ COMMANDS: list[tuple[str, str]] = [
 log = logging.getLogger("harness")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: atomic writers drop their temporary files, finished outputs stay."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line (no usage block) and exit status 2, like every other user mistake."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _available_commands() -> list[tuple[str, object]]:
     """Import the command modules that exist (later issues add the rest)."""
     found = []
@@ -53,12 +69,12 @@ def _available_commands() -> list[tuple[str, object]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every available subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="harness",
         description="Panoptic SegFormer robustness and analysis harness.",
     )
     parser.add_argument("--version", action="version", version=f"psf-harness {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = OneLineParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     common.add_argument("-q", "--quiet", action="count", default=0, help="less log output, no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -83,14 +99,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose - args.quiet)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (e.g. called from a test thread): leave SIGTERM alone
+        previous = None
     try:
         return int(args._run(args) or 0)
     except UserError as exc:
         log.error("%s", exc)
         return 2
+    except Terminated:
+        log.error("terminated; outputs written so far are complete (atomic writes), re-run to resume")
+        return 143
     except KeyboardInterrupt:
         log.error("interrupted; outputs written so far are complete (atomic writes), re-run to resume")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from torch import Tensor, nn
+
+from models.files import atomic_write
 
 FORMAT = "psf-harness/panoptic_segformer/v1"
 WEIGHTS_NAME = "model.safetensors"
@@ -109,16 +109,9 @@ def save_checkpoint(state: Mapping[str, Tensor], cfg: Any, path: str | os.PathLi
     weights.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     doc = {"format": FORMAT, "family": family_of_config(cfg).name, "config": cfg.to_dict(), "meta": meta or {}}
-    for target, writer in ((weights, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT})),
-                           (config, lambda p: p.write_text(json.dumps(doc, indent=2), encoding="utf-8"))):
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        os.close(fd)
-        try:
-            writer(Path(tmp))
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    payload = json.dumps(doc, indent=2)
+    atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+    atomic_write(config, lambda p: p.write_text(payload, encoding="utf-8"))
     return weights
 
 
@@ -184,20 +177,18 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-def _is_training_checkpoint(path: Path) -> bool:
-    """Our training engine's ``checkpoint_last.pt``: a dict with ``model`` and ``config`` entries."""
+def _read_training_checkpoint(path: Path) -> dict[str, Any] | None:
+    """Our training engine's ``checkpoint_last.pt`` (a dict with ``model`` and ``config``), or None for other files.
+
+    Read with the safe loader (``models.safe_load``): never unpickled with ``weights_only=False``.
+    """
+    from models.safe_load import UnsafeCheckpointError, torch_load
+
     try:
-        obj = torch.load(str(path), map_location="meta", weights_only=True)
-    except Exception:
-        # Our training checkpoints hold RNG state that weights_only refuses; only ``.pt`` files (our engine's
-        # suffix, never the official ``.pth`` releases) are unpickled fully.
-        if path.suffix != ".pt":
-            return False
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception:
-            return False
-    return isinstance(obj, dict) and "model" in obj and "config" in obj
+        obj = torch_load(path)
+    except UnsafeCheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
+    return obj if isinstance(obj, dict) and "model" in obj and "config" in obj else None
 
 
 def _with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
@@ -245,8 +236,7 @@ def load_model(weights: str | os.PathLike[str], model: str | None = None, source
         else:
             cfg = _with_overrides(cfg, overrides)
         where = str(path)
-    elif looks_released(path) and _is_training_checkpoint(path):
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    elif looks_released(path) and path.suffix == ".pt" and (obj := _read_training_checkpoint(path)) is not None:
         cfg = _with_overrides(config_from_doc(obj), overrides)
         if model is not None and cfg.name != model:
             raise CheckpointError(f"{path} holds {cfg.name!r}, not {model!r}")

@@ -22,15 +22,14 @@ After renaming, :func:`models.checkpoint.load_state_dict_strict` loads strictly 
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from torch import Tensor
 
 from models.checkpoint import CheckpointError
+from models.safe_load import UnsafeCheckpointError, torch_load
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +44,16 @@ HEAD_RENAMES: dict[str, str] = {
 def read_official(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read an official ``.pth`` file: ``(state_dict, meta)``.
 
-    Loads with ``weights_only=True`` first; mmcv ``meta`` entries of other types (e.g. numpy scalars) make that
-    fail, and then the file the user named is unpickled fully, with a warning.
+    Loads with ``weights_only=True`` and the allowlist of ``models.safe_load`` (mmcv ``meta`` may hold numpy
+    scalars); a file needing anything else is refused, never unpickled fully.
     """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        log.warning("%s holds objects other than tensors (mmcv meta); loading it with weights_only=False", p)
-        try:
-            obj = torch.load(str(p), map_location="cpu", weights_only=False)
-        except Exception as exc2:
-            raise CheckpointError(f"cannot read {p} as a PyTorch checkpoint: {exc2}") from exc2
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {p} as a PyTorch checkpoint: {exc}") from exc
+        obj = torch_load(p)
+    except UnsafeCheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p}: expected a dict with 'state_dict', got {type(obj).__name__}")
     meta = obj.get("meta", {}) if isinstance(obj.get("meta", {}), dict) else {}
