@@ -29,7 +29,7 @@ from analysis.model_names import DEFAULT_VARIANT, row_variant
 from harness.engine.results import KEY_COLUMNS, RESULT_COLUMNS
 from harness.errors import UserError
 
-__all__ = ["RunData", "load_runs", "read_results_file", "SWEEP_COLUMNS", "TP_COLUMNS", "PROFILE_ALIASES",
+__all__ = ["RunData", "load_runs", "read_results_file", "split_label", "SWEEP_COLUMNS", "TP_COLUMNS", "PROFILE_ALIASES",
            "find_files"]
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ class RunData:
         return self.results[self.results["alpha"].notna()]
 
 
-def _split_label(arg: str | Path) -> tuple[Path, str | None]:
+def split_label(arg: str | Path) -> tuple[Path, str | None]:
+    """``"runs/x=joint"`` -> (Path("runs/x"), "joint"); a path that exists (even with "=") has no label."""
     s = str(arg)
     if Path(s).exists() or "=" not in s:
         return Path(s), None
@@ -206,7 +207,7 @@ def load_runs(paths: Sequence[str | Path] | str | Path) -> RunData:
     runs: dict[str, dict[str, Any]] = {}
     attention: list[Path] = []
     for arg in paths:
-        path, label = _split_label(arg)
+        path, label = split_label(arg)
         if not path.exists():
             raise UserError(f"results path not found: {path}")
         if path.is_file():

@@ -312,7 +312,7 @@ def test_bins_hand_computed() -> None:
     assert b.loc["(0.0, 0.1)", "num_queries"] == 1 and b.loc["(0.0, 0.1)", "stuff_precision"] == 0.75
     assert b.loc["[0.1, 0.2)", "stuff_TP_FP"] == 9 and b.loc["[0.3, 0.4)", "things_TP"] == 2
     assert b.loc["[0.9, 1.0]", "num_queries"] == 2 and b.loc["[0.9, 1.0]", "things_TP_FP"] == 19
-    assert b.loc["Total", "num_queries"] == 5 and b.loc["Total", "stuff_TP"] == 11
+    assert b.loc["Total", "num_queries"] == 6 and b.loc["Total", "stuff_TP"] == 11
     assert b.loc["Total", "stuff_precision"] == pytest.approx(11 / 21)
     assert math.isnan(b.loc["[0.5, 0.6)", "stuff_precision"])
     fit = regression(q)  # 4 queries with stuff: p_t 0, .1, .3, .9 vs precision .75, 6/9, 2/7, 0
@@ -330,3 +330,29 @@ def test_paper_tables_shipped_copy_matches_shared_paper() -> None:
     ours = json.loads((Path(__file__).parents[1] / "analysis" / "data" / "tables.json").read_text())
     assert ours == json.loads(shared.read_text())
     assert len(paper_tables()) == 17
+
+
+def test_bins_and_fit_equal_the_metric_module() -> None:
+    """analysis' torch-free bins / fit equal harness.metrics.thing_preference's on the same counts."""
+    from harness.metrics.thing_preference import ThingPreferenceStats
+
+    rng = np.random.default_rng(3)
+    s = ThingPreferenceStats(80, 5, 3)
+    c = s.counts
+    c["n_things"][:] = rng.integers(0, 30, 80) * (rng.random(80) < 0.8)
+    c["n_stuff"][:] = rng.integers(0, 30, 80) * (rng.random(80) < 0.8)
+    for what, n in (("thing", "n_things"), ("stuff", "n_stuff")):
+        c[f"{what}_ignored"][:] = rng.integers(0, 3, 80).clip(max=c[n])
+        c[f"{what}_tp"][:] = rng.integers(0, 30, 80).clip(max=c[n] - c[f"{what}_ignored"])
+    q = s.per_query()
+    mine = bins_from_queries(q)
+    theirs = s.bins()
+    theirs = theirs[theirs["bin"] != "none"]
+    assert list(mine["num_queries"]) == list(theirs["queries"])
+    for a, b in (("stuff_TP", "stuff_tp"), ("stuff_TP_FP", "stuff_tp_fp"), ("things_TP", "thing_tp"),
+                 ("things_TP_FP", "thing_tp_fp")):
+        assert list(mine[a]) == list(theirs[b]), a
+    assert np.allclose(mine["stuff_precision"], theirs["stuff_precision"], equal_nan=True)
+    ours, ref = regression(q), s.regression()
+    for k in ("slope", "intercept", "r", "p", "n"):
+        assert ours[k] == pytest.approx(ref[k], rel=1e-12), k

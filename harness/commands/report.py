@@ -147,12 +147,12 @@ def _picture_from_predictions(run_dir: Path) -> "Picture | None":
 
 def pictures_for(results: Sequence[str | Path]) -> list["Picture"]:
     """Fig. 5 pictures for every run folder under ``results`` that saved predictions or candidates."""
-    from analysis.runs import _split_label, find_files
+    from analysis.runs import split_label, find_files
     from harness.errors import UserError
 
     pics = []
     for arg in results:
-        path, _ = _split_label(arg)
+        path, _ = split_label(arg)
         for d in find_files(path) if path.is_dir() else []:
             try:
                 pic = _picture_from_predictions(d) or _picture_from_candidates(d)
@@ -184,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--results RUN [RUN ...] is required (or --recipes)")
     if not args.out:
         raise UserError("--out DIR is required")
+    from analysis.runs import split_label
+    from harness.commands._common import check_output
+
+    check_output(args.out, "--out", kind="dir", input_dirs=[split_label(r)[0] for r in args.results])
     rep = make_report(args.results, args.out, tables, pictures=not args.no_pictures, title=args.title)
     print(f"{len(rep.tables)} table(s): {', '.join(t.id + (' (demo)' if t.demo else '') for t in rep.tables) or '-'}")
     print(f"{len(rep.figures)} figure(s)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from harness.commands._common import int_range
+
 HELP = "re-merge saved candidates over alpha/beta/t_cnf/t_keep grids and score them (Tables B.3, B.4)"
 DESCRIPTION = """Re-run the mask-wise merging "(m)" on the candidates that `harness eval --save-candidates` saved in
 RUN/candidates/, for every combination of the given values, and score each with the evaluation's PQ code
@@ -55,17 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default=None, help="comma-separated mask layers (default: all saved)")
     parser.add_argument("--data", default=None, help="data set root (default: the one in meta.json)")
     parser.add_argument("--boundary", action="store_true", help="also compute Boundary PQ")
-    parser.add_argument("--workers", type=int, default=1, help="processes (settings are split across them)")
+    parser.add_argument("--workers", type=int_range(1, 256), default=1,
+                        help="processes (settings are split across them; default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.commands._common import existing_dir
+    from harness.commands._common import check_output, existing_dir
     from harness.engine.sweep import plan_sweep, run_sweep
-    from harness.errors import UserError
 
     existing_dir(args.candidates, "--candidates")
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    check_output(args.out, "--out", kind="dir", input_dirs=[args.candidates, args.data])
     grid = {k: _floats(v) for k, v in (("alpha", args.alpha), ("beta", args.beta), ("t_cnf", args.t_cnf),
                                        ("t_keep", args.t_keep)) if v is not None}
     plan = plan_sweep(args.candidates, grid, models=_names(args.models), cells=_names(args.cells),
