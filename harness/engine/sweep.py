@@ -213,7 +213,8 @@ def _score_chunk(plan: SweepPlan, settings: list[MergeSetting]) -> dict[Key, tup
     out: dict[Key, tuple[dict[str, float], int, float]] = {}
     for model in plan.models:
         meta = plan.metas[model]
-        if [int(c["id"]) for c in meta.get("categories", [])] not in ([], cat_ids):
+        saved = [c.get("id") if isinstance(c, dict) else c for c in meta.get("categories", [])]
+        if saved and [int(c) for c in saved] != cat_ids:
             raise UserError(f"{plan.source}/candidates/{model}/meta.json: categories differ from "
                             f"{dataset.json_path}")
         num_things = int(meta.get("num_things", dataset.categories.num_things))
