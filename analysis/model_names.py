@@ -119,20 +119,29 @@ def _variant_from_config(config: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _flat_meta(run_meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``run.json`` as one flat dict: ``harness eval`` nests its content under ``settings`` and ``info``."""
+    meta = dict(run_meta or {})
+    for key in ("info", "settings"):
+        if isinstance(meta.get(key), Mapping):
+            meta = {**meta, **meta[key]}
+    return meta
+
+
 def row_variant(model: str, run_meta: Mapping[str, Any] | None = None, label: str | None = None) -> str:
     """The training variant of a run's rows.
 
     Order: an explicit ``label`` (``harness report --results RUN=LABEL``), ``run.json``'s ``"variant"``, the model
-    config in ``run.json`` (``decouple_queries: false`` -> "joint", ``box_free: true`` -> "box_free"), the weights
-    file name (``*_1x*`` -> "1x", the 12-epoch R50 release), the model name (``*_joint`` -> "joint"), else
-    "default".
+    config in ``run.json`` (``model_config`` / ``config``: ``decouple_queries: false`` -> "joint", ``box_free: true``
+    -> "box_free"), the weights file name (``*_1x*`` -> "1x", the 12-epoch R50 release), the model name
+    (``*_joint`` -> "joint"), else "default".
     """
     if label:
         return label
-    meta = run_meta or {}
+    meta = _flat_meta(run_meta)
     if isinstance(meta.get("variant"), str) and meta["variant"]:
         return str(meta["variant"])
-    for key in ("config", "model_config"):
+    for key in ("model_config", "config"):
         cfg = meta.get(key)
         if isinstance(cfg, Mapping):
             v = _variant_from_config(cfg)

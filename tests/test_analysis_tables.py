@@ -356,3 +356,15 @@ def test_bins_and_fit_equal_the_metric_module() -> None:
     ours, ref = regression(q), s.regression()
     for k in ("slope", "intercept", "r", "p", "n"):
         assert ours[k] == pytest.approx(ref[k], rel=1e-12), k
+
+
+def test_variants_from_run_json() -> None:
+    grid_doc = {"format": 1, "settings": {"model": "panoptic_segformer_r50",
+                                          "model_config": {"decouple_queries": False}},
+                "info": {"weights": "/w/model.safetensors"}}
+    assert row_variant("panoptic_segformer_r50", grid_doc) == "joint"
+    assert row_variant("panoptic_segformer_r50", {"info": {"weights": "/w/panoptic_segformer_r50_1x.pth"}}) == "1x"
+    assert row_variant("panoptic_segformer_r50", {"settings": {"model_config": {"decouple_queries": True}}}) == \
+        DEFAULT_VARIANT
+    assert row_variant("panoptic_segformer_r50", grid_doc, label="heads1") == "heads1"
+    assert row_variant("panoptic_segformer_tiny_joint") == "joint"

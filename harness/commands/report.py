@@ -124,7 +124,8 @@ def _picture_from_predictions(run_dir: Path) -> "Picture | None":
 
     root = run_dir / "predictions"
     run_json = run_dir / "run.json"
-    meta = json.loads(run_json.read_text(encoding="utf-8")) if run_json.is_file() else {}
+    doc = json.loads(run_json.read_text(encoding="utf-8")) if run_json.is_file() else {}
+    meta = {**doc, **(doc.get("settings") or {}), **(doc.get("info") or {})}  # harness eval: settings + info
     data_root = Path(str(meta.get("data") or meta.get("data_root") or ""))
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         dirs = {pp: model_dir / "none_0" / f"{pp}_last" for pp in ("m", "p")}
