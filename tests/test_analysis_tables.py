@@ -281,8 +281,14 @@ def test_demo_versions(tmp_path: Path) -> None:
     assert tables["8"].measured_with["Ours (Joint Matching)"].startswith("panoptic_segformer_tiny_joint")
     ten = {c.row: c for c in tables["10"].cells if c.column == "PQ"}
     assert ten["1st"].measured is not None and ten["Last"].measured is not None and ten["2nd"].measured is None
-    # A real model's rows take precedence: then no demo rows at all.
-    assert row_variant("panoptic_segformer_tiny_joint") == "joint"
+    # A real model's rows take precedence: then the table has no demo rows at all.
+    from analysis.testing import fake_results, write_fake_run
+
+    write_fake_run(tmp_path / "demo" / "real", fake_results([("panoptic_segformer_r50", ["m"], ["last"])],
+                                                            dataset="coco", device="gpu"))
+    seven = build_table("7", load_runs([tmp_path / "demo"]))
+    assert not seven.demo and seven.measured_with == {"Panoptic SegFormer (m)": "panoptic_segformer_r50 (m)"}
+    assert "DEMO" not in seven.caption() and "coco" in seven.caption() and "synthetic" not in seven.caption()
 
 
 def test_missing_rows_and_loader_errors(complete: dict, tmp_path: Path) -> None:
