@@ -82,7 +82,7 @@ def _table_1() -> TableSpec:
         r("Panoptic SegFormer", "PVTv2-B5", 24, PVT),
     )
     return TableSpec("1", rows, PQ3 + PROFILE_COLS, notes=(
-        "#P / #F from `harness profile` (FLOPs at the paper's input convention, see docs/robustness.md).",
+        "#P / #F from `harness profile` (trainable parameters and mmcv FLOPs at 1200x800, the official convention).",
         "The 12-epoch row is the `panoptic_segformer_r50_1x.pth` release (variant `1x`).",
     ))
 

@@ -148,8 +148,9 @@ class Recipe:
                                                ("t_keep", s.t_keep)) if vals)
             cmds.append(f"harness sweep --candidates {out} {args} --out {out}_sweep".replace("  ", " "))
         if self.profile:
-            cmds.append(f"harness profile --model {self.model} --weights {self.weights_arg()} --size 800x1333 "
-                        f"--device cuda --out {out}/profile.csv")
+            cmds.append(f"harness profile --model {self.model} --weights {self.weights_arg()} --size 1200x800 "
+                        f"--post-process {self.post_process[0] if self.post_process else 'm'} --device cuda "
+                        f"--out {out}/profile.csv")
         return cmds
 
     def report_inputs(self) -> list[str]:

@@ -37,11 +37,12 @@ log = logging.getLogger(__name__)
 SWEEP_COLUMNS = ["alpha", "beta", "t_cnf", "t_keep"]
 TP_COLUMNS = ["query", "kind", "n_things", "n_stuff", "p_t", "thing_tp", "stuff_tp", "thing_precision",
               "stuff_precision"]
-# `harness profile` CSV: accepted spellings of its columns -> ours.
+# `harness profile` CSV columns -> ours, first match wins. The paper's #P counts trainable parameters and its #F
+# is mmcv's FLOP convention (`params_trainable_m`, `gflops_mmcv` of `harness profile`).
 PROFILE_ALIASES = {
-    "params_M": ("params_M", "params_m", "params_million", "params"),
-    "flops_G": ("flops_G", "flops_g", "gflops", "flops"),
-    "fps": ("fps", "images_per_s", "images_per_second", "img_per_s"),
+    "params_M": ("params_M", "params_trainable_m", "params_m", "params"),
+    "flops_G": ("flops_G", "gflops_mmcv", "gflops", "flops"),
+    "fps": ("fps", "images_per_s"),
 }
 _STR_COLS = ["model", "weights_sha256", "dataset", "split", "corruption", "post_process", "layer", "device",
              "commit", "started_at"]
