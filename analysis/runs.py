@@ -154,7 +154,7 @@ def find_files(root: Path, depth: int = _MAX_DEPTH) -> list[Path]:
                     n.endswith("_attention.npz") for n in names):
                 out.append(d)
             nxt.extend(sorted(p for p in d.iterdir() if p.is_dir() and p.name not in
-                              ("predictions", "candidates", "tables", "figures")) if d.is_dir() else [])
+                              ("predictions", "candidates", "cells", "pred", "tables", "figures")) if d.is_dir() else [])
         level = nxt
     return out
 
