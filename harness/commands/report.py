@@ -125,7 +125,10 @@ def _picture_from_predictions(run_dir: Path) -> "Picture | None":
     root = run_dir / "predictions"
     run_json = run_dir / "run.json"
     doc = json.loads(run_json.read_text(encoding="utf-8")) if run_json.is_file() else {}
-    meta = {**doc, **(doc.get("settings") or {}), **(doc.get("info") or {})}  # harness eval: settings + info
+    meta = dict(doc) if isinstance(doc, dict) else {}
+    for key in ("settings", "info"):  # harness eval nests its run description under these
+        if isinstance(meta.get(key), dict):
+            meta = {**meta, **meta[key]}
     data_root = Path(str(meta.get("data") or meta.get("data_root") or ""))
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         dirs = {pp: model_dir / "none_0" / f"{pp}_last" for pp in ("m", "p")}

@@ -115,7 +115,7 @@ class SweepPlan:
     def describe(self) -> dict[str, Any]:
         """JSON-able settings (``RUN2/run.json``)."""
         return {"command": "sweep", "source": str(self.source), "models": self.models, "cells": self.cells,
-                "layers": self.layers, "settings": [asdict(s) for s in self.settings],
+                "layers": self.layers, "grid": [asdict(s) for s in self.settings],
                 "t_keep_applies": self.t_keep_applies, "data": str(self.data_root), "split": self.split,
                 "boundary": self.boundary, "post_process": "m"}
 
