@@ -221,7 +221,8 @@ def _evaluate(spec: TableSpec, data: RunData, demo: bool) -> RenderedTable:
         cells.extend(row_cells)
         if found is not None and any(c.measured is not None for c in row_cells):
             measured_with[row.label] = found[1]
-            used.append(found[0].results)
+            res = found[0].results
+            used.append(res[res["alpha"].isna()] if row.select.sweep is None else res[res["alpha"].notna()])
             if spec.source == "thing_preference" and len(tp):
                 used.append(tp[tp["source"].isin(found[0].bins["source"].str.split(";").explode())])
     on: dict[str, list[str]] = {}
