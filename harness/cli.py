@@ -28,6 +28,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("train", "train"),
     ("eval", "evaluate"),
     ("predict", "predict"),
+    ("profile", "profile"),
     ("convert", "convert"),
     ("report", "report"),
     ("sweep", "sweep"),

@@ -24,6 +24,8 @@ __all__ = ["Family", "FAMILY_MODULES", "families", "family_of", "family_of_confi
 # Family modules, each defining FAMILY. Order = order of `model_names()`.
 FAMILY_MODULES: tuple[str, ...] = (
     "models.panoptic_segformer",
+    "models.baselines.detr",
+    "models.baselines.deformable_detr",
 )
 
 _CACHE: dict[str, Family] = {}

@@ -133,9 +133,62 @@ def prepare(spec: "TestTransformSpec", image_rgb: np.ndarray) -> PreparedImage:
     Returns:
         The prepared image, ``(3, h, w)`` float32 in the spec's channel order, padded to ``size_divisor``.
     """
+    if spec.resize == "pil":
+        return prepare_pil(spec, image_rgb)
     if spec.resize != "mmcv":
         raise NotImplementedError(f"test transform {spec.resize!r} is not implemented yet")
     if spec.channel_order != "rgb" or spec.size_divisor != 1:
         raise NotImplementedError("the mmcv test transform is implemented for RGB input without padding only")
     bgr = np.ascontiguousarray(image_rgb[..., ::-1])
     return apply_test_transform(bgr, (spec.long, spec.short), spec.mean, spec.std)
+
+
+# ------------------------------------------------------------------------------------------------ "pil" (DETR)
+def detr_resize_size(w: int, h: int, size: int, max_size: int | None) -> tuple[int, int]:
+    """DETR ``datasets/transforms.py`` ``get_size_with_aspect_ratio``: output ``(oh, ow)``.
+
+    The short side becomes ``size`` unless the long side would exceed ``max_size`` (then ``size =
+    int(round(max_size * short / long))``); the other side is **truncated** (``int(size * long / short)``), unlike
+    mmcv and detectron2, which round.
+    """
+    if max_size is not None:
+        min_orig, max_orig = float(min(w, h)), float(max(w, h))
+        if max_orig / min_orig * size > max_size:
+            size = int(round(max_size * min_orig / max_orig))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+def prepare_pil(spec: "TestTransformSpec", image_rgb: np.ndarray) -> PreparedImage:
+    """DETR / Deformable DETR val transform: ``RandomResize([short], max_size=long)``, ``ToTensor``, ``Normalize``.
+
+    * resize: ``PIL.Image.resize((ow, oh), BILINEAR)`` on the uint8 RGB image (torchvision ``F.resize`` of a PIL
+      image; PIL's bilinear filter is antialiased when shrinking), size from :func:`detr_resize_size`;
+    * ``ToTensor``: float32 ``x / 255``;
+    * ``Normalize``: float32 ``(x - m) / s`` with ``m = mean / 255``, ``s = std / 255`` rounded to 9 decimals, i.e.
+      torchvision's ``[0.485, 0.456, 0.406]`` / ``[0.229, 0.224, 0.225]`` exactly for the ImageNet spec.
+
+    Args:
+        spec: a ``resize="pil"`` spec (RGB, no padding).
+        image_rgb: ``(H, W, 3)`` uint8 RGB.
+    """
+    from PIL import Image
+
+    if spec.channel_order != "rgb" or spec.size_divisor != 1:
+        raise NotImplementedError("the PIL (DETR) test transform is implemented for RGB input without padding only")
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image_rgb.shape} {image_rgb.dtype}")
+    h, w = int(image_rgb.shape[0]), int(image_rgb.shape[1])
+    oh, ow = detr_resize_size(w, h, spec.short, spec.long)
+    img = Image.fromarray(np.ascontiguousarray(image_rgb))
+    if (oh, ow) != (h, w):
+        img = img.resize((ow, oh), resample=Image.BILINEAR)
+    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    mean = np.asarray([round(m / 255, 9) for m in spec.mean], dtype=np.float32)
+    std = np.asarray([round(s / 255, 9) for s in spec.std], dtype=np.float32)
+    x = (x - mean) / std
+    chw = np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+    return PreparedImage(image=chw, ori_shape=(h, w), img_shape=(oh, ow), scale_factor=(ow / w, oh / h))

@@ -50,6 +50,7 @@ the eval grid, never by ``harness.metrics`` itself.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
@@ -59,6 +60,8 @@ import torch
 
 from harness.data.coco_panoptic import PanopticSample
 from models.postprocess import Candidates
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ThingPreferenceStats", "TABLE_B6_EDGES", "bin_labels", "MergeOptions", "CountedMask", "counted_masks"]
 
@@ -92,7 +95,7 @@ class MergeOptions:
     beta: float = 2.0
     mask_threshold: float = 0.5
     plus_one: bool = True
-    stable: bool = False
+    stable: bool = False  # accepted for symmetry with mask_wise_merge; ties here always keep candidate order
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> "MergeOptions":
@@ -317,7 +320,12 @@ class ThingPreferenceStats:
             raise ValueError(f"model {getattr(cfg, 'name', type(model).__name__)}: cannot tell its number of queries")
         kwargs.setdefault("num_thing_queries", ntq)
         if "merge_options" not in kwargs and hasattr(model, "post_process_options"):
-            kwargs["merge_options"] = model.post_process_options("m")
+            opts = dict(model.post_process_options("m"))
+            known = set(MergeOptions.__dataclass_fields__)
+            ignored = sorted(set(opts) - known)
+            if ignored:  # e.g. speed settings of the merge that do not change its decisions
+                log.warning("thing-preference ignores merge options %s", ", ".join(ignored))
+            kwargs["merge_options"] = {k: v for k, v in opts.items() if k in known}
         return cls(nq, cfg.num_things, cfg.num_stuff, **kwargs)
 
     def settings(self) -> dict[str, Any]:
