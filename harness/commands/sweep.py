@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="data set root (default: the one in meta.json)")
     parser.add_argument("--boundary", action="store_true", help="also compute Boundary PQ")
     parser.add_argument("--workers", type=int_range(1, 256), default=1,
-                        help="processes (settings are split across them; default 1)")
+                        help="processes (images are split across them; default 1)")
 
 
 def run(args: argparse.Namespace) -> int:

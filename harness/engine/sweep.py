@@ -4,8 +4,7 @@
 corruption cell and mask layer (:mod:`harness.engine.candidates_io`). A sweep re-runs only the merge "(m)"
 (:func:`models.postprocess.mask_wise_merge`) for every setting of the grid and scores it with the same
 :class:`harness.metrics.pq.PQAccumulator` and :func:`harness.engine.scoring.add_prediction` as the evaluation,
-images in the evaluation's order (``RUN/image_ids.json``): at the run's own setting the rows equal the direct
-evaluation's exactly.
+with the grid's exact accumulation: at the run's own setting the rows equal the direct evaluation's exactly.
 
 Settings (paper notation, Eq. 6 and Algorithm 1):
 
@@ -16,8 +15,8 @@ Settings (paper notation, Eq. 6 and Algorithm 1):
   0.2 for stuff (t_keep 0.8). ``t_keep_applies="things"`` (default, official) sets the thing limit and keeps the
   run's stuff limit; ``"both"`` sets both (the paper's single t_keep).
 
-Work is split across processes by *settings*, never by images, so every accumulator sees its images in the
-same order as the evaluation and the float sums are identical.
+Scores accumulate as the evaluation grid's do (:class:`ExactSums`: per-image statistics, IoU sums added exactly and
+rounded once), so the numbers do not depend on image order or on how ``--workers`` split the images.
 """
 
 from __future__ import annotations
@@ -32,7 +31,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from harness.engine.candidates_io import load_candidates, read_meta
 from harness.engine.results import RESULT_COLUMNS, pq_columns
@@ -194,23 +195,88 @@ def _image_order(plan: SweepPlan, dataset: Any, model: str) -> list[tuple[Any, s
 
 
 Key = tuple[str, str, str, MergeSetting]  # model, cell, layer, setting
+_ONE = 1 << 1074  # 2**-1074 is the smallest positive double: every finite double times this is an integer
 
 
-def _score_chunk(plan: SweepPlan, settings: list[MergeSetting]) -> dict[Key, tuple[dict[str, float], int, float]]:
-    """Merge + score every image for ``settings``: key -> (PQ columns, images, seconds of merge + scoring)."""
+def _exact(value: float) -> int:
+    num, den = float(value).as_integer_ratio()  # den is a power of two <= 2**1074
+    return num * (_ONE // den)
+
+
+class ExactSums:
+    """Per-class TP / FP / FN and the *exact* sum of per-image IoU sums of one results row.
+
+    The evaluation grid's rule (``harness.engine.grid_stats``): every image is scored on its own (fresh
+    ``PQStats``), each class's per-image IoU sum is added as an exact integer (``v * 2**1074``) and the total is
+    rounded to a double once, i.e. ``math.fsum`` of the per-image values. The result does not depend on image
+    order or on how images are split over processes, and equals the grid's to the last bit.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.tp = np.zeros(num_classes, np.int64)
+        self.fp = np.zeros(num_classes, np.int64)
+        self.fn = np.zeros(num_classes, np.int64)
+        self.iou: dict[int, int] = {}
+
+    def add(self, stats: Any) -> None:
+        """Add one image's ``PQStats``."""
+        self.tp += stats.tp
+        self.fp += stats.fp
+        self.fn += stats.fn
+        for c in np.flatnonzero(stats.iou).tolist():
+            self.iou[c] = self.iou.get(c, 0) + _exact(stats.iou[c])
+
+    def merge(self, other: "ExactSums") -> None:
+        self.tp += other.tp
+        self.fp += other.fp
+        self.fn += other.fn
+        for c, v in other.iou.items():
+            self.iou[c] = self.iou.get(c, 0) + v
+
+    def to_pq_stats(self) -> Any:
+        from harness.metrics.pq import PQStats
+
+        out = PQStats(len(self.tp))
+        out.tp[:], out.fp[:], out.fn[:] = self.tp, self.fp, self.fn
+        for c, v in self.iou.items():
+            out.iou[c] = v / _ONE  # int / int is correctly rounded
+        return out
+
+
+@dataclass
+class _Part:
+    """Statistics of one row over some images."""
+
+    mask: ExactSums
+    boundary: ExactSums | None
+    images: int = 0
+    seconds: float = 0.0
+
+    def merge(self, other: "_Part") -> None:
+        self.mask.merge(other.mask)
+        if self.boundary is not None and other.boundary is not None:
+            self.boundary.merge(other.boundary)
+        self.images += other.images
+        self.seconds += other.seconds
+
+
+def _score_part(plan: SweepPlan, settings: list[MergeSetting], part: int, parts: int) -> dict[Key, _Part]:
+    """Merge + score images ``part::parts`` (evaluation order) for ``settings``."""
     import torch
     from tqdm import tqdm
 
     from harness.data.coco_panoptic import PanopticDataset
-    from harness.engine.scoring import add_prediction
+    from harness.engine.scoring import gt_segments
     from harness.logging_utils import progress_disabled
-    from harness.metrics.pq import PQAccumulator
+    from harness.metrics.pq import CategoryTable, PQOptions, PQStats, panoptic_from_semantic, score_image
     from models.postprocess import mask_wise_merge
 
     torch.set_num_threads(1)
     dataset = PanopticDataset(plan.data_root, split=plan.split, validate=False)
     cat_ids = list(dataset.categories.ids)
-    out: dict[Key, tuple[dict[str, float], int, float]] = {}
+    table = CategoryTable(dataset.raw_categories)
+    options = PQOptions(boundary=plan.boundary)
+    out: dict[Key, _Part] = {}
     for model in plan.models:
         meta = plan.metas[model]
         saved = [c.get("id") if isinstance(c, dict) else c for c in meta.get("categories", [])]
@@ -219,12 +285,12 @@ def _score_chunk(plan: SweepPlan, settings: list[MergeSetting]) -> dict[Key, tup
                             f"{dataset.json_path}")
         num_things = int(meta.get("num_things", dataset.categories.num_things))
         kwargs = {s: merge_kwargs(s, meta["_m"], plan.t_keep_applies) for s in settings}
-        accs = {(model, c, la, s): PQAccumulator(dataset.raw_categories, boundary=plan.boundary)
+        rows = {(model, c, la, s): _Part(ExactSums(len(table)), ExactSums(len(table)) if plan.boundary else None)
                 for c in plan.cells[model] for la in plan.layers[model] for s in settings}
-        secs = dict.fromkeys(accs, 0.0)
-        order = _image_order(plan, dataset, model)
-        for iid, stem in tqdm(order, desc=f"sweep {model}", disable=progress_disabled()):
+        order = _image_order(plan, dataset, model)[part::parts]
+        for iid, stem in tqdm(order, desc=f"sweep {model}", disable=progress_disabled() or part > 0):
             sample = dataset[dataset.index_of(iid)]
+            gt = gt_segments(sample)
             for cell in plan.cells[model]:
                 path = plan.source / "candidates" / model / cell / f"{stem}.npz"
                 if not path.is_file():
@@ -236,16 +302,37 @@ def _score_chunk(plan: SweepPlan, settings: list[MergeSetting]) -> dict[Key, tup
                     for s in settings:
                         t0 = time.perf_counter()
                         res = mask_wise_merge(per_layer[layer], num_things, out_size, **kwargs[s])
-                        add_prediction(accs[(model, cell, layer, s)], sample, res, cat_ids)
-                        secs[(model, cell, layer, s)] += time.perf_counter() - t0
-        for key, acc in accs.items():
-            out[key] = (pq_columns(acc.summarize()), acc.num_images, secs[key])
+                        pred_ids, pred_segments = panoptic_from_semantic(res.category, res.instance, cat_ids)
+                        mask = PQStats(len(table))
+                        boundary = PQStats(len(table)) if plan.boundary else None
+                        score_image(sample.id_map, gt, pred_ids, pred_segments, table, options, mask, boundary,
+                                    sample.image_id)
+                        row = rows[(model, cell, layer, s)]
+                        row.mask.add(mask)
+                        if row.boundary is not None and boundary is not None:
+                            row.boundary.add(boundary)
+                        row.images += 1
+                        row.seconds += time.perf_counter() - t0
+        out.update(rows)
     return out
 
 
-def _chunks(items: list[MergeSetting], n: int) -> list[list[MergeSetting]]:
-    n = max(1, min(n, len(items)))
-    return [chunk for chunk in (items[i::n] for i in range(n)) if chunk]
+def _summaries(plan: SweepPlan, parts: Mapping[Key, _Part]) -> dict[Key, tuple[dict[str, float], int, float]]:
+    from harness.data.coco_panoptic import PanopticDataset
+    from harness.metrics.pq import CategoryTable, summarize_stats
+
+    table = CategoryTable(PanopticDataset(plan.data_root, split=plan.split, validate=False).raw_categories)
+    out = {}
+    for key, p in parts.items():
+        summary = {"pq": summarize_stats(p.mask.to_pq_stats(), table, "PQ")}
+        if p.boundary is not None:
+            summary["boundary_pq"] = summarize_stats(p.boundary.to_pq_stats(), table, "Boundary PQ")
+        out[key] = (pq_columns(summary), p.images, p.seconds)
+    return out
+
+
+def _groups(items: list[MergeSetting], size: int) -> list[list[MergeSetting]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def git_commit() -> str:
@@ -328,10 +415,11 @@ def _done_key(r: Mapping[str, Any]) -> tuple:
             MergeSetting(*(float(r[c]) for c in SWEEP_COLUMNS)))
 
 
-def run_sweep(plan: SweepPlan, out_dir: str | Path, workers: int = 1) -> "Any":
+def run_sweep(plan: SweepPlan, out_dir: str | Path, workers: int = 1, group: int = 8) -> "Any":
     """Run ``plan``, writing ``out_dir/results.parquet`` + ``.csv`` (RESULT_COLUMNS + alpha, beta, t_cnf, t_keep)
-    and ``out_dir/run.json``. Settings already in ``out_dir`` are skipped (resume); each finished group of
-    settings is written at once. Returns the results frame."""
+    and ``out_dir/run.json``. Settings are done ``group`` at a time (images split over ``workers`` processes) and
+    written as each group finishes; settings already in ``out_dir`` are skipped (resume). Returns the results
+    frame."""
     import pandas as pd
 
     out = Path(out_dir)
@@ -345,30 +433,33 @@ def run_sweep(plan: SweepPlan, out_dir: str | Path, workers: int = 1) -> "Any":
     commit = git_commit()
     if not todo:
         log.info("all %d settings already in %s", len(plan.settings), out)
-    chunks = _chunks(todo, max(1, workers) * 2 if workers > 1 else 1)
-    for chunk_rows in _run_chunks(plan, chunks, workers, commit):
-        rows = [r for r in rows if _done_key(r) not in {_done_key(x) for x in chunk_rows}] + chunk_rows
-        _write(out, rows)
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and todo else None
+    try:
+        for settings in _groups(todo, max(1, group)):
+            started = _now()
+            if pool is None:
+                parts = _score_part(plan, settings, 0, 1)
+            else:
+                parts = {}
+                for f in [pool.submit(_score_part, plan, settings, k, workers) for k in range(workers)]:
+                    for key, p in f.result().items():  # exact sums: the merge order does not matter
+                        if key in parts:
+                            parts[key].merge(p)
+                        else:
+                            parts[key] = p
+            new = _rows(plan, _summaries(plan, parts), started, commit)
+            fresh = {_done_key(x) for x in new}
+            rows = [r for r in rows if _done_key(r) not in fresh] + new
+            _write(out, rows)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return pd.DataFrame(rows)[RESULT_COLUMNS + SWEEP_COLUMNS] if rows else pd.DataFrame(
         columns=RESULT_COLUMNS + SWEEP_COLUMNS)
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _run_chunks(plan: SweepPlan, chunks: list[list[MergeSetting]], workers: int,
-                commit: str) -> Iterator[list[dict[str, Any]]]:
-    if workers <= 1 or len(chunks) <= 1:
-        for chunk in chunks:
-            started = _now()
-            yield _rows(plan, _score_chunk(plan, chunk), started, commit)
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        started = _now()
-        futures = [pool.submit(_score_chunk, plan, chunk) for chunk in chunks]
-        for f in futures:
-            yield _rows(plan, f.result(), started, commit)
 
 
 def remerge_file(path: str | Path, meta: Mapping[str, Any], method: str = "m", layer: str = "last",
