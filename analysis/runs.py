@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.model_names import DEFAULT_VARIANT, row_variant
+from analysis.model_names import row_variant
 from harness.engine.results import KEY_COLUMNS, RESULT_COLUMNS
 from harness.errors import UserError
 

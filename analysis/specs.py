@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from analysis.model_names import DEFAULT_VARIANT, default_post_process, demo_standin
+from analysis.model_names import DEFAULT_VARIANT, demo_standin
 from harness.engine.results import CLEAN, CORRUPTIONS_TABLE11
 
 __all__ = ["Select", "Measure", "Metric", "Fps", "CorruptionMean", "CorruptionsMean", "ProfileValue", "BinValue",
