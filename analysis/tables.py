@@ -23,7 +23,7 @@ from analysis.model_names import DEFAULT_VARIANT, default_post_process
 from analysis.paper import PaperTable, format_value, paper_table
 from analysis.paper_specs import TABLE_SPECS
 from analysis.runs import RunData, unique_values
-from analysis.specs import Frames, RowSpec, TableSpec
+from analysis.specs import CorruptionMean, CorruptionsMean, Frames, RowSpec, TableSpec
 from analysis.thing_preference import bins_from_queries
 from harness.io import atomic_write_text
 
@@ -91,6 +91,7 @@ class RenderedTable:
             "split " + "/".join(on.get("split", [])) if on.get("split") else "",
             "images " + "/".join(on.get("images", [])) if on.get("images") else "",
             "device " + "/".join(on.get("device", [])) if on.get("device") else "",
+            "severities " + ",".join(on.get("severities", [])) if on.get("severities") else "",
         ]))
         parts.append(f"Measured: {where or 'see sources'}. Paper: {self.paper.setting}")
         if self.demo:
@@ -233,6 +234,8 @@ def _evaluate(spec: TableSpec, data: RunData, demo: bool) -> RenderedTable:
             if key in allrows.columns:
                 vals = allrows[key].map(lambda v: f"{int(v)}" if isinstance(v, float) and v.is_integer() else v)
                 on[key] = unique_values(vals)
+        if any(isinstance(c.measure, (CorruptionMean, CorruptionsMean)) for c in spec.columns):
+            on["severities"] = [str(v) for v in sorted(set(allrows["severity"].astype(int)) - {0})]
     return RenderedTable(spec, paper, cells, demo, measured_with, on)
 
 
