@@ -8,15 +8,18 @@ is the whole set; there is no registry.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import signal
 import sys
-from typing import Sequence
+import warnings
+from typing import Any, Sequence
 
 from harness import __version__
-from harness.errors import UserError
 from harness.logging_utils import setup_logging
+from models.files import InputError
 
 # (subcommand, module under harness.commands). Order = order shown in --help.
 COMMANDS: list[tuple[str, str]] = [
@@ -45,6 +48,35 @@ class Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
+
+
+class _Warnings:
+    """Python warnings (torch, numpy ...) as one log line each, never a multi-line source excerpt on stderr.
+
+    They are kept out of the failure path: collected while the command runs and logged when it ends normally (a
+    user error shows only its own line; ``-v`` logs every warning at once, as it happens).
+    """
+
+    def __init__(self, immediate: bool) -> None:
+        self.immediate = immediate
+        self.pending: list[str] = []
+
+    def show(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        text = f"{' '.join(str(message).split())} ({category.__name__} from {os.path.basename(filename)})"
+        if self.immediate:
+            logging.getLogger("harness.warnings").warning("%s", text)
+        elif text not in self.pending:
+            self.pending.append(text)
+
+    def flush(self) -> None:
+        for text in self.pending:
+            logging.getLogger("harness.warnings").warning("%s", text)
+        self.pending.clear()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -95,20 +127,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit status (2 for user errors)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or an argument error (2, one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
     setup_logging(args.verbose - args.quiet)
+    debug = args.verbose > 0
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (e.g. called from a test thread): leave SIGTERM alone
         previous = None
+    previous_showwarning = warnings.showwarning
+    collected = _Warnings(immediate=debug)
+    warnings.showwarning = collected.show
     try:
-        return int(args._run(args) or 0)
-    except UserError as exc:
-        log.error("%s", exc)
+        status = int(args._run(args) or 0)
+        collected.flush()
+        return status
+    except InputError as exc:  # UserError / DataError, CheckpointError, UnsafeCheckpointError
+        log.error("%s", _one_line(exc), exc_info=debug)
         return 2
     except Terminated:
         log.error("terminated; outputs written so far are complete (atomic writes), re-run to resume")
@@ -116,7 +157,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; outputs written so far are complete (atomic writes), re-run to resume")
         return 130
+    except BrokenPipeError:  # `harness doctor | head`: the reader left; not an error of ours
+        try:  # keep the interpreter's final flush from failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+    except OSError as exc:
+        # The machine, not the input: disk full, permission changed during the run, ... One line; -v for the trace.
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                         errno.ENAMETOOLONG, errno.EMFILE, errno.ENOTDIR, errno.EISDIR, errno.ENOENT):
+            where = f" ({exc.filename})" if exc.filename else ""
+            log.error("%s%s; outputs written so far are complete (atomic writes)", exc.strerror or _one_line(exc),
+                      where, exc_info=debug)
+            return 1
+        raise
+    except MemoryError:
+        log.error("out of memory; use smaller inputs or settings (outputs written so far are complete)")
+        return 1
     finally:
+        warnings.showwarning = previous_showwarning
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -2,18 +2,25 @@
 
 Every writer goes through a temporary file in the destination folder followed by `os.replace`, which is atomic
 on POSIX file systems. Temporary names carry the writing process's id (``.<stem>.tmp-<pid>-<random><suffix>``):
-:func:`sweep_stale_temporaries` removes those whose process is gone (a SIGKILL'd run), never another live run's.
-Finished files get the usual permissions (``0o666 & ~umask``), not the 0600 of a temporary file.
+:func:`sweep_stale_temporaries` removes those whose process is gone (a SIGKILL'd run, a killed worker), never
+another live run's. Finished files get the usual permissions (``0o666 & ~umask``), not the 0600 of a temporary file.
+
+Inputs: :func:`visible_files` lists a folder's files without hidden names, so a temporary file (or any dot-file
+such as ``.DS_Store`` or our ``.psf-harness.json`` marker) is never taken for an input image.
+
+Worker processes (multiprocessing pools) call :func:`init_worker_signals` so that SIGTERM / Ctrl-C end them
+quietly (no traceback per worker) after their atomic writers have dropped their temporary files.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Iterable
 
-from models.files import TEMPORARY_RE, atomic_write, file_mode
+from models.files import TEMPORARY_RE, atomic_write, file_mode, temporary_parts
 
 __all__ = [
     "atomic_write",
@@ -21,8 +28,12 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "file_mode",
+    "init_worker_signals",
+    "is_hidden",
     "is_temporary",
     "sweep_stale_temporaries",
+    "temporary_parts",
+    "visible_files",
 ]
 
 
@@ -46,6 +57,30 @@ def is_temporary(name: str) -> bool:
     return bool(TEMPORARY_RE.match(name))
 
 
+def is_hidden(name: str) -> bool:
+    """True for dot-files (temporaries, markers, ``.DS_Store`` ...): never inputs."""
+    return name.startswith(".")
+
+
+def visible_files(folder: str | os.PathLike[str], suffixes: Iterable[str] | None = None) -> list[Path]:
+    """Regular files of `folder` (not recursive), sorted by name, without hidden files.
+
+    Args:
+        folder: the folder to list.
+        suffixes: keep only these (lower-case, with the dot: ``(".jpg", ".png")``); None keeps every file.
+    """
+    keep = None if suffixes is None else {s.lower() for s in suffixes}
+    out = []
+    with os.scandir(folder) as it:
+        for entry in it:
+            if is_hidden(entry.name) or not entry.is_file():
+                continue
+            if keep is not None and os.path.splitext(entry.name)[1].lower() not in keep:
+                continue
+            out.append(Path(entry.path))
+    return sorted(out, key=lambda p: p.name)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -56,10 +91,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale_temporaries(folder: str | os.PathLike[str], recursive: bool = False) -> int:
+def sweep_stale_temporaries(folder: str | os.PathLike[str], recursive: bool = False,
+                            targets: Collection[str] | None = None) -> int:
     """Remove temporary files of :func:`atomic_write` left in `folder` by processes that no longer run.
 
-    Returns the number of files removed. Files of live processes (a concurrent run) are left alone.
+    Args:
+        folder: where to look (a missing folder is fine).
+        recursive: also look in sub-folders.
+        targets: only temporaries of these final file names (e.g. the outputs of one shard of a sharded run,
+            whose other shards may run on other machines sharing the folder, where their pid means nothing).
+
+    Returns:
+        The number of files removed. Files of live processes (a concurrent run) are left alone.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -67,8 +110,26 @@ def sweep_stale_temporaries(folder: str | os.PathLike[str], recursive: bool = Fa
     removed = 0
     paths = root.rglob(".*") if recursive else root.glob(".*")
     for p in paths:
-        m = TEMPORARY_RE.match(p.name)
-        if m and p.is_file() and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+        parts = temporary_parts(p.name)
+        if parts is None or (targets is not None and parts[0] not in targets):
+            continue
+        name, pid = parts
+        if pid != os.getpid() and not _alive(pid) and p.is_file():
             p.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def _worker_exit(signum: int, frame: object) -> None:
+    # SystemExit (not KeyboardInterrupt): atomic writers drop their temporary file (they catch BaseException),
+    # pool workers do not catch it, and multiprocessing exits with this status without printing a traceback.
+    raise SystemExit(128 + signum)
+
+
+def init_worker_signals() -> None:
+    """Pool initializer part: SIGTERM and SIGINT end a worker quietly, its temporary files removed.
+
+    The parent (the CLI) turns its own SIGTERM/SIGINT into one log line and terminates the pool.
+    """
+    signal.signal(signal.SIGTERM, _worker_exit)
+    signal.signal(signal.SIGINT, _worker_exit)

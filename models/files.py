@@ -14,9 +14,25 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "file_mode", "TEMPORARY_RE"]
+__all__ = ["atomic_write", "file_mode", "InputError", "TEMPORARY_RE", "temporary_parts"]
 
-TEMPORARY_RE = re.compile(r"^\..+\.tmp-(\d+)-[A-Za-z0-9_]+")
+# ``.<stem>.tmp-<pid>-<random><suffix>``: group 1 = pid (kept first for older callers), ``stem``, ``suffix``.
+TEMPORARY_RE = re.compile(r"^\.(?P<stem>.+)\.tmp-(\d+)-[A-Za-z0-9_]+?(?P<suffix>\.[^./]*)?$")
+
+
+class InputError(Exception):
+    """Base of every "the user's input is wrong" error (``harness.errors.UserError``, ``models.checkpoint.
+    CheckpointError``, ``models.safe_load.UnsafeCheckpointError``): the CLI prints the message as one line and exits
+    with status 2. It lives here, in the lowest layer, so ``models`` can raise it without importing ``harness``.
+    """
+
+
+def temporary_parts(name: str) -> tuple[str, int] | None:
+    """``(final file name, writer pid)`` of a temporary file name of :func:`atomic_write`, else None."""
+    m = TEMPORARY_RE.match(name)
+    if not m:
+        return None
+    return m.group("stem") + (m.group("suffix") or ""), int(m.group(2))
 
 
 def _umask() -> int:
