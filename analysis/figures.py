@@ -356,17 +356,21 @@ def merge_comparison(image: np.ndarray, panels: Sequence[tuple[str, np.ndarray, 
     return _save(fig, out)
 
 
-def attention_maps(npz: str | Path | Mapping[str, np.ndarray], out: str | Path, kind: str = "thing",
+def attention_maps(npz: str | Path | Mapping[str, np.ndarray], out: str | Path, kind: str = "auto",
                    query: int = 0, image: np.ndarray | None = None, title: str = "") -> Path:
     """Fig. 6 / B.6: one query's mask-decoder attention per layer (rows) and head (columns), plus the head mean.
 
-    Reads ``harness predict --dump-attention`` output (``attn_<kind>_<layer>`` (N, heads, h, w)). With ``image``,
-    maps are drawn over it (upsampled to the image size).
+    Reads ``harness predict --dump-attention`` output (``attn_<kind>_<layer>`` (N, heads, h, w), N = the queries
+    painted in the result). ``kind``: "thing", "stuff", or "auto" (things when any was painted, else stuff). With
+    ``image``, maps are drawn over it (upsampled to the image size).
 
     Size: (heads + 1) x 200 px wide, layers x 200 + 60 px high.
     """
     plt = _plt()
     data = dict(np.load(npz, allow_pickle=False)) if not isinstance(npz, Mapping) else dict(npz)
+    if kind == "auto":
+        things = [v for k, v in data.items() if k.startswith("attn_thing_")]
+        kind = "thing" if things and things[0].shape[0] > 0 else "stuff"
     layers = sorted((k[len(f"attn_{kind}_"):] for k in data if k.startswith(f"attn_{kind}_")),
                     key=_layer_key)
     if not layers:

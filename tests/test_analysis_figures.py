@@ -80,3 +80,35 @@ def test_empty_inputs_still_draw(tmp_path: Path) -> None:
                                   "t_cnf", "t_keep"])
     assert Image.open(F.robustness_heatmap(empty, tmp_path / "h.png")).size == (1300, 500)
     assert Image.open(F.alpha_beta_heatmap(empty, tmp_path / "ab.png")).size == (650, 450)
+
+
+def test_attention_from_harness_predict(synth_root: Path, tmp_path: Path) -> None:
+    """A real `harness predict --dump-attention` file draws (things when painted, else stuff)."""
+    import torch
+
+    from harness.cli import main
+    from harness.data.coco_panoptic import PanopticDataset, read_image_rgb
+    from models.checkpoint import save_checkpoint
+    from models.configs import panoptic_segformer_tiny
+    from models.panoptic_segformer import PanopticSegFormer
+
+    ds = PanopticDataset(synth_root, split="val2017", validate=False)
+    torch.manual_seed(0)
+    cfg = panoptic_segformer_tiny(num_things=ds.categories.num_things, num_stuff=ds.categories.num_stuff,
+                                  test_scale=(128, 128))
+    model = PanopticSegFormer(cfg)
+    with torch.no_grad():  # raise the focal-loss prior so that random queries get painted
+        for name, p in model.named_parameters():
+            if "cls" in name and name.endswith("bias"):
+                p.fill_(2.0)
+    save_checkpoint(model.state_dict(), cfg, tmp_path / "w" / "model.safetensors")
+    image = ds.image_path(ds.image_ids[0])
+    assert main(["predict", "--weights", str(tmp_path / "w"), "--image", str(image), "--out", str(tmp_path / "p"),
+                 "--dump-attention", "-q"]) == 0
+    npz = next((tmp_path / "p").glob("*_attention.npz"))
+    with np.load(npz) as d:
+        layers = len([k for k in d.files if k.startswith("attn_stuff_")])
+        heads = d["attn_stuff_last"].shape[1]
+        assert d["attn_stuff_last"].shape[0] + d["attn_thing_last"].shape[0] > 0
+    out = F.attention_maps(npz, tmp_path / "a.png", image=read_image_rgb(image))
+    _check(out, (2.0 * (heads + 1), 2.0 * layers + 0.6))
