@@ -86,10 +86,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _available_commands() -> list[tuple[str, object]]:
-    """Import the command modules that exist (later issues add the rest)."""
+def _available_commands(only: str | None = None) -> list[tuple[str, object]]:
+    """Import the command modules that exist (later issues add the rest); `only`: just that one."""
     found = []
     for name, module in COMMANDS:
+        if only is not None and name != only:
+            continue
         try:
             mod = importlib.import_module(f"harness.commands.{module}")
         except ModuleNotFoundError as exc:
@@ -100,8 +102,8 @@ def _available_commands() -> list[tuple[str, object]]:
     return found
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every available subcommand."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with every available subcommand (or only the named one: start-up)."""
     parser = OneLineParser(
         prog="harness",
         description="Panoptic SegFormer robustness and analysis harness.",
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     common.add_argument("-q", "--quiet", action="count", default=0, help="less log output, no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, mod in _available_commands():
+    for name, mod in _available_commands(only):
         p = sub.add_parser(
             name,
             help=mod.HELP,
@@ -126,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit status (2 for user errors)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Import only the requested command's module: `harness eval-pq` should not pay for the others.
+    first = next((a for a in argv if not a.startswith("-")), None)
+    only = first if first in {name for name, _ in COMMANDS} else None
+    parser = build_parser(only)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or an argument error (2, one line already printed)
