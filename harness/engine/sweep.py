@@ -15,8 +15,9 @@ Settings (paper notation, Eq. 6 and Algorithm 1):
   0.2 for stuff (t_keep 0.8). ``t_keep_applies="things"`` (default, official) sets the thing limit and keeps the
   run's stuff limit; ``"both"`` sets both (the paper's single t_keep).
 
-Scores accumulate as the evaluation grid's do (:class:`ExactSums`: per-image statistics, IoU sums added exactly and
-rounded once), so the numbers do not depend on image order or on how ``--workers`` split the images.
+Scores accumulate as the evaluation grid's do (:class:`harness.engine.grid_stats.ExactPQ`: per-image statistics,
+IoU sums added exactly and rounded once), so the numbers do not depend on image order or on how ``--workers``
+split the images.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from harness.engine.candidates_io import load_candidates, read_meta
+from harness.engine.grid_stats import ExactPQ
 from harness.engine.results import RESULT_COLUMNS, pq_columns
 from harness.errors import UserError
 from harness.io import atomic_write, atomic_write_json
@@ -195,60 +195,12 @@ def _image_order(plan: SweepPlan, dataset: Any, model: str) -> list[tuple[Any, s
 
 
 Key = tuple[str, str, str, MergeSetting]  # model, cell, layer, setting
-_ONE = 1 << 1074  # 2**-1074 is the smallest positive double: every finite double times this is an integer
-
-
-def _exact(value: float) -> int:
-    num, den = float(value).as_integer_ratio()  # den is a power of two <= 2**1074
-    return num * (_ONE // den)
-
-
-class ExactSums:
-    """Per-class TP / FP / FN and the *exact* sum of per-image IoU sums of one results row.
-
-    The evaluation grid's rule (``harness.engine.grid_stats``): every image is scored on its own (fresh
-    ``PQStats``), each class's per-image IoU sum is added as an exact integer (``v * 2**1074``) and the total is
-    rounded to a double once, i.e. ``math.fsum`` of the per-image values. The result does not depend on image
-    order or on how images are split over processes, and equals the grid's to the last bit.
-    """
-
-    def __init__(self, num_classes: int) -> None:
-        self.tp = np.zeros(num_classes, np.int64)
-        self.fp = np.zeros(num_classes, np.int64)
-        self.fn = np.zeros(num_classes, np.int64)
-        self.iou: dict[int, int] = {}
-
-    def add(self, stats: Any) -> None:
-        """Add one image's ``PQStats``."""
-        self.tp += stats.tp
-        self.fp += stats.fp
-        self.fn += stats.fn
-        for c in np.flatnonzero(stats.iou).tolist():
-            self.iou[c] = self.iou.get(c, 0) + _exact(stats.iou[c])
-
-    def merge(self, other: "ExactSums") -> None:
-        self.tp += other.tp
-        self.fp += other.fp
-        self.fn += other.fn
-        for c, v in other.iou.items():
-            self.iou[c] = self.iou.get(c, 0) + v
-
-    def to_pq_stats(self) -> Any:
-        from harness.metrics.pq import PQStats
-
-        out = PQStats(len(self.tp))
-        out.tp[:], out.fp[:], out.fn[:] = self.tp, self.fp, self.fn
-        for c, v in self.iou.items():
-            out.iou[c] = v / _ONE  # int / int is correctly rounded
-        return out
-
-
 @dataclass
 class _Part:
     """Statistics of one row over some images."""
 
-    mask: ExactSums
-    boundary: ExactSums | None
+    mask: ExactPQ
+    boundary: ExactPQ | None
     images: int = 0
     seconds: float = 0.0
 
@@ -266,9 +218,9 @@ def _score_part(plan: SweepPlan, settings: list[MergeSetting], part: int, parts:
     from tqdm import tqdm
 
     from harness.data.coco_panoptic import PanopticDataset
-    from harness.engine.scoring import gt_segments
+    from harness.engine.scoring import image_stats
     from harness.logging_utils import progress_disabled
-    from harness.metrics.pq import CategoryTable, PQOptions, PQStats, panoptic_from_semantic, score_image
+    from harness.metrics.pq import CategoryTable, PQOptions, panoptic_from_semantic
     from models.postprocess import mask_wise_merge
 
     torch.set_num_threads(1)
@@ -285,12 +237,11 @@ def _score_part(plan: SweepPlan, settings: list[MergeSetting], part: int, parts:
                             f"{dataset.json_path}")
         num_things = int(meta.get("num_things", dataset.categories.num_things))
         kwargs = {s: merge_kwargs(s, meta["_m"], plan.t_keep_applies) for s in settings}
-        rows = {(model, c, la, s): _Part(ExactSums(len(table)), ExactSums(len(table)) if plan.boundary else None)
+        rows = {(model, c, la, s): _Part(ExactPQ(len(table)), ExactPQ(len(table)) if plan.boundary else None)
                 for c in plan.cells[model] for la in plan.layers[model] for s in settings}
         order = _image_order(plan, dataset, model)[part::parts]
         for iid, stem in tqdm(order, desc=f"sweep {model}", disable=progress_disabled() or part > 0):
             sample = dataset[dataset.index_of(iid)]
-            gt = gt_segments(sample)
             for cell in plan.cells[model]:
                 path = plan.source / "candidates" / model / cell / f"{stem}.npz"
                 if not path.is_file():
@@ -303,10 +254,7 @@ def _score_part(plan: SweepPlan, settings: list[MergeSetting], part: int, parts:
                         t0 = time.perf_counter()
                         res = mask_wise_merge(per_layer[layer], num_things, out_size, **kwargs[s])
                         pred_ids, pred_segments = panoptic_from_semantic(res.category, res.instance, cat_ids)
-                        mask = PQStats(len(table))
-                        boundary = PQStats(len(table)) if plan.boundary else None
-                        score_image(sample.id_map, gt, pred_ids, pred_segments, table, options, mask, boundary,
-                                    sample.image_id)
+                        mask, boundary = image_stats(table, options, sample, pred_ids, pred_segments)
                         row = rows[(model, cell, layer, s)]
                         row.mask.add(mask)
                         if row.boundary is not None and boundary is not None:
