@@ -224,7 +224,6 @@ def _trained_tiny(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) ->
 def test_default_setting_equals_harness_eval(synth_root: Path, tmp_path_factory: pytest.TempPathFactory,
                                              tmp_path: Path) -> None:
     """`harness eval --save-candidates`, then `harness sweep` at the run's setting: the "m" rows, bit for bit."""
-    pytest.importorskip("harness.engine.grid", reason="the eval grid (issue #10) has not landed")
     weights = _trained_tiny(tmp_path_factory, synth_root)
     run = tmp_path / "eval"
     assert main(["eval", "--weights", str(weights), "--data", str(synth_root), "--corruptions", "fog",
