@@ -34,6 +34,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("profile", "profile"),
     ("convert", "convert"),
     ("report", "report"),
+    ("sweep", "sweep"),
     ("doctor", "doctor"),
     ("demo", "demo"),
 ]
