@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
 import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -381,7 +382,9 @@ def run_sweep(plan: SweepPlan, out_dir: str | Path, workers: int = 1, group: int
     commit = git_commit()
     if not todo:
         log.info("all %d settings already in %s", len(plan.settings), out)
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and todo else None
+    # spawn: a forked child of a process that used OpenCV / torch thread pools can deadlock.
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx) if workers > 1 and todo else None
     try:
         for settings in _groups(todo, max(1, group)):
             started = _now()

@@ -380,7 +380,10 @@ def evaluate_pq_files(
         else:
             import multiprocessing
 
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            # Not "fork": a child forked after the parent used OpenCV's thread pool can deadlock in
+            # cv2.setNumThreads (seen in CI-like runs). A fork server starts children from a clean process.
+            methods = multiprocessing.get_all_start_methods()
+            method = "forkserver" if "forkserver" in methods else "spawn"
             pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (options.boundary,))
             results = pool.imap(_score_chunk_star, [(job, c) for c in chunks])
         for m, b, n in results:
