@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from models import postprocess as pp
 from models import postprocess_full as ref
 from models.box_resize import BoxMasks, separable_is_exact, support_threshold
+from models.mask_wise import MaskWiseOptions, mask_wise_trace
 from models.postprocess import Candidates
 
 NT = 5  # things 0..4, stuff 5..8
@@ -199,6 +200,36 @@ def test_fallbacks_equal_previous_implementation(method: str) -> None:
     cases.append((nan, (140, 150)))
     for cands, out in cases:
         _assert_same(fast(cands, NT, out), slow(cands, NT, out), f"{method} {tuple(cands.masks.shape)}->{out}", cands)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mask_wise_trace_equals_full_definition(seed: int) -> None:
+    """`mask_wise_trace` (box path and fallback): the tried candidates are the full definition's sorted candidates
+    with rescored score >= t_cnf and a non-empty binary mask, with their exact binary masks; the painted regions
+    rebuild its maps; its result equals it."""
+    rng = np.random.default_rng(40 + seed)
+    for out in ((140, 150), (40, 50)):  # box path; H + W <= 128: full-resolution ranking
+        cands = _random_candidates(rng, 24, 9, 11)
+        opts = _options(rng, "m")
+        want = ref.mask_wise_merge_full(cands, NT, out, **opts)
+        trace = mask_wise_trace(cands, NT, out, MaskWiseOptions(**opts))
+        assert trace.result is not None
+        _assert_same(trace.result, want, f"trace {out} {opts}", cands)
+        thr = np.where(want.candidate_labels < NT, opts["thing_threshold"], opts["stuff_threshold"])
+        binary = want.candidate_masks > 0.5
+        tried = np.flatnonzero(~(want.candidate_scores < thr) & binary.any((1, 2)))
+        np.testing.assert_array_equal(trace.index, want.candidate_index[tried])
+        np.testing.assert_array_equal(trace.scores, want.candidate_scores[tried])
+        category = np.full(out, -1, np.int32)
+        for i, (y0, y1, x0, x1), m, p in zip(tried, trace.boxes, trace.masks, trace.painted):
+            pasted = np.zeros(out, bool)
+            pasted[y0:y1, x0:x1] = m
+            np.testing.assert_array_equal(pasted, binary[i])
+            if p is not None:
+                assert not (p & ~m).any() and (category[y0:y1, x0:x1][p] == -1).all()  # free pixels of its mask
+                category[y0:y1, x0:x1][p] = want.candidate_labels[i]
+        np.testing.assert_array_equal(category, want.category)
+        assert len(trace.index) > 0
 
 
 def test_pixel_argmax_removes_small_winners_like_before() -> None:
