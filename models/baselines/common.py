@@ -9,9 +9,9 @@ Small on purpose; each piece is what more than one released code base does the s
 * :class:`TorchvisionResNet` -- torchvision's ResNet with frozen BN, keys ``conv1``, ``bn1``, ``layer1..4`` (what
   DETR's ``IntermediateLayerGetter`` body holds), returning any subset of C2..C5; DETR's freezing rule (only
   layer2-4 train).
-* :func:`read_released_pth` -- a released ``.pth``/``.pt``: ``{"model": sd}``, ``{"state_dict": sd}`` or a bare state
-  dict, ``module.`` prefixes removed; DETR-style files that pickle ``argparse.Namespace`` load with
-  ``weights_only=True`` (the namespace is allow-listed), anything else non-tensor is refused unless the caller opts in.
+* :func:`read_released_pth` -- (``models.checkpoint``'s, re-exported) a released ``.pth``/``.pt``: ``{"model": sd}``,
+  ``{"state_dict": sd}`` or a bare state dict, ``module.`` prefixes removed; DETR-style files that pickle
+  ``argparse.Namespace`` load with ``weights_only=True`` (the namespace is allow-listed), anything else is refused.
 * :func:`guess_family` / :func:`check_family` -- name the family a state dict belongs to from its keys, so feeding a
   Panoptic SegFormer file to the DETR converter gives "this is a Panoptic SegFormer checkpoint" instead of 500 missing
   keys.
@@ -36,14 +36,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from models.checkpoint import CheckpointError
-from models.safe_load import UnsafeCheckpointError, torch_load
+from models.checkpoint import CheckpointError, read_released_pth
 
 log = logging.getLogger(__name__)
 
@@ -166,37 +164,6 @@ class TorchvisionResNet(nn.Module):
 def valid_sizes(pad_mask: Tensor) -> Tensor:
     """``(B, H, W)`` bool padding mask (True on padding, bottom/right) -> ``(B, 2)`` long unpadded ``(h, w)``."""
     return torch.stack([(~pad_mask[:, :, 0]).sum(1), (~pad_mask[:, 0, :]).sum(1)], dim=1).long()
-
-
-# ----------------------------------------------------------------------------------------------- released files
-def read_released_pth(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a released PyTorch checkpoint: ``(state_dict, other top-level entries)``.
-
-    Accepts ``{"model": sd, ...}`` (DETR, Deformable DETR, detectron2 ``.pth``), ``{"state_dict": sd, ...}`` (mmcv)
-    or a bare state dict; a ``module.`` prefix (DistributedDataParallel) is stripped. Loads through
-    ``models.safe_load.torch_load`` (``weights_only=True`` plus an allowlist with ``argparse.Namespace``, which DETR's
-    training files store as ``args``); any other pickled object raises :class:`CheckpointError` naming the file.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    try:
-        obj = torch_load(p)
-    except UnsafeCheckpointError as exc:
-        raise CheckpointError(str(exc)) from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{p}: expected a dict (with 'model' or 'state_dict'), got {type(obj).__name__}")
-    for key in ("model", "state_dict"):
-        if key in obj and isinstance(obj[key], dict):
-            state, extra = obj[key], {k: v for k, v in obj.items() if k != key}
-            break
-    else:
-        state, extra = obj, {}
-    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise CheckpointError(f"{p}: the state dict holds non-tensor entries: {', '.join(map(str, bad[:5]))}")
-    out = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-    return out, extra
 
 
 # Key patterns that identify a family's released (or our) state dict; the first match wins.

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.checkpoint import CheckpointError
-from models.safe_load import UnsafeCheckpointError, pickle_load, torch_load
+from models.checkpoint import CheckpointError, open_released
+from models.safe_load import pickle_load
 
 log = logging.getLogger(__name__)
 
@@ -254,15 +254,8 @@ def read_detectron2_checkpoint(path: str | Path) -> dict[str, Tensor]:
         CheckpointError: missing or unreadable file, or not a dict of arrays.
     """
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
     # Never a full unpickle (a checkpoint must not run code): models.safe_load allows data objects only.
-    try:
-        obj = pickle_load(p) if p.suffix == ".pkl" else torch_load(p)
-    except UnsafeCheckpointError as exc:
-        raise CheckpointError(str(exc)) from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{p}: expected a dict of arrays (or one under 'model'), got {type(obj).__name__}")
+    obj = open_released(p, pickle_load if p.suffix == ".pkl" else None)
     state = obj.get("model", obj.get("state_dict", obj))  # "state_dict": an mmcv file (named as such later)
     if not isinstance(state, dict):
         raise CheckpointError(f"{p}: 'model' is a {type(state).__name__}, not a dict of arrays")
