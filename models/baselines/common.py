@@ -21,7 +21,8 @@ Small on purpose; each piece is what more than one released code base does the s
 * :data:`COCO_PANOPTIC_IDS` -- category ids in our contiguous order (80 things, then 53 stuff, each ascending), so
   ``models`` can map released label spaces (DETR's panoptic ids, Deformable DETR's detection ids) without importing
   ``harness``.
-* :class:`ConfigDict` -- ``to_dict`` / ``from_dict`` for config dataclasses (what ``models.family.Family`` needs);
+* :class:`ConfigDict` -- ``to_dict`` / ``from_dict`` for config dataclasses (what ``models.family.Family`` needs)
+  and the named-config constructors of every family's ``CONFIGS``;
   :class:`ConvertedState` -- a converter's state dict carrying its :class:`PartialLoad` (``harness convert`` stores
   it in ``model.json``); :class:`Joiner` / :class:`BackboneBody` -- DETR's ``backbone.0.body.*`` / ``backbone.1``
   layout; :func:`valid_sizes` -- unpadded ``(h, w)`` per image from a padding mask.
@@ -36,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -295,7 +296,8 @@ def fill_new_keys(model: nn.Module, state: Mapping[str, Tensor], new_prefixes: t
 
 
 class ConfigDict:
-    """``to_dict`` / ``from_dict`` for the baseline config dataclasses (tuples come back from JSON lists)."""
+    """``to_dict`` / ``from_dict`` for the baseline config dataclasses (tuples come back from JSON lists), and named
+    configs (:meth:`named`, :meth:`factory`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict of every field."""
@@ -312,6 +314,21 @@ class ConfigDict:
         kwargs = {k: (tuple(v) if isinstance(v, list) and "tuple" in str(fields[k].type) else v)
                   for k, v in data.items()}
         return cls(**kwargs)
+
+    @classmethod
+    def named(cls, name: str, defaults: Mapping[str, Any], num_things: int, num_stuff: int,
+              overrides: Mapping[str, Any]) -> Any:
+        """The config ``name``: the class defaults, then ``defaults``, then the caller's ``overrides``."""
+        return cls(**{"name": name, "num_things": num_things, "num_stuff": num_stuff, **defaults, **overrides})
+
+    @classmethod
+    def factory(cls, name: str, defaults: Mapping[str, Any]) -> Callable[..., Any]:
+        """A ``CONFIGS`` entry: ``make(num_things=80, num_stuff=53, **overrides)`` -> :meth:`named`."""
+        def make(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> Any:
+            return cls.named(name, defaults, num_things, num_stuff, overrides)
+
+        make.__doc__ = f"Config ``{name}``."
+        return make
 
 
 class BackboneBody(nn.Module):

@@ -154,22 +154,17 @@ class DeformableDETRConfig(ConfigDict):
         return tuple(range(self.num_classes))
 
 
-def _config(name: str, defaults: dict[str, Any], num_things: int, num_stuff: int,
-            overrides: dict[str, Any]) -> DeformableDETRConfig:
-    return DeformableDETRConfig(**{"name": name, "num_things": num_things, "num_stuff": num_stuff, **defaults,
-                                   **overrides})
-
-
 def deformable_detr_r50_ms(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> DeformableDETRConfig:
     """Deformable DETR R50 multi-scale, no box refinement (released ``r50_deformable_detr-checkpoint.pth``)."""
-    return _config("deformable_detr_r50_ms", {}, num_things, num_stuff, overrides)
+    return DeformableDETRConfig.named("deformable_detr_r50_ms", {}, num_things, num_stuff, overrides)
 
 
 def deformable_detr_r50_ms_refine(num_things: int = 80, num_stuff: int = 53,
                                   **overrides: Any) -> DeformableDETRConfig:
     """With iterative box refinement: the paper's D-DETR-MS (released ``r50_deformable_detr_plus_iterative_bbox_
     refinement-checkpoint.pth``)."""
-    return _config("deformable_detr_r50_ms_refine", {"with_box_refine": True}, num_things, num_stuff, overrides)
+    return DeformableDETRConfig.named("deformable_detr_r50_ms_refine", {"with_box_refine": True}, num_things,
+                                      num_stuff, overrides)
 
 
 def deformable_detr_tiny(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> DeformableDETRConfig:
@@ -178,7 +173,7 @@ def deformable_detr_tiny(num_things: int = 80, num_stuff: int = 53, **overrides:
                 "d_model": 64, "nheads": 4, "enc_layers": 2, "dec_layers": 2, "dim_feedforward": 128,
                 "dropout": 0.0, "n_points": 2, "gn_groups": 16, "mask_gn_groups": 4, "max_per_image": 30,
                 "test_short": 256, "test_long": 256, "lr": 1e-3, "lr_backbone": 1e-4}
-    return _config("deformable_detr_tiny", defaults, num_things, num_stuff, overrides)
+    return DeformableDETRConfig.named("deformable_detr_tiny", defaults, num_things, num_stuff, overrides)
 
 
 CONFIGS: dict[str, Callable[..., DeformableDETRConfig]] = {

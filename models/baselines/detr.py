@@ -122,19 +122,14 @@ class DETRConfig(ConfigDict):
         return COCO_PANOPTIC_IDS if self.label_space == "coco_panoptic_id" else tuple(range(self.num_classes))
 
 
-def _config(name: str, defaults: dict[str, Any], num_things: int, num_stuff: int,
-            overrides: dict[str, Any]) -> DETRConfig:
-    return DETRConfig(**{"name": name, "num_things": num_things, "num_stuff": num_stuff, **defaults, **overrides})
-
-
 def detr_r50_panoptic(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> DETRConfig:
     """Released ``detr-r50-panoptic-00ce5173.pth`` (PQ 43.4)."""
-    return _config("detr_r50_panoptic", {"backbone": "resnet50"}, num_things, num_stuff, overrides)
+    return DETRConfig.named("detr_r50_panoptic", {"backbone": "resnet50"}, num_things, num_stuff, overrides)
 
 
 def detr_r101_panoptic(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> DETRConfig:
     """Released ``detr-r101-panoptic-40021d53.pth`` (PQ 45.1; no dilation despite the hub docstring)."""
-    return _config("detr_r101_panoptic", {"backbone": "resnet101"}, num_things, num_stuff, overrides)
+    return DETRConfig.named("detr_r101_panoptic", {"backbone": "resnet101"}, num_things, num_stuff, overrides)
 
 
 def detr_tiny(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> DETRConfig:
@@ -142,7 +137,7 @@ def detr_tiny(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> DE
     defaults = {"backbone": "resnet18", "label_space": "contiguous", "num_queries": 20, "d_model": 64, "nheads": 4,
                 "enc_layers": 2, "dec_layers": 2, "dim_feedforward": 128, "dropout": 0.0, "mask_gn_groups": 4,
                 "test_short": 256, "test_long": 256, "lr": 1e-3, "lr_backbone": 1e-4, "batch_size": 2}
-    return _config("detr_tiny", defaults, num_things, num_stuff, overrides)
+    return DETRConfig.named("detr_tiny", defaults, num_things, num_stuff, overrides)
 
 
 CONFIGS: dict[str, Callable[..., DETRConfig]] = {

@@ -26,7 +26,6 @@ padding to a multiple of 32. Batch size must be 1 upstream; here every image of 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.baselines.common import ConfigDict
 from models.baselines.maskformer_detectron2 import (
     Conv2d,
     ResNet,
@@ -69,7 +69,7 @@ __all__ = [
 
 
 @dataclass
-class PanopticFCNConfig:
+class PanopticFCNConfig(ConfigDict):
     """Hyper-parameters of :class:`PanopticFCN`; defaults = ``configs/PanopticFCN-R50-3x.yaml``."""
 
     name: str = "panoptic_fcn_r50_3x"
@@ -131,32 +131,11 @@ class PanopticFCNConfig:
         self.pixel_mean = tuple(self.pixel_mean)  # type: ignore[assignment]
         self.pixel_std = tuple(self.pixel_std)  # type: ignore[assignment]
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PanopticFCNConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown Panoptic FCN config keys: {', '.join(unknown)}")
-        return cls(**data)
-
-
-def _config(name: str, defaults: dict[str, Any]) -> Callable[..., PanopticFCNConfig]:
-    def make(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> PanopticFCNConfig:
-        return PanopticFCNConfig(**{"name": name, "num_things": num_things, "num_stuff": num_stuff, **defaults,
-                                    **overrides})
-
-    make.__doc__ = f"Config ``{name}``."
-    return make
-
 
 CONFIGS: dict[str, Callable[..., PanopticFCNConfig]] = {
-    "panoptic_fcn_r50_3x": _config("panoptic_fcn_r50_3x", {}),
+    "panoptic_fcn_r50_3x": PanopticFCNConfig.factory("panoptic_fcn_r50_3x", {}),
     # CPU-sized: tiny GN ResNet (trainable from scratch), 32-channel FPN/heads, one DCN layer, 16-d encoder.
-    "panoptic_fcn_tiny": _config("panoptic_fcn_tiny", {
+    "panoptic_fcn_tiny": PanopticFCNConfig.factory("panoptic_fcn_tiny", {
         "resnet_depths": (1, 1, 1, 1), "resnet_stem_channels": 16, "resnet_res2_channels": 32, "resnet_norm": "GN",
         "freeze_at": 0, "fpn_channels": 32, "gn_groups": 8, "semantic_dim": 32, "position_convs": 1,
         "position_dim": 32, "kernel_convs": 1, "kernel_dim": 32, "encoder_convs": 2, "encoder_dim": 16,
