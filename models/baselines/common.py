@@ -25,7 +25,8 @@ Small on purpose; each piece is what more than one released code base does the s
   and the named-config constructors of every family's ``CONFIGS``;
   :class:`ConvertedState` -- a converter's state dict carrying its :class:`PartialLoad` (``harness convert`` stores
   it in ``model.json``); :class:`Joiner` / :class:`BackboneBody` -- DETR's ``backbone.0.body.*`` / ``backbone.1``
-  layout; :func:`valid_sizes` -- unpadded ``(h, w)`` per image from a padding mask.
+  layout; :func:`valid_sizes` -- unpadded ``(h, w)`` per image from a padding mask; :func:`check_data_classes` --
+  ``build_criterion``'s class-count check.
 
 Using them in another family: ``TorchvisionResNet`` covers torchvision-layout ResNets only (detectron2's MSRA
 ResNet, stride in the 1x1 conv, has other names); ``FrozenBatchNorm2d(n, eps)`` fits detectron2's FrozenBN numerics;
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "COCO_PANOPTIC_IDS", "COCO_NUM_THINGS", "FrozenBatchNorm2d", "TorchvisionResNet", "RESNET_CHANNELS",
     "read_released_pth", "guess_family", "check_family", "check_equal_copies", "PartialLoad", "fill_new_keys",
-    "valid_sizes", "ceil_div", "ConfigDict", "BackboneBody", "Joiner", "ConvertedState",
+    "valid_sizes", "ceil_div", "ConfigDict", "BackboneBody", "Joiner", "ConvertedState", "check_data_classes",
 ]
 
 # COCO panoptic category ids in contiguous order: things (ids 1..90) then stuff (92..200), ascending, as
@@ -165,6 +166,13 @@ class TorchvisionResNet(nn.Module):
 def valid_sizes(pad_mask: Tensor) -> Tensor:
     """``(B, H, W)`` bool padding mask (True on padding, bottom/right) -> ``(B, 2)`` long unpadded ``(h, w)``."""
     return torch.stack([(~pad_mask[:, :, 0]).sum(1), (~pad_mask[:, 0, :]).sum(1)], dim=1).long()
+
+
+def check_data_classes(cfg: Any, num_things: int, num_stuff: int) -> None:
+    """``build_criterion``'s check: the data's thing / stuff class counts must be the model config's."""
+    if (num_things, num_stuff) != (cfg.num_things, cfg.num_stuff):
+        raise ValueError(f"{cfg.name} has {cfg.num_things} + {cfg.num_stuff} classes, the data "
+                         f"{num_things} + {num_stuff}")
 
 
 # Key patterns that identify a family's released (or our) state dict; the first match wins.

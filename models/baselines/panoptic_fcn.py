@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.baselines.common import ConfigDict
+from models.baselines.common import ConfigDict, check_data_classes
 from models.baselines.maskformer_detectron2 import (
     Conv2d,
     ResNet,
@@ -697,8 +697,7 @@ def build_criterion(cfg: PanopticFCNConfig, num_things: int, num_stuff: int) -> 
     """Panoptic FCN's training loss (``models.baselines.panoptic_fcn_loss.PanopticFCNCriterion``)."""
     from models.baselines.panoptic_fcn_loss import PanopticFCNCriterion
 
-    if (num_things, num_stuff) != (cfg.num_things, cfg.num_stuff):
-        raise ValueError(f"criterion for {num_things}+{num_stuff} classes, model has {cfg.num_things}+{cfg.num_stuff}")
+    check_data_classes(cfg, num_things, num_stuff)
     return PanopticFCNCriterion(cfg)
 
 
