@@ -179,7 +179,7 @@ def check_data_classes(cfg: Any, num_things: int, num_stuff: int) -> None:
 # (family, where it belongs: models and --from, key prefixes)
 _FAMILY_SIGNS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Panoptic SegFormer", "panoptic_segformer_* models, --from official-psf",
-     ("bbox_head.transformer.", "bbox_head.things_mask_head.", "bbox_head.mask_head.")),
+     ("bbox_head.",)),  # mmdet head names (transformer, cls_branches, things_mask_head / mask_head ...)
     ("DETR panoptic", "detr_*_panoptic models, --from detr", ("detr.transformer.", "detr.class_embed.")),
     ("Deformable DETR", "deformable_detr_* models, --from deformable-detr",
      ("transformer.level_embed", "transformer.reference_points.", "transformer.enc_output.")),

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.baselines.common import ConfigDict
+from models.baselines.common import ConfigDict, check_family
 from models.baselines.maskformer_detectron2 import (
     Conv2d,
     ResNet,
@@ -44,7 +44,6 @@ from models.baselines.maskformer_detectron2 import (
     ceil_div_hw,
     fill_frozen_bn_stats,
     get_norm,
-    guess_family,
     image_size_in_pixels,
     read_detectron2_checkpoint,
     valid_sizes,
@@ -505,10 +504,7 @@ def convert_state_dict(raw: dict[str, Tensor], cfg: MaskFormerConfig,
     Raises:
         CheckpointError: not a MaskFormer checkpoint, or a backbone other than the config's.
     """
-    if not any(k.startswith("sem_seg_head.") for k in raw):
-        guess = guess_family(raw)
-        raise CheckpointError(f"{source} is not a MaskFormer checkpoint (no 'sem_seg_head.*' keys)"
-                              + (f"; it looks like {guess}" if guess else ""))
+    check_family(raw, ("sem_seg_head.",), "MaskFormer", source)
     is_swin = any(k.startswith("backbone.patch_embed.") for k in raw)
     if is_swin != (cfg.backbone == "swin_l"):
         want = "maskformer_swin_l_panoptic" if is_swin else "maskformer_r50_panoptic"

@@ -37,20 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.baselines.common import ConfigDict, check_data_classes
+from models.baselines.common import ConfigDict, check_data_classes, check_family
 from models.baselines.maskformer_detectron2 import (
     Conv2d,
     ResNet,
     c2_msra_fill,
     c2_xavier_fill,
+    ceil_div_hw,
     fill_frozen_bn_stats,
     get_norm,
-    guess_family,
     image_size_in_pixels,
     read_detectron2_checkpoint,
     valid_sizes,
 )
-from models.checkpoint import CheckpointError
 from models.family import Family
 from models.inference import LAST_LAYER, TestTransformSpec, parse_layer
 from models.postprocess import Candidates, PanopticResult
@@ -539,7 +538,7 @@ class PanopticFCN(nn.Module):
         if parse_layer(layer) not in (None, 1):
             raise ValueError(f"Panoptic FCN has a single mask layer; got layer {layer!r}")
         d = self._detections(outputs, index)
-        h, w = valid_hw or (-(-outputs["image_sizes"][index][0] // 4), -(-outputs["image_sizes"][index][1] // 4))
+        h, w = valid_hw or ceil_div_hw(outputs["image_sizes"][index], self.mask_stride)
         st = d.stuff_classes > 0
         masks = torch.cat([d.thing_logits, d.stuff_logits[st]])[:, :h, :w].float().sigmoid()
         labels = torch.cat([d.thing_classes, d.stuff_classes[st] - 1 + self.cfg.num_things])
@@ -679,10 +678,8 @@ def convert_state_dict(raw: dict[str, Tensor], cfg: PanopticFCNConfig,
     Raises:
         CheckpointError: not a Panoptic FCN checkpoint (names the family it looks like).
     """
-    if not any(k.startswith("position_head.") for k in raw) or not any(k.startswith("kernel_head.") for k in raw):
-        guess = guess_family(raw)
-        raise CheckpointError(f"{source} is not a Panoptic FCN checkpoint (no 'position_head.*'/'kernel_head.*' keys)"
-                              + (f"; it looks like {guess}" if guess else ""))
+    for head in ("position_head.", "kernel_head."):  # both heads
+        check_family(raw, (head,), "Panoptic FCN", source)
     out = {k: v for k, v in raw.items() if k not in ("pixel_mean", "pixel_std")}
     fill_frozen_bn_stats(out, "backbone.bottom_up.", source)
     return out
