@@ -4,12 +4,12 @@ bug), the PanopticModel contract, dump_raw, conversion errors, the PIL test tran
 from __future__ import annotations
 
 import argparse
-import ast
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _helpers import meta_state, read_key_list, train_steps
 
 from models.baselines.common import COCO_PANOPTIC_IDS, read_released_pth
 from models.baselines.detr import (DETRPanoptic, build_criterion, convert_state_dict, detr_r50_panoptic,
@@ -18,22 +18,7 @@ from models.baselines.detr_postprocess import detr_panoptic_postprocess
 from models.checkpoint import CheckpointError, load_model, load_state_dict_strict
 from models.postprocess import post_process
 
-KEYS_DIR = Path(__file__).resolve().parent / "data" / "checkpoint_keys"
 PERSON, SKY = 1, 184  # COCO panoptic ids (a thing, a stuff)
-
-
-def read_key_list(name: str) -> dict[str, list[int]]:
-    out = {}
-    for line in (KEYS_DIR / name).read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")
-        out[key] = list(ast.literal_eval(shape))
-    return out
-
-
-def meta_state(keys: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(s, device="meta") for k, s in keys.items()}
 
 
 # ----------------------------------------------------------------------------------------------- released layout
@@ -300,7 +285,6 @@ def test_coco_ids_match_the_harness_categories() -> None:
 # ----------------------------------------------------------------------------------------------- training
 def test_tiny_trains_with_falling_loss(synth_root: Path) -> None:
     from harness.data.coco_panoptic import PanopticDataset
-    from harness.engine.data import AugmentConfig, augment, collate, item_from_sample
 
     torch.manual_seed(0)
     ds = PanopticDataset(synth_root, "train2017")
@@ -309,17 +293,7 @@ def test_tiny_trains_with_falling_loss(synth_root: Path) -> None:
                     num_queries=12)
     model = DETRPanoptic(cfg).train()
     crit = build_criterion(cfg, cats.num_things, cats.num_stuff)
-    rng = np.random.default_rng(0)
-    items = [augment(item_from_sample(ds[i], ds), AugmentConfig(enabled=False), (64, 64), rng) for i in range(2)]
-    images, pad_mask, targets = collate(items, cats.num_things, cfg.pixel_mean, cfg.pixel_std)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(10):
-        loss, logs = crit(model, images, pad_mask, targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(logs["loss"])
+    losses, logs = train_steps(model, crit, ds, 64, steps=10, lr=3e-3)
     assert {"ce", "bbox", "giou", "mask", "dice", "ce_0"} <= set(logs)
     assert np.isfinite(losses).all() and losses[-1] < 0.85 * losses[0], losses
     with pytest.raises(ValueError, match="classes"):
