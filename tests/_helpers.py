@@ -54,3 +54,26 @@ def train_steps(model: torch.nn.Module, criterion: Any, ds: Any, size: int, step
         opt.step()
         losses.append(logs["loss"])
     return losses, logs
+
+
+def flops_in_every_grad_mode(model: torch.nn.Module, *inputs: Any) -> tuple[list[int], Any]:
+    """FLOPs of ``model(*inputs)`` counted under ``no_grad``, ``inference_mode`` and ``enable_grad`` (what a
+    profiler may wrap a forward in), and the last output."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = []
+    for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        with mode(), FlopCounterMode(display=False) as fc:
+            out = model(*inputs)
+        flops.append(fc.get_total_flops())
+    return flops, out
+
+
+def assert_checkpoint_round_trip(model: torch.nn.Module, path: Path) -> None:
+    """``save_checkpoint`` then ``load_model`` gives the same config, class and tensors."""
+    from models.checkpoint import load_model, save_checkpoint
+
+    save_checkpoint(model.state_dict(), model.cfg, path)
+    loaded, cfg = load_model(path)
+    assert cfg == model.cfg and isinstance(loaded, type(model))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

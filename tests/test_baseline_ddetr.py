@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import meta_state, read_key_list, train_steps
+from _helpers import flops_in_every_grad_mode, meta_state, read_key_list, train_steps
 
 from models.baselines.common import COCO_PANOPTIC_IDS, fill_new_keys
 from models.baselines.deformable_detr import (HEAD_PREFIXES, DeformableDETRPanoptic, build_criterion,
@@ -210,17 +210,11 @@ def test_coco_detection_label_space_maps_thing_ids() -> None:
 
 
 def test_forward_shapes_and_padding() -> None:
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = _tiny()
     x = torch.randn(2, 3, 70, 90)
     pad = torch.zeros(2, 70, 90, dtype=torch.bool)
     pad[1, 50:] = True
-    flops = []
-    for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):  # what a profiler may wrap it in
-        with mode(), FlopCounterMode(display=False) as fc:
-            out = model(x, pad)
-        flops.append(fc.get_total_flops())
+    flops, out = flops_in_every_grad_mode(model, x, pad)
     assert flops[0] > 0 and len(set(flops)) == 1
     assert out["pred_logits"].shape == (2, 30, 5) and out["pred_masks"].shape == (2, 30, 18, 23)
     assert out["aux_boxes"].shape == (2, 2, 30, 4) and out["valid_sizes"].tolist() == [[70, 90], [50, 90]]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import meta_state, read_key_list, train_steps
+from _helpers import flops_in_every_grad_mode, meta_state, read_key_list, train_steps
 
 from models.baselines.common import COCO_PANOPTIC_IDS, read_released_pth
 from models.baselines.detr import (DETRPanoptic, build_criterion, convert_state_dict, detr_r50_panoptic,
@@ -228,19 +228,13 @@ def test_dump_raw_keys_shapes_and_category_ids() -> None:
 
 # ----------------------------------------------------------------------------------------------- forward, FLOPs
 def test_forward_shapes_padding_and_flops() -> None:
-    from torch.utils.flop_counter import FlopCounterMode
-
     torch.manual_seed(0)
     model = DETRPanoptic(detr_tiny(num_things=3, num_stuff=2)).eval()
     x = torch.randn(2, 3, 61, 90)
     pad = torch.zeros(2, 61, 90, dtype=torch.bool)
     pad[1, 40:] = True
     pad[1, :, 70:] = True
-    flops = []
-    for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):  # what a profiler may wrap it in
-        with mode(), FlopCounterMode(display=False) as fc:
-            out = model(x, pad)
-        flops.append(fc.get_total_flops())
+    flops, out = flops_in_every_grad_mode(model, x, pad)
     assert flops[0] > 0 and len(set(flops)) == 1
     assert out["pred_logits"].shape == (2, 20, 6) and out["pred_masks"].shape == (2, 20, 16, 23)
     assert out["aux_logits"].shape == (2, 2, 20, 6) and torch.equal(out["aux_logits"][-1], out["pred_logits"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import train_steps
+from _helpers import assert_checkpoint_round_trip, train_steps
 
 from models.baselines.maskformer import (
     CONFIGS,
@@ -344,10 +344,4 @@ def test_tiny_config_trains_with_falling_loss(synth_root: Path) -> None:
 
 
 def test_our_checkpoint_format_round_trip(tmp_path: Path, tiny: tuple[MaskFormer, dict]) -> None:
-    from models.checkpoint import save_checkpoint
-
-    model, _ = tiny
-    save_checkpoint(model.state_dict(), model.cfg, tmp_path / "mf")
-    loaded, cfg = load_model(tmp_path / "mf")
-    assert cfg == model.cfg and isinstance(loaded, MaskFormer)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert_checkpoint_round_trip(tiny[0], tmp_path / "mf")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import train_steps
+from _helpers import assert_checkpoint_round_trip, train_steps
 
 from models.baselines.panoptic_fcn import (
     CONFIGS,
@@ -290,10 +290,4 @@ def test_tiny_config_trains_with_falling_loss(synth_root: Path) -> None:
 
 
 def test_our_checkpoint_format_round_trip(tmp_path: Path, tiny: tuple[PanopticFCN, dict]) -> None:
-    from models.checkpoint import save_checkpoint
-
-    model, _ = tiny
-    save_checkpoint(model.state_dict(), model.cfg, tmp_path / "pfcn")
-    loaded, cfg = load_model(tmp_path / "pfcn")
-    assert cfg == model.cfg and isinstance(loaded, PanopticFCN)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert_checkpoint_round_trip(tiny[0], tmp_path / "pfcn")
