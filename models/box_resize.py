@@ -8,7 +8,8 @@ source rows a box needs, then the 2-d kernel on the box's columns with an unchan
 only its H step acts; unread source rows left at 0), evaluates the same expressions with the same tables, so
 :class:`BoxMasks` gives every value of the full resize, bit for bit, at about the cost of the box. :func:`separable_is_exact` checks this once per process on probes, and
 :func:`reference_kernel_is_generic` says when ``F.interpolate`` would take its other (channels-last) kernel
-instead; callers then use the full resize.
+instead; callers then use the full resize (:func:`exact_box_masks` puts these conditions together). :func:`view`
+and :func:`paint` are the box helpers the fast post-processors share.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Box", "BoxMasks", "support_threshold", "separable_is_exact", "reference_kernel_is_generic"]
+__all__ = ["Box", "BoxMasks", "support_threshold", "separable_is_exact", "reference_kernel_is_generic",
+           "exact_box_masks", "view", "paint"]
 
 
 Box = tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open, in output pixels
@@ -183,3 +185,35 @@ def reference_kernel_is_generic(masks: Tensor, out_size: tuple[int, int]) -> boo
     if k > 3 and masks[None].is_contiguous(memory_format=torch.channels_last):
         return False
     return not (k == 3 and torch.get_num_threads() == 1)
+
+
+def exact_box_masks(masks: Tensor, scores: Tensor, out_size: tuple[int, int]) -> BoxMasks | None:
+    """The box resizer of ``(K, h, w)`` candidate masks with ``(K,)`` scores when the fast post-processors are exact
+    (same kernel as ``F.interpolate`` here, CPU tensors, every value finite), else None (use the full-resolution
+    definitions, ``models.postprocess_full``)."""
+    masks = masks.float()
+    k, h, w = masks.shape
+    if k < 2 or h == 0 or w == 0 or out_size[0] <= 0 or out_size[1] <= 0 or masks.device.type != "cpu":
+        return None
+    if (h, w) != tuple(out_size) and not (reference_kernel_is_generic(masks, out_size) and separable_is_exact()):
+        return None
+    bm = BoxMasks(masks, (int(out_size[0]), int(out_size[1])))
+    # amax / amin propagate NaN and show infinities: finite extremes <=> finite values.
+    if not (np.isfinite(bm.vmax).all() and np.isfinite(bm.vmin).all() and bool(torch.isfinite(scores.float()).all())):
+        return None
+    return bm
+
+
+def view(a: np.ndarray, box: Box) -> np.ndarray:
+    """The view of an ``(H, W)`` map under an output box."""
+    return a[box[0]:box[1], box[2]:box[3]]
+
+
+def paint(category: np.ndarray, instance: np.ndarray, filled: np.ndarray, box: Box, region: np.ndarray, label: int,
+          inst: int) -> int:
+    """Paint ``region`` (bool, box-shaped) into the ``(H, W)`` panoptic maps; returns its pixel count."""
+    view(filled, box)[...] |= region
+    np.copyto(view(category, box), np.int32(label), where=region)
+    if inst:
+        np.copyto(view(instance, box), np.int32(inst), where=region)
+    return int(np.count_nonzero(region))

@@ -64,6 +64,7 @@ class PanopticResult:
             ``return_candidates=True`` only; None otherwise).
         candidate_labels: (K,) int64 labels in that order (same condition).
         candidate_masks: (K, H, W) float32 mask values at out_size before thresholding, same order.
+        candidate_index: (K,) int64 input position of each candidate in that order (same condition).
     """
 
     category: np.ndarray
@@ -72,6 +73,7 @@ class PanopticResult:
     candidate_scores: np.ndarray | None = None
     candidate_labels: np.ndarray | None = None
     candidate_masks: np.ndarray | None = None
+    candidate_index: np.ndarray | None = None
 
 
 def candidates_from_outputs(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from torch import Tensor, nn
 
@@ -297,6 +297,59 @@ def _read_training_checkpoint(path: Path) -> dict[str, Any] | None:
     except UnsafeCheckpointError as exc:
         raise CheckpointError(str(exc)) from None
     return obj if isinstance(obj, dict) and "model" in obj and "config" in obj else None
+
+
+# ----------------------------------------------------------------------------------------------- released files
+def open_released(path: str | os.PathLike[str], loader: Callable[[Path], Any] | None = None) -> dict[str, Any]:
+    """The top-level dict of a released checkpoint file, read safely: ``models.safe_load.torch_load`` (or
+    ``loader``, e.g. ``pickle_load`` for detectron2 ``.pkl`` files); never a full unpickle.
+
+    Raises:
+        CheckpointError: missing file, objects outside the safe loader's allowlist, or not a dict (names the file).
+    """
+    from models.safe_load import UnsafeCheckpointError, torch_load
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    try:
+        obj = (loader or torch_load)(p)
+    except UnsafeCheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{p}: expected a dict (a state dict, or one under 'model' or 'state_dict'), got "
+                              f"{type(obj).__name__}")
+    return obj
+
+
+def read_released_pth(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a released PyTorch checkpoint: ``(state_dict, other top-level entries)``.
+
+    Accepts ``{"model": sd, ...}`` (DETR, Deformable DETR, detectron2 ``.pth``), ``{"state_dict": sd, ...}`` (mmcv:
+    the official Panoptic SegFormer files, ``meta`` among the other entries) or a bare state dict; a ``module.``
+    prefix (DistributedDataParallel) is stripped (two keys that then collide are an error). Loads through
+    :func:`open_released` (``weights_only=True`` plus an allowlist with numpy scalars and ``argparse.Namespace``,
+    which DETR's training files store as ``args``); any other pickled object, or a non-tensor state-dict entry,
+    raises :class:`CheckpointError` naming the file.
+    """
+    p = Path(path)
+    obj = open_released(p)
+    for key in ("model", "state_dict"):
+        if key in obj and isinstance(obj[key], dict):
+            state, extra = obj[key], {k: v for k, v in obj.items() if k != key}
+            break
+    else:
+        state, extra = obj, {}
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"{p}: the state dict holds non-tensor entries: {', '.join(map(str, bad[:5]))}")
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        k = key[len("module."):] if key.startswith("module.") else key
+        if k in out:
+            raise CheckpointError(f"{p}: two checkpoint keys map to {k!r} (second: {key!r})")
+        out[k] = value
+    return out, extra
 
 
 def _with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:

@@ -35,12 +35,8 @@ bit-identical maps, segments and scores at a small fraction of the cost:
   needed source rows and one along H over the box's columns reproduce it bit for bit on any CPU). Whenever that
   cannot be guaranteed (``F.interpolate`` would take its channels-last kernel: output H + W <= 128, 3 candidates
   on one thread; non-finite values; a failed probe) the full-resolution definition runs instead.
-- "(m)" needs rescored scores only to sort the candidates that get painted. A candidate whose upper bound
-  ``score**alpha * (max mask value * slack)**beta`` is below its t_cnf can never be painted and is not resized at
-  all. The others' scores use the official float32 expressions on the full (K,) vectors in the input order, and
-  their masked sums are reduced by ``torch.sum`` over full-size (H, W) rows of a 2-row buffer (the official
-  ``(K, H, W).sum((1, 2))`` cascade order, row by row). When two painted candidates tie (``stable=False`` sort),
-  every candidate's score is computed and the whole vector sorted, as official.
+- "(m)" (`models.mask_wise`) resizes only the candidates whose rescored score can reach t_cnf and reproduces the
+  official float32 rescoring and sort order exactly; `models.mask_wise.mask_wise_trace` shows its working.
 - Overlap tests, argmaxes and painting work inside the boxes; segment areas are counted while painting.
 
 ``return_candidates=True`` ("(m)" only; ``harness predict --dump-raw``) takes the full-resolution path, which also
@@ -49,14 +45,12 @@ returns the sorted candidate list with full-resolution masks.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from models.box_resize import Box, BoxMasks, reference_kernel_is_generic, separable_is_exact, support_threshold
+from models.box_resize import Box, BoxMasks, exact_box_masks, paint, support_threshold, view
 from models.candidates import (
     Candidates,
     Painted,
@@ -65,12 +59,8 @@ from models.candidates import (
     empty_maps,
     segments_from_counts,
 )
-from models.postprocess_full import (
-    heuristic_merge_full,
-    mask_wise_merge_full,
-    maskformer_merge_full,
-    pixel_argmax_full,
-)
+from models.mask_wise import mask_wise_merge
+from models.postprocess_full import heuristic_merge_full, maskformer_merge_full, pixel_argmax_full
 
 __all__ = [
     "Candidates",
@@ -88,205 +78,45 @@ __all__ = [
 def _fast_masks(cands: Candidates, out_size: tuple[int, int]) -> BoxMasks | None:
     """The box resizer of the candidates when the exact fast path applies, else None (use the full-resolution
     definition)."""
-    masks = cands.masks.float()
-    k, h, w = masks.shape
-    if k < 2 or h == 0 or w == 0 or out_size[0] <= 0 or out_size[1] <= 0 or masks.device.type != "cpu":
-        return None
-    if (h, w) != tuple(out_size) and not (reference_kernel_is_generic(masks, out_size) and separable_is_exact()):
-        return None
-    bm = BoxMasks(masks, (int(out_size[0]), int(out_size[1])))
-    # amax / amin propagate NaN and show infinities: finite extremes <=> finite values.
-    if not (np.isfinite(bm.vmax).all() and np.isfinite(bm.vmin).all()
-            and bool(torch.isfinite(cands.scores.float()).all())):
-        return None
-    return bm
-
-
-def _view(a: np.ndarray, box: Box) -> np.ndarray:
-    """The view of an ``(H, W)`` map under an output box."""
-    return a[box[0]:box[1], box[2]:box[3]]
-
-
-def _paint(category: np.ndarray, instance: np.ndarray, filled: np.ndarray, box: Box, region: np.ndarray,
-           label: int, inst: int) -> int:
-    """Paint ``region`` (bool, box-shaped) into the maps; returns its pixel count."""
-    _view(filled, box)[...] |= region
-    np.copyto(_view(category, box), np.int32(label), where=region)
-    if inst:
-        np.copyto(_view(instance, box), np.int32(inst), where=region)
-    return int(np.count_nonzero(region))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# (m) mask-wise merging
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def mask_wise_merge(
-    cands: Candidates,
-    num_things: int,
-    out_size: tuple[int, int],
-    thing_threshold: float = 0.25,
-    stuff_threshold: float = 0.25,
-    thing_overlap: float = 0.4,
-    stuff_overlap: float = 0.2,
-    alpha: float = 1.0,
-    beta: float = 2.0,
-    mask_threshold: float = 0.5,
-    plus_one: bool = True,
-    stable: bool = False,
-    return_candidates: bool = False,
-) -> PanopticResult:
-    """Mask-wise merging "(m)", exactly as the official code (see the module docstring).
-
-    Args:
-        cands: candidates with K masks (K, h, w).
-        num_things: labels below this are things.
-        out_size: (H, W) of the output (the original image size).
-        thing_threshold / stuff_threshold: t_cnf; a candidate is skipped when its rescored score is
-            strictly below it.
-        thing_overlap / stuff_overlap: a candidate is skipped when |mask ∩ painted| / |mask| is strictly
-            above it (or its mask is empty).
-        alpha / beta: exponents of the class score and of the mask score (Eq. 6; Table B.3).
-        mask_threshold: binarisation threshold of the raw mask values.
-        plus_one: official "+1" in the mask-score denominator; False gives the paper's plain mean.
-        stable: stable sort (ties keep the input order, things first). Default False, as official.
-        return_candidates: also return the sorted candidate list (scores, labels, full-resolution masks); this
-            takes the full-resolution path (seconds per COCO image on a CPU).
-
-    Returns:
-        PanopticResult (with the sorted candidate list when ``return_candidates``).
-    """
-    opts = dict(thing_threshold=thing_threshold, stuff_threshold=stuff_threshold, thing_overlap=thing_overlap,
-                stuff_overlap=stuff_overlap, alpha=alpha, beta=beta, mask_threshold=mask_threshold,
-                plus_one=plus_one, stable=stable)
-    bm = None if return_candidates else _fast_masks(cands, out_size)
-    if bm is None:
-        return mask_wise_merge_full(cands, num_things, out_size, **opts)
-    result = _mask_wise_merge_fast(cands, bm, num_things, (int(out_size[0]), int(out_size[1])), **opts)
-    return result if result is not None else mask_wise_merge_full(cands, num_things, out_size, **opts)
-
-
-def _may_reach(scores: Tensor, vmax: np.ndarray, thr: np.ndarray, alpha: float, beta: float,
-               mask_threshold: float, hw: int) -> np.ndarray:
-    """(K,) bool: False where the rescored score provably stays below its threshold.
-
-    s_mask is a mean of values above ``mask_threshold`` (>= 0), each at most the candidate's largest
-    low-resolution value (bilinear weights are convex, float32 rounding < 1e-6), and float32 summation of n
-    non-negative terms errs by at most (1 + 2^-23)^n; 0.1 % more covers division, powers and the product.
-    """
-    k = len(vmax)
-    if not beta > 0 or not mask_threshold >= 0 or not math.isfinite(alpha) or not math.isfinite(beta):
-        return np.ones(k, bool)
-    s = scores.double().numpy()
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        f = s if alpha == 1.0 else s**alpha
-        ub = f * (np.maximum(vmax, 0.0) * math.exp((hw + 16) * 2.0**-23) * 1.001) ** beta
-    return ~(ub < thr - np.abs(thr) * 1e-3)
-
-
-def _mask_wise_merge_fast(
-    cands: Candidates, bm: BoxMasks, num_things: int, out_size: tuple[int, int], thing_threshold: float,
-    stuff_threshold: float, thing_overlap: float, stuff_overlap: float, alpha: float, beta: float,
-    mask_threshold: float, plus_one: bool, stable: bool,
-) -> PanopticResult | None:
-    """Box-restricted "(m)"; None when the full-resolution path must decide (NaN scores)."""
-    k = bm.masks.shape[0]
-    hh, ww = out_size
-    scores = cands.scores.float()
-    labels = cands.labels
-    lab = labels.cpu().numpy().astype(np.int64)
-    isthing = lab < num_things
-    thr = np.where(isthing, thing_threshold, stuff_threshold).astype(np.float64)
-    sup = support_threshold(mask_threshold)
-    vmax = bm.vmax
-    # Candidates without a low-resolution value above `sup` have no pixel above mask_threshold: sum 0, count 0.
-    touched = vmax > sup
-    msum = np.zeros(k, np.float32)
-    count = np.zeros(k, np.int64)
-    known = ~touched
-    boxes: dict[int, Box] = {}
-    segs: dict[int, np.ndarray] = {}
-    # A zero buffer of two full-size rows: a candidate's masked values go in its box and torch sums whole rows,
-    # which reproduces the official (K, H, W).sum((1, 2)) row by row (a 1-row sum may be split across threads;
-    # two rows never are). Boxes are re-zeroed after use.
-    buf = torch.zeros((2, hh, ww))
-    view = buf.numpy()
-
-    def compute(ks: list[int]) -> None:
-        known[ks] = True
-        bxs = bm.boxes(ks, sup)
-        ks = [c for c, b in zip(ks, bxs) if b is not None]
-        bxs = [b for b in bxs if b is not None]
-        vals = bm.values(ks, bxs)
-        for start in range(0, len(ks), 2):
-            part = range(start, min(start + 2, len(ks)))
-            for r, i in enumerate(part):
-                y0, y1, x0, x1 = bxs[i]
-                seg = vals[i] > mask_threshold
-                np.multiply(vals[i], seg, out=view[r, y0:y1, x0:x1])  # = masks * seg.float()
-                boxes[ks[i]], segs[ks[i]] = bxs[i], seg
-                count[ks[i]] = np.count_nonzero(seg)
-            sums = buf.sum((1, 2)).numpy()
-            for r, i in enumerate(part):
-                y0, y1, x0, x1 = bxs[i]
-                msum[ks[i]] = sums[r]
-                view[r, y0:y1, x0:x1] = 0
-
-    def rescore() -> np.ndarray:
-        # The official expressions on full (K,) vectors in the input order (pow may be vectorised per lane).
-        cnt = torch.from_numpy(count).float()
-        mask_score = torch.from_numpy(msum) / (cnt + 1 if plus_one else cnt.clamp(min=1.0))
-        return ((scores if alpha == 1.0 else scores**alpha) * mask_score**beta).numpy()
-
-    compute(np.flatnonzero(touched & _may_reach(scores, vmax, thr, alpha, beta, mask_threshold, hh * ww)).tolist())
-    rescored = rescore()
-    contenders = np.flatnonzero(known & ~(rescored < thr) & (count > 0))
-    values = rescored[contenders]
-    if np.isnan(values).any():
-        return None
-    if stable or len(np.unique(values)) == len(values):
-        order = contenders[torch.sort(torch.from_numpy(values), descending=True, stable=True).indices.numpy()]
-    else:
-        # Tied painted candidates: their order from an unstable sort depends on every value, as official.
-        compute(np.flatnonzero(touched & ~known).tolist())
-        rescored = rescore()
-        full_order = torch.sort(torch.from_numpy(rescored), descending=True, stable=False).indices.numpy()
-        is_contender = ~(rescored < thr) & (count > 0)
-        order = full_order[is_contender[full_order]]
-
-    filled = np.zeros(out_size, dtype=bool)
-    category, instance = empty_maps(out_size)
-    painted: Painted = []
-    areas: dict[int, int] = {}
-    next_instance = 1
-    for c in order.tolist():
-        box = boxes[c]
-        seg = segs[c]
-        free = ~_view(filled, box)
-        inter = int(count[c]) - int(np.count_nonzero(seg & free))
-        if inter / int(count[c]) > (thing_overlap if isthing[c] else stuff_overlap):
-            continue
-        region = seg & free
-        score = float(rescored[c])
-        if isthing[c]:
-            areas[len(painted)] = _paint(category, instance, filled, box, region, int(lab[c]), next_instance)
-            painted.append((int(lab[c]), True, score, next_instance, c))
-            next_instance += 1
-        else:
-            areas[len(painted)] = _paint(category, instance, filled, box, region, int(lab[c]), 0)
-            painted.append((int(lab[c]), False, score, 0, c))
-    return PanopticResult(category=category, instance=instance, segments=segments_from_counts(painted, areas))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# (p) pixel-wise argmax
-# ----------------------------------------------------------------------------------------------------------------
+    return exact_box_masks(cands.masks, cands.scores, out_size)
 
 
 def _empty_result(out_size: tuple[int, int]) -> PanopticResult:
     category, instance = empty_maps(out_size)
     return PanopticResult(category=category, instance=instance)
+
+
+def _winner_luts(winners: list[int], kept: list[int], areas: np.ndarray, cands: Candidates, num_things: int
+                 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Look-up tables position in ``kept`` -> category / instance (-1 / 0 for losers) and the segment list, for the
+    positions ``winners`` in painting order (each with ``areas[j] > 0`` pixels): things get instance numbers in that
+    order; the winners of one stuff class share one segment (that of the first)."""
+    lut_cat = np.full(len(kept), -1, np.int32)
+    lut_inst = np.zeros(len(kept), np.int32)
+    painted: Painted = []
+    counts: dict[int, int] = {}
+    stuff_entry: dict[int, int] = {}
+    next_instance = 1
+    for j in winners:
+        k = kept[j]
+        label = int(cands.labels[k])
+        lut_cat[j] = label
+        if label < num_things:
+            lut_inst[j] = next_instance
+            counts[len(painted)] = int(areas[j])
+            painted.append((label, True, float(cands.scores[k]), next_instance, k))
+            next_instance += 1
+        else:
+            if label not in stuff_entry:
+                stuff_entry[label] = len(painted)
+                painted.append((label, False, float(cands.scores[k]), 0, k))
+            counts[stuff_entry[label]] = counts.get(stuff_entry[label], 0) + int(areas[j])
+    return lut_cat, lut_inst, segments_from_counts(painted, counts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (p) pixel-wise argmax
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _argmax_in_boxes(out_size: tuple[int, int], positions: list[int], boxes: list[Box], vals: list[np.ndarray],
@@ -296,10 +126,10 @@ def _argmax_in_boxes(out_size: tuple[int, int], positions: list[int], boxes: lis
     best = np.full(out_size, init, dtype=np.float32)
     ids = np.zeros(out_size, dtype=np.int32)
     for j, box, v in zip(positions, boxes, vals):
-        sub = _view(best, box)
+        sub = view(best, box)
         win = v > sub  # strict: an earlier candidate keeps a tie
         np.maximum(sub, v, out=sub)  # = v where win, else sub (equal values on ties)
-        np.copyto(_view(ids, box), np.int32(j), where=win)
+        np.copyto(view(ids, box), np.int32(j), where=win)
     return best, ids
 
 
@@ -354,7 +184,7 @@ def pixel_argmax(
         # maximal survivor); only the few pixels the removed ones won are decided again among the survivors.
         lost_y, lost_x = [], []
         for j in np.flatnonzero(small):
-            ly, lx = np.nonzero((_view(ids, boxes[j]) == j) & _view(valid, boxes[j]))
+            ly, lx = np.nonzero((view(ids, boxes[j]) == j) & view(valid, boxes[j]))
             lost_y.append(ly + boxes[j][0])
             lost_x.append(lx + boxes[j][2])
         areas[small] = 0
@@ -374,34 +204,12 @@ def pixel_argmax(
         valid[ys, xs] = won
         areas += np.bincount(new_ids[won], minlength=n)
 
-    labels, scores = cands.labels, cands.scores
-    lut_cat = np.full(len(kept), -1, np.int32)
-    lut_inst = np.zeros(len(kept), np.int32)
-    painted: Painted = []
-    counts: dict[int, int] = {}
-    stuff_done: set[int] = set()
-    next_instance = 1
-    for j in sorted(np.flatnonzero(alive).tolist(), key=lambda j: -float(scores[kept[j]])):
-        if areas[j] == 0:
-            continue
-        k = kept[j]
-        label = int(labels[k])
-        lut_cat[j] = label
-        if label < num_things:
-            lut_inst[j] = next_instance
-            counts[len(painted)] = int(areas[j])
-            painted.append((label, True, float(scores[k]), next_instance, k))
-            next_instance += 1
-        else:
-            if label not in stuff_done:
-                stuff_done.add(label)
-                painted.append((label, False, float(scores[k]), 0, k))
-            idx = next(i for i, p in enumerate(painted) if p[0] == label and not p[1])
-            counts[idx] = counts.get(idx, 0) + int(areas[j])
+    winners = sorted(np.flatnonzero(alive).tolist(), key=lambda j: -float(cands.scores[kept[j]]))
+    lut_cat, lut_inst, segments = _winner_luts([j for j in winners if areas[j] > 0], kept, areas, cands, num_things)
     code = np.where(valid, ids, np.int32(n))  # n = void
     category = np.append(lut_cat, np.int32(-1))[code]
     instance = np.append(lut_inst, np.int32(0))[code]
-    return PanopticResult(category=category, instance=instance, segments=segments_from_counts(painted, counts))
+    return PanopticResult(category=category, instance=instance, segments=segments)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -447,31 +255,10 @@ def maskformer_merge(
     for j, v in zip(pos, vals):
         original_area[j] = np.count_nonzero(v >= mask_threshold)
 
-    lut_cat = np.full(len(kept), -1, np.int32)
-    lut_inst = np.zeros(len(kept), np.int32)
-    painted: Painted = []
-    counts: dict[int, int] = {}
-    stuff_entry: dict[int, int] = {}
-    next_instance = 1
-    for j, k in enumerate(kept):
-        label = int(cands.labels[k])
-        if mask_area[j] == 0 or original_area[j] == 0:
-            continue
-        if mask_area[j] / original_area[j] < overlap_threshold:
-            continue
-        lut_cat[j] = label
-        if label < num_things:
-            lut_inst[j] = next_instance
-            counts[len(painted)] = int(mask_area[j])
-            painted.append((label, True, float(cands.scores[k]), next_instance, k))
-            next_instance += 1
-        else:
-            if label not in stuff_entry:
-                stuff_entry[label] = len(painted)
-                painted.append((label, False, float(cands.scores[k]), 0, k))
-            counts[stuff_entry[label]] = counts.get(stuff_entry[label], 0) + int(mask_area[j])
-    return PanopticResult(category=lut_cat[ids], instance=lut_inst[ids],
-                          segments=segments_from_counts(painted, counts))
+    winners = [j for j in range(len(kept)) if mask_area[j] > 0 and original_area[j] > 0
+               and not mask_area[j] / original_area[j] < overlap_threshold]
+    lut_cat, lut_inst, segments = _winner_luts(winners, kept, mask_area, cands, num_things)
+    return PanopticResult(category=lut_cat[ids], instance=lut_inst[ids], segments=segments)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -533,12 +320,12 @@ def heuristic_merge(
         area = int(np.count_nonzero(m))
         if area == 0:
             continue
-        free = ~_view(filled, box)
+        free = ~view(filled, box)
         region = m & free
         kept_area = int(np.count_nonzero(region))
         if (area - kept_area) / area > overlap_threshold:
             continue
-        counts[len(painted)] = _paint(category, instance, filled, box, region, int(lab[k]), next_instance)
+        counts[len(painted)] = paint(category, instance, filled, box, region, int(lab[k]), next_instance)
         painted.append((int(lab[k]), True, float(scores[k]), next_instance, k))
         next_instance += 1
 
@@ -563,10 +350,10 @@ def heuristic_merge(
                     y0, y1, x0, x1 = all_boxes[k]
                     part = acc[y0 - union[0]:y1 - union[0], x0 - union[2]:x1 - union[2]]
                     part += s32[k] * vals[k]
-            sub = _view(best, union)
+            sub = view(best, union)
             win = acc > sub  # best starts at 0: a class wins only with a positive sum (else void, as official)
             np.maximum(sub, acc, out=sub)
-            np.copyto(_view(sem, union), np.int32(c), where=win)
+            np.copyto(view(sem, union), np.int32(c), where=win)
         free = ~filled
         area = np.bincount(sem[free & (sem >= num_things)], minlength=num_classes)
         for label in range(num_things, num_classes):

@@ -4,6 +4,10 @@ These are the reference semantics of ``models.postprocess`` (the code before the
 candidate of each segment): the fast paths there give the same maps, segments and scores bit for bit. They run when
 the fast path cannot guarantee that (another bilinear kernel, non-finite values) and for "(m)" with
 ``return_candidates=True`` (``harness predict --dump-raw``), which needs the full-resolution candidate list.
+
+They are also the tests' and the benchmark's oracle (``tests/test_postprocess_fast.py``), so they stay plain and
+independent of the fast paths: nothing here calls into ``models.box_resize`` or the box-restricted code.
+Defaults are those of the public functions in ``models.postprocess``.
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ def resize(masks: Tensor, out_size: tuple[int, int]) -> Tensor:
     return F.interpolate(masks[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
 
 
-
 def mask_wise_merge_full(
     cands: Candidates, num_things: int, out_size: tuple[int, int], thing_threshold: float = 0.25,
     stuff_threshold: float = 0.25, thing_overlap: float = 0.4, stuff_overlap: float = 0.2, alpha: float = 1.0,
     beta: float = 2.0, mask_threshold: float = 0.5, plus_one: bool = True, stable: bool = False,
 ) -> PanopticResult:
-    """The full-resolution definition of "(m)" (every candidate resized to ``out_size``), with the sorted list."""
+    """The full-resolution definition of "(m)" (every candidate resized to ``out_size``), with the sorted list
+    (and each sorted candidate's input position, ``candidate_index``)."""
     masks = resize(cands.masks, out_size)
     seg = masks > mask_threshold
     # Same expressions and reduction order as the official code, so float32 results agree bit for bit.
@@ -82,6 +86,7 @@ def mask_wise_merge_full(
         candidate_scores=rescored.numpy().astype(np.float32),
         candidate_labels=labels.numpy().astype(np.int64),
         candidate_masks=masks.numpy().astype(np.float32, copy=False),
+        candidate_index=order.numpy().astype(np.int64),
     )
 
 
@@ -113,8 +118,8 @@ def _paint_ids(
     return category, instance, painted
 
 
-def pixel_argmax_full(cands: Candidates, num_things: int, out_size: tuple[int, int], score_threshold: float,
-                       mask_threshold: float, min_area: int) -> PanopticResult:
+def pixel_argmax_full(cands: Candidates, num_things: int, out_size: tuple[int, int], score_threshold: float = 0.25,
+                      mask_threshold: float = 0.5, min_area: int = 4) -> PanopticResult:
     """The full-resolution definition of "(p)"."""
     masks = resize(cands.masks, out_size)
     kept = [int(k) for k in torch.nonzero(cands.scores >= score_threshold).flatten()]
@@ -136,8 +141,8 @@ def pixel_argmax_full(cands: Candidates, num_things: int, out_size: tuple[int, i
 
 
 def maskformer_merge_full(cands: Candidates, num_things: int, out_size: tuple[int, int],
-                           object_mask_threshold: float, overlap_threshold: float, mask_threshold: float
-                           ) -> PanopticResult:
+                          object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
+                          mask_threshold: float = 0.5) -> PanopticResult:
     """The full-resolution definition of "(p*)"."""
     masks = resize(cands.masks, out_size)
     category, instance = empty_maps(out_size)
@@ -174,8 +179,8 @@ def maskformer_merge_full(cands: Candidates, num_things: int, out_size: tuple[in
 
 
 def heuristic_merge_full(cands: Candidates, num_things: int, out_size: tuple[int, int],
-                          instance_score_threshold: float, overlap_threshold: float, stuff_area_limit: int,
-                          mask_threshold: float) -> PanopticResult:
+                         instance_score_threshold: float = 0.5, overlap_threshold: float = 0.5,
+                         stuff_area_limit: int = 4096, mask_threshold: float = 0.5) -> PanopticResult:
     """The full-resolution definition of the heuristic."""
     masks = resize(cands.masks, out_size)
     scores, labels = cands.scores.float(), cands.labels

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import assert_checkpoint_round_trip, train_steps
 
 from models.baselines.maskformer import (
     CONFIGS,
@@ -329,35 +330,18 @@ def test_detectron2_transform_normalises_rgb_without_padding() -> None:
 # ------------------------------------------------------------------------------------------ training
 def test_tiny_config_trains_with_falling_loss(synth_root: Path) -> None:
     from harness.data.coco_panoptic import PanopticDataset
-    from harness.engine.data import AugmentConfig, augment, collate, item_from_sample
     from models.baselines.maskformer import build_criterion
 
     torch.manual_seed(0)
     ds = PanopticDataset(synth_root, "train2017")
     nt, ns = ds.categories.num_things, ds.categories.num_stuff
-    rng = np.random.default_rng(0)
-    items = [augment(item_from_sample(ds[i], ds), AugmentConfig(enabled=False), (128, 128), rng) for i in range(2)]
     cfg = CONFIGS["maskformer_tiny"](num_things=nt, num_stuff=ns)
     model = MaskFormer(cfg).train()
-    criterion = build_criterion(cfg, nt, ns)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    images, pad_mask, targets = collate(items, nt, cfg.pixel_mean, cfg.pixel_std)
-    losses = []
-    for _ in range(12):
-        loss, logs = criterion(model, images, pad_mask, targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(logs["loss"])
+    assert all(p.requires_grad for p in model.parameters())  # every parameter trains
+    losses, logs = train_steps(model, build_criterion(cfg, nt, ns), ds, 128, steps=12, lr=1e-3)
     assert {"loss_ce", "loss_mask", "loss_dice", "d0.loss_ce"} <= set(logs)
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 
 def test_our_checkpoint_format_round_trip(tmp_path: Path, tiny: tuple[MaskFormer, dict]) -> None:
-    from models.checkpoint import save_checkpoint
-
-    model, _ = tiny
-    save_checkpoint(model.state_dict(), model.cfg, tmp_path / "mf")
-    loaded, cfg = load_model(tmp_path / "mf")
-    assert cfg == model.cfg and isinstance(loaded, MaskFormer)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert_checkpoint_round_trip(tiny[0], tmp_path / "mf")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import assert_checkpoint_round_trip, train_steps
 
 from models.baselines.panoptic_fcn import (
     CONFIGS,
@@ -276,35 +277,17 @@ def test_bgr_transform_std_one_and_padding() -> None:
 # ------------------------------------------------------------------------------------------ training
 def test_tiny_config_trains_with_falling_loss(synth_root: Path) -> None:
     from harness.data.coco_panoptic import PanopticDataset
-    from harness.engine.data import AugmentConfig, augment, collate, item_from_sample
     from models.baselines.panoptic_fcn import build_criterion
 
     torch.manual_seed(0)
     ds = PanopticDataset(synth_root, "train2017")
     nt, ns = ds.categories.num_things, ds.categories.num_stuff
-    rng = np.random.default_rng(0)
-    items = [augment(item_from_sample(ds[i], ds), AugmentConfig(enabled=False), (128, 128), rng) for i in range(2)]
     cfg = CONFIGS["panoptic_fcn_tiny"](num_things=nt, num_stuff=ns)
     model = PanopticFCN(cfg).train()
-    criterion = build_criterion(cfg, nt, ns)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    images, pad_mask, targets = collate(items, nt, cfg.pixel_mean, cfg.pixel_std)
-    losses = []
-    for _ in range(12):
-        loss, logs = criterion(model, images / 60.0, pad_mask, targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(logs["loss"])
+    losses, logs = train_steps(model, build_criterion(cfg, nt, ns), ds, 128, steps=12, lr=3e-3, input_divisor=60.0)
     assert set(logs) == {"loss_pos_th", "loss_pos_st", "loss_seg_th", "loss_seg_st", "loss"}
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 
 def test_our_checkpoint_format_round_trip(tmp_path: Path, tiny: tuple[PanopticFCN, dict]) -> None:
-    from models.checkpoint import save_checkpoint
-
-    model, _ = tiny
-    save_checkpoint(model.state_dict(), model.cfg, tmp_path / "pfcn")
-    loaded, cfg = load_model(tmp_path / "pfcn")
-    assert cfg == model.cfg and isinstance(loaded, PanopticFCN)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert_checkpoint_round_trip(tiny[0], tmp_path / "pfcn")

@@ -1,31 +1,33 @@
-"""The fast post-processors equal the previous full-resolution implementation bit for bit.
+"""The fast post-processors equal the full-resolution definitions bit for bit.
 
-Oracle: ``tests/_postprocess_reference.py``, a frozen copy of the post-processors before the fast rewrite. Every
-case compares the panoptic maps, the segment lists (labels, instances, scores, areas) and, for "(m)" with
-``return_candidates``, the sorted candidate list.
+Oracle: ``models.postprocess_full``, the previous full-resolution implementation (every candidate resized to the
+output size), kept in the package as the fast paths' fallback and independent of the box-restricted code. Every
+case compares the panoptic maps, the segment lists (labels, instances, scores, areas, painting candidates) and,
+for "(m)" with ``return_candidates``, the sorted candidate list (itself checked against its definition).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-import _postprocess_reference as ref
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models import postprocess as pp
+from models import postprocess_full as ref
 from models.box_resize import BoxMasks, separable_is_exact, support_threshold
+from models.mask_wise import MaskWiseOptions, mask_wise_trace
 from models.postprocess import Candidates
 
 NT = 5  # things 0..4, stuff 5..8
 
 FAST: dict[str, tuple[Callable[..., pp.PanopticResult], Callable[..., pp.PanopticResult]]] = {
-    "m": (pp.mask_wise_merge, ref.mask_wise_merge),
-    "p": (pp.pixel_argmax, ref.pixel_argmax),
-    "p*": (pp.maskformer_merge, ref.maskformer_merge),
-    "heuristic": (pp.heuristic_merge, ref.heuristic_merge),
+    "m": (pp.mask_wise_merge, ref.mask_wise_merge_full),
+    "p": (pp.pixel_argmax, ref.pixel_argmax_full),
+    "p*": (pp.maskformer_merge, ref.maskformer_merge_full),
+    "heuristic": (pp.heuristic_merge, ref.heuristic_merge_full),
 }
 
 
@@ -33,9 +35,9 @@ def _assert_same(got: pp.PanopticResult, want: pp.PanopticResult, what: str, can
     np.testing.assert_array_equal(got.category, want.category, err_msg=f"{what}: category")
     np.testing.assert_array_equal(got.instance, want.instance, err_msg=f"{what}: instance")
     assert got.category.dtype == np.int32 and got.instance.dtype == np.int32 and got.category.flags.c_contiguous
-    # repr: scores compare bit for bit (and NaN equals NaN).
-    stripped = [{k: repr(v) for k, v in s.items() if k != "candidate"} for s in got.segments]
-    assert stripped == [{k: repr(v) for k, v in s.items()} for s in want.segments], what
+    # repr: scores compare bit for bit (and NaN equals NaN); "candidate" is the input position that painted it.
+    assert [{k: repr(v) for k, v in s.items()} for s in got.segments] == \
+        [{k: repr(v) for k, v in s.items()} for s in want.segments], what
     if cands is not None:  # a segment names the candidate that painted it
         assert all(int(cands.labels[s["candidate"]]) == s["label"] for s in got.segments), what
 
@@ -142,17 +144,28 @@ def test_mask_wise_candidate_list_and_two_threads() -> None:
     rng = np.random.default_rng(11)
     cands = _random_candidates(rng, 30, 25, 33)
     out = (240, 317)
-    want = ref.mask_wise_merge(cands, NT, out)
+    want = ref.mask_wise_merge_full(cands, NT, out)
     full = pp.mask_wise_merge(cands, NT, out, return_candidates=True)
     _assert_same(full, want, "return_candidates")
     np.testing.assert_array_equal(full.candidate_scores, want.candidate_scores)
     np.testing.assert_array_equal(full.candidate_labels, want.candidate_labels)
     np.testing.assert_array_equal(full.candidate_masks, want.candidate_masks)
+    # The candidate list from its definition: every mask resized, rescored score * s_mask**2 ("+1"), sorted.
+    _assert_same(pp.mask_wise_merge(cands, NT, out), full, "fast vs return_candidates", cands)
+    idx = torch.from_numpy(full.candidate_index)
+    up = F.interpolate(cands.masks[None], size=out, mode="bilinear", align_corners=False)[0]
+    seg = (up > 0.5).float()
+    rescored = cands.scores * ((up * seg).sum((1, 2)) / (seg.sum((1, 2)) + 1)) ** 2
+    np.testing.assert_array_equal(full.candidate_masks, up[idx].numpy())
+    np.testing.assert_array_equal(full.candidate_labels, cands.labels[idx].numpy())
+    np.testing.assert_array_equal(full.candidate_scores, rescored[idx].numpy())
+    assert sorted(full.candidate_index.tolist()) == list(range(30)) and (np.diff(full.candidate_scores) <= 0).all()
     assert pp.mask_wise_merge(cands, NT, out).candidate_scores is None  # fast: no candidate list
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)  # a 1-row torch sum would split across threads; the 2-row buffer does not
-        _assert_same(pp.mask_wise_merge(cands, NT, out), ref.mask_wise_merge(cands, NT, out), "2 threads")
+        _assert_same(pp.mask_wise_merge(cands, NT, out), ref.mask_wise_merge_full(cands, NT, out), "2 threads",
+                     cands)
     finally:
         torch.set_num_threads(threads)
 
@@ -171,7 +184,7 @@ def test_mask_wise_ties_between_painted_candidates() -> None:
         for overlap in (0.0, 0.4, 1.0):
             opts = {"stable": stable, "thing_overlap": overlap, "stuff_overlap": overlap}
             _assert_same(pp.mask_wise_merge(cands, NT, (120, 170), **opts),
-                         ref.mask_wise_merge(cands, NT, (120, 170), **opts), f"ties {opts}")
+                         ref.mask_wise_merge_full(cands, NT, (120, 170), **opts), f"ties {opts}", cands)
 
 
 @pytest.mark.parametrize("method", list(FAST))
@@ -189,6 +202,36 @@ def test_fallbacks_equal_previous_implementation(method: str) -> None:
         _assert_same(fast(cands, NT, out), slow(cands, NT, out), f"{method} {tuple(cands.masks.shape)}->{out}", cands)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_mask_wise_trace_equals_full_definition(seed: int) -> None:
+    """`mask_wise_trace` (box path and fallback): the tried candidates are the full definition's sorted candidates
+    with rescored score >= t_cnf and a non-empty binary mask, with their exact binary masks; the painted regions
+    rebuild its maps; its result equals it."""
+    rng = np.random.default_rng(40 + seed)
+    for out in ((140, 150), (40, 50)):  # box path; H + W <= 128: full-resolution ranking
+        cands = _random_candidates(rng, 24, 9, 11)
+        opts = _options(rng, "m")
+        want = ref.mask_wise_merge_full(cands, NT, out, **opts)
+        trace = mask_wise_trace(cands, NT, out, MaskWiseOptions(**opts))
+        assert trace.result is not None
+        _assert_same(trace.result, want, f"trace {out} {opts}", cands)
+        thr = np.where(want.candidate_labels < NT, opts["thing_threshold"], opts["stuff_threshold"])
+        binary = want.candidate_masks > 0.5
+        tried = np.flatnonzero(~(want.candidate_scores < thr) & binary.any((1, 2)))
+        np.testing.assert_array_equal(trace.index, want.candidate_index[tried])
+        np.testing.assert_array_equal(trace.scores, want.candidate_scores[tried])
+        category = np.full(out, -1, np.int32)
+        for i, (y0, y1, x0, x1), m, p in zip(tried, trace.boxes, trace.masks, trace.painted):
+            pasted = np.zeros(out, bool)
+            pasted[y0:y1, x0:x1] = m
+            np.testing.assert_array_equal(pasted, binary[i])
+            if p is not None:
+                assert not (p & ~m).any() and (category[y0:y1, x0:x1][p] == -1).all()  # free pixels of its mask
+                category[y0:y1, x0:x1][p] = want.candidate_labels[i]
+        np.testing.assert_array_equal(category, want.category)
+        assert len(trace.index) > 0
+
+
 def test_pixel_argmax_removes_small_winners_like_before() -> None:
     """Candidates winning <= min_area pixels are removed and their pixels re-decided (several rounds)."""
     h, w = 20, 24
@@ -203,7 +246,7 @@ def test_pixel_argmax_removes_small_winners_like_before() -> None:
                        torch.from_numpy(masks))
     for min_area in (0, 4, 30, 200, 10_000):
         _assert_same(pp.pixel_argmax(cands, NT, (100, 120), min_area=min_area),
-                     ref.pixel_argmax(cands, NT, (100, 120), min_area=min_area), f"min_area {min_area}")
+                     ref.pixel_argmax_full(cands, NT, (100, 120), min_area=min_area), f"min_area {min_area}", cands)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import _postprocess_reference as ref
 import cv2
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from models.configs import panoptic_segformer_tiny
 from models.mask_decoder import record_attention
 from models.panoptic_segformer import PanopticSegFormer, outputs_at_layer
 from models.postprocess import candidates_from_outputs, mask_wise_merge
+from models.postprocess_full import mask_wise_merge_full
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +80,14 @@ def test_dump_raw_layers_all(tiny: tuple[Path, Path, PanopticSegFormer], tmp_pat
     # Layer 1 from the official hook, merged by the previous (full-resolution) implementation.
     outputs, prep = _forward(model, img)
     cands = candidates_from_outputs(outputs_at_layer(outputs, 0), 0, 80)
-    want = ref.mask_wise_merge(cands, 80, prep.ori_shape)
+    want = mask_wise_merge_full(cands, 80, prep.ori_shape)
     np.testing.assert_array_equal(layers["candidate_scores_1"], want.candidate_scores)
     np.testing.assert_array_equal(layers["candidate_labels_1"], want.candidate_labels)
     np.testing.assert_array_equal(layers["candidate_masks_1"], want.candidate_masks)
     np.testing.assert_array_equal(layers["panoptic_category_1"], want.category)
     np.testing.assert_array_equal(layers["panoptic_instance_1"], want.instance)
     # and the last layer's candidate list is still the previous implementation's
-    want_last = ref.mask_wise_merge(candidates_from_outputs(outputs, 0, 80), 80, prep.ori_shape)
+    want_last = mask_wise_merge_full(candidates_from_outputs(outputs, 0, 80), 80, prep.ori_shape)
     np.testing.assert_array_equal(raw["candidate_scores"], want_last.candidate_scores)
     np.testing.assert_array_equal(raw["candidate_masks"], want_last.candidate_masks)
     np.testing.assert_array_equal(raw["panoptic_category"], want_last.category)

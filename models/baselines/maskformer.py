@@ -24,7 +24,6 @@ Released weights: ``model_final_6f60dc.pkl`` (R50) and ``model_final_7505c4.pkl`
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.baselines.common import ConfigDict, check_family
 from models.baselines.maskformer_detectron2 import (
     Conv2d,
     ResNet,
@@ -44,7 +44,6 @@ from models.baselines.maskformer_detectron2 import (
     ceil_div_hw,
     fill_frozen_bn_stats,
     get_norm,
-    guess_family,
     image_size_in_pixels,
     read_detectron2_checkpoint,
     valid_sizes,
@@ -69,7 +68,7 @@ __all__ = [
 
 
 @dataclass
-class MaskFormerConfig:
+class MaskFormerConfig(ConfigDict):
     """Hyper-parameters of :class:`MaskFormer`; defaults = ``maskformer_panoptic_R50_bs64_554k.yaml``."""
 
     name: str = "maskformer_r50_panoptic"
@@ -127,35 +126,14 @@ class MaskFormerConfig:
         """Things + stuff (the no-object logit is extra)."""
         return self.num_things + self.num_stuff
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MaskFormerConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown MaskFormer config keys: {', '.join(unknown)}")
-        return cls(**data)
-
-
-def _config(name: str, defaults: dict[str, Any]) -> Callable[..., MaskFormerConfig]:
-    def make(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> MaskFormerConfig:
-        return MaskFormerConfig(**{"name": name, "num_things": num_things, "num_stuff": num_stuff, **defaults,
-                                   **overrides})
-
-    make.__doc__ = f"Config ``{name}``."
-    return make
-
 
 CONFIGS: dict[str, Callable[..., MaskFormerConfig]] = {
-    "maskformer_r50_panoptic": _config("maskformer_r50_panoptic", {}),
+    "maskformer_r50_panoptic": MaskFormerConfig.factory("maskformer_r50_panoptic", {}),
     # swin/maskformer_panoptic_swin_large_IN21k_384_bs64_554k.yaml: BasePixelDecoder, res5 into the decoder.
-    "maskformer_swin_l_panoptic": _config("maskformer_swin_l_panoptic", {
+    "maskformer_swin_l_panoptic": MaskFormerConfig.factory("maskformer_swin_l_panoptic", {
         "backbone": "swin_l", "encoder_layers": 0, "enforce_input_proj": True}),
     # CPU-sized: tiny bottleneck ResNet (GN, trainable from scratch), 32 channels, 1 encoder + 2 decoder layers.
-    "maskformer_tiny": _config("maskformer_tiny", {
+    "maskformer_tiny": MaskFormerConfig.factory("maskformer_tiny", {
         "resnet_depths": (1, 1, 1, 1), "resnet_stem_channels": 16, "resnet_res2_channels": 32, "resnet_norm": "GN",
         "conv_dim": 32, "mask_dim": 32, "gn_groups": 8, "encoder_layers": 1, "hidden_dim": 32, "num_queries": 20,
         "nheads": 4, "dropout": 0.0, "dim_feedforward": 64, "dec_layers": 2, "test_short": 128, "test_long": 256}),
@@ -526,10 +504,7 @@ def convert_state_dict(raw: dict[str, Tensor], cfg: MaskFormerConfig,
     Raises:
         CheckpointError: not a MaskFormer checkpoint, or a backbone other than the config's.
     """
-    if not any(k.startswith("sem_seg_head.") for k in raw):
-        guess = guess_family(raw)
-        raise CheckpointError(f"{source} is not a MaskFormer checkpoint (no 'sem_seg_head.*' keys)"
-                              + (f"; it looks like {guess}" if guess else ""))
+    check_family(raw, ("sem_seg_head.",), "MaskFormer", source)
     is_swin = any(k.startswith("backbone.patch_embed.") for k in raw)
     if is_swin != (cfg.backbone == "swin_l"):
         want = "maskformer_swin_l_panoptic" if is_swin else "maskformer_r50_panoptic"

@@ -12,7 +12,6 @@ identity key map:
 * :func:`read_detectron2_checkpoint`: a released ``.pkl`` (pickled numpy arrays, read with an allow-list
   unpickler) or ``.pth`` (``torch.load(weights_only=True)``, never a full unpickle) -> ``{name: Tensor}``
   (``"model"`` entry if present, ``module.`` stripped), as ``DetectionCheckpointer._load_file``.
-* :func:`guess_family`: which released family a state dict looks like (for clear wrong-family errors).
 * :func:`valid_sizes` / :func:`image_size_in_pixels`: each image's size inside a padded batch, for the exact crop
   upstream makes before resizing masks to the original size.
 """
@@ -20,7 +19,7 @@ identity key map:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.checkpoint import CheckpointError
-from models.safe_load import UnsafeCheckpointError, pickle_load, torch_load
+from models.checkpoint import CheckpointError, open_released
+from models.safe_load import pickle_load
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,6 @@ __all__ = [
     "ceil_div_hw",
     "fill_frozen_bn_stats",
     "get_norm",
-    "guess_family",
     "image_size_in_pixels",
     "read_detectron2_checkpoint",
     "valid_sizes",
@@ -254,15 +252,8 @@ def read_detectron2_checkpoint(path: str | Path) -> dict[str, Tensor]:
         CheckpointError: missing or unreadable file, or not a dict of arrays.
     """
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
     # Never a full unpickle (a checkpoint must not run code): models.safe_load allows data objects only.
-    try:
-        obj = pickle_load(p) if p.suffix == ".pkl" else torch_load(p)
-    except UnsafeCheckpointError as exc:
-        raise CheckpointError(str(exc)) from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{p}: expected a dict of arrays (or one under 'model'), got {type(obj).__name__}")
+    obj = open_released(p, pickle_load if p.suffix == ".pkl" else None)
     state = obj.get("model", obj.get("state_dict", obj))  # "state_dict": an mmcv file (named as such later)
     if not isinstance(state, dict):
         raise CheckpointError(f"{p}: 'model' is a {type(state).__name__}, not a dict of arrays")
@@ -274,23 +265,6 @@ def read_detectron2_checkpoint(path: str | Path) -> dict[str, Tensor]:
             continue
         out[key.removeprefix("module.")] = _to_tensor(key, value, p)
     return out
-
-
-_SIGNATURES: tuple[tuple[str, str], ...] = (
-    ("sem_seg_head.", "MaskFormer (detectron2 .pkl; --from maskformer)"),
-    ("position_head.", "Panoptic FCN (detectron2 .pth; --from panoptic-fcn)"),
-    ("bbox_head.", "Panoptic SegFormer (mmdet .pth; --from official-psf)"),
-    ("detr.", "DETR panoptic (.pth; --from detr)"),
-    ("transformer.level_embed", "Deformable DETR (.pth; --from deformable-detr)"),
-)
-
-
-def guess_family(state: Mapping[str, Tensor]) -> str | None:
-    """A human-readable guess of which released family ``state`` belongs to, or None."""
-    for prefix, name in _SIGNATURES:
-        if any(k.startswith(prefix) for k in state):
-            return name
-    return None
 
 
 def fill_frozen_bn_stats(state: dict[str, Tensor], prefix: str, source: str) -> None:

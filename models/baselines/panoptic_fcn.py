@@ -26,7 +26,6 @@ padding to a multiple of 32. Batch size must be 1 upstream; here every image of 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,19 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.baselines.common import ConfigDict, check_data_classes, check_family
 from models.baselines.maskformer_detectron2 import (
     Conv2d,
     ResNet,
     c2_msra_fill,
     c2_xavier_fill,
+    ceil_div_hw,
     fill_frozen_bn_stats,
     get_norm,
-    guess_family,
     image_size_in_pixels,
     read_detectron2_checkpoint,
     valid_sizes,
 )
-from models.checkpoint import CheckpointError
 from models.family import Family
 from models.inference import LAST_LAYER, TestTransformSpec, parse_layer
 from models.postprocess import Candidates, PanopticResult
@@ -69,7 +68,7 @@ __all__ = [
 
 
 @dataclass
-class PanopticFCNConfig:
+class PanopticFCNConfig(ConfigDict):
     """Hyper-parameters of :class:`PanopticFCN`; defaults = ``configs/PanopticFCN-R50-3x.yaml``."""
 
     name: str = "panoptic_fcn_r50_3x"
@@ -131,32 +130,11 @@ class PanopticFCNConfig:
         self.pixel_mean = tuple(self.pixel_mean)  # type: ignore[assignment]
         self.pixel_std = tuple(self.pixel_std)  # type: ignore[assignment]
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PanopticFCNConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown Panoptic FCN config keys: {', '.join(unknown)}")
-        return cls(**data)
-
-
-def _config(name: str, defaults: dict[str, Any]) -> Callable[..., PanopticFCNConfig]:
-    def make(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> PanopticFCNConfig:
-        return PanopticFCNConfig(**{"name": name, "num_things": num_things, "num_stuff": num_stuff, **defaults,
-                                    **overrides})
-
-    make.__doc__ = f"Config ``{name}``."
-    return make
-
 
 CONFIGS: dict[str, Callable[..., PanopticFCNConfig]] = {
-    "panoptic_fcn_r50_3x": _config("panoptic_fcn_r50_3x", {}),
+    "panoptic_fcn_r50_3x": PanopticFCNConfig.factory("panoptic_fcn_r50_3x", {}),
     # CPU-sized: tiny GN ResNet (trainable from scratch), 32-channel FPN/heads, one DCN layer, 16-d encoder.
-    "panoptic_fcn_tiny": _config("panoptic_fcn_tiny", {
+    "panoptic_fcn_tiny": PanopticFCNConfig.factory("panoptic_fcn_tiny", {
         "resnet_depths": (1, 1, 1, 1), "resnet_stem_channels": 16, "resnet_res2_channels": 32, "resnet_norm": "GN",
         "freeze_at": 0, "fpn_channels": 32, "gn_groups": 8, "semantic_dim": 32, "position_convs": 1,
         "position_dim": 32, "kernel_convs": 1, "kernel_dim": 32, "encoder_convs": 2, "encoder_dim": 16,
@@ -560,7 +538,7 @@ class PanopticFCN(nn.Module):
         if parse_layer(layer) not in (None, 1):
             raise ValueError(f"Panoptic FCN has a single mask layer; got layer {layer!r}")
         d = self._detections(outputs, index)
-        h, w = valid_hw or (-(-outputs["image_sizes"][index][0] // 4), -(-outputs["image_sizes"][index][1] // 4))
+        h, w = valid_hw or ceil_div_hw(outputs["image_sizes"][index], self.mask_stride)
         st = d.stuff_classes > 0
         masks = torch.cat([d.thing_logits, d.stuff_logits[st]])[:, :h, :w].float().sigmoid()
         labels = torch.cat([d.thing_classes, d.stuff_classes[st] - 1 + self.cfg.num_things])
@@ -700,10 +678,8 @@ def convert_state_dict(raw: dict[str, Tensor], cfg: PanopticFCNConfig,
     Raises:
         CheckpointError: not a Panoptic FCN checkpoint (names the family it looks like).
     """
-    if not any(k.startswith("position_head.") for k in raw) or not any(k.startswith("kernel_head.") for k in raw):
-        guess = guess_family(raw)
-        raise CheckpointError(f"{source} is not a Panoptic FCN checkpoint (no 'position_head.*'/'kernel_head.*' keys)"
-                              + (f"; it looks like {guess}" if guess else ""))
+    for head in ("position_head.", "kernel_head."):  # both heads
+        check_family(raw, (head,), "Panoptic FCN", source)
     out = {k: v for k, v in raw.items() if k not in ("pixel_mean", "pixel_std")}
     fill_frozen_bn_stats(out, "backbone.bottom_up.", source)
     return out
@@ -718,8 +694,7 @@ def build_criterion(cfg: PanopticFCNConfig, num_things: int, num_stuff: int) -> 
     """Panoptic FCN's training loss (``models.baselines.panoptic_fcn_loss.PanopticFCNCriterion``)."""
     from models.baselines.panoptic_fcn_loss import PanopticFCNCriterion
 
-    if (num_things, num_stuff) != (cfg.num_things, cfg.num_stuff):
-        raise ValueError(f"criterion for {num_things}+{num_stuff} classes, model has {cfg.num_things}+{cfg.num_stuff}")
+    check_data_classes(cfg, num_things, num_stuff)
     return PanopticFCNCriterion(cfg)
 
 
