@@ -23,6 +23,7 @@ from typing import Any, Collection, Iterable
 from models.files import TEMPORARY_RE, atomic_write, file_mode, temporary_parts
 
 __all__ = [
+    "atomic_link_or_copy",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -31,6 +32,7 @@ __all__ = [
     "init_worker_signals",
     "is_hidden",
     "is_temporary",
+    "stop_process_pool",
     "sweep_stale_temporaries",
     "temporary_parts",
     "visible_files",
@@ -50,6 +52,31 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = None) -> Path:
     """Serialise `obj` as JSON to `path` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=indent))
+
+
+def atomic_link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Make `dst` a hard link to `src` (a copy across file systems), atomically: `dst` is replaced, never half
+    written. A link keeps `src`'s permissions (its inode is shared and left alone); a copy gets the umask's."""
+    import shutil
+    import tempfile
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.stem}.tmp-{os.getpid()}-", suffix=dst.suffix, dir=dst.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        tmp_path.unlink()
+        try:
+            os.link(src, tmp_path)
+        except OSError:  # another file system, or links not supported
+            shutil.copyfile(src, tmp_path)
+            os.chmod(tmp_path, file_mode())
+        os.replace(tmp_path, dst)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return dst
 
 
 def is_temporary(name: str) -> bool:
@@ -124,6 +151,38 @@ def _worker_exit(signum: int, frame: object) -> None:
     # SystemExit (not KeyboardInterrupt): atomic writers drop their temporary file (they catch BaseException),
     # pool workers do not catch it, and multiprocessing exits with this status without printing a traceback.
     raise SystemExit(128 + signum)
+
+
+def stop_process_pool(pool: Any) -> None:
+    """Stop a worker pool now (after an error, Ctrl-C or SIGTERM in the parent), without waiting for queued work.
+
+    Works for ``concurrent.futures.ProcessPoolExecutor`` and ``multiprocessing.Pool``. The workers get SIGTERM
+    (those started with :func:`init_worker_signals` drop their temporary files and exit quietly) and are joined,
+    so no worker outlives the command and nothing is left half written.
+    """
+    if pool is None:
+        return
+    if hasattr(pool, "terminate"):  # multiprocessing.Pool
+        pool.terminate()
+        pool.join()
+        return
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        try:
+            if p.is_alive():
+                p.terminate()
+        except (OSError, ValueError, AttributeError):
+            pass
+    for p in procs:
+        try:
+            p.join(timeout=30)
+        except (OSError, ValueError, AttributeError, AssertionError):
+            pass
+    try:
+        pool.shutdown(wait=True)
+    except Exception:  # noqa: BLE001 - a broken pool (its workers were just terminated) has nothing left to wait for
+        pass
 
 
 def init_worker_signals() -> None:

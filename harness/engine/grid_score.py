@@ -305,9 +305,15 @@ class Scorer:
             self._collect(block=True)
 
     def close(self, cancel: bool = False) -> None:
-        """Stop the processes (``cancel``: drop queued jobs, e.g. after an error or Ctrl-C)."""
+        """Stop the processes (``cancel``: now, dropping queued jobs, e.g. after an error, Ctrl-C or SIGTERM; the
+        workers remove their temporary files and are joined, so none outlives the command)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            if cancel:
+                from harness.io import stop_process_pool
+
+                stop_process_pool(self._pool)
+            else:
+                self._pool.shutdown(wait=True)
             self._pool = None
         self._pending.clear()
 

@@ -20,7 +20,6 @@ the numpy path. Both paths sum the same chunks in the same order, so the floats 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import threading
@@ -40,22 +39,7 @@ log = logging.getLogger(__name__)
 
 _MIN_IMAGES_PER_WORKER = 32
 
-__all__ = ["load_json", "evaluate_pq_files", "EvalJob"]
-
-
-def load_json(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
-    """Read a JSON object, raising DataError with the file name on any problem."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            obj = json.loads(f.read())
-    except FileNotFoundError:
-        raise DataError(f"{what} not found: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{what} {path} is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{what} {path}: expected a JSON object at the top level")
-    return obj
+__all__ = ["read_inputs", "evaluate_pq_files", "EvalJob"]
 
 
 class EvalJob(NamedTuple):
@@ -110,11 +94,28 @@ def _score_chunk(job: EvalJob, pairs: Sequence[Pair]) -> tuple[PQStats, PQStats 
 
 
 def _init_worker(boundary: bool) -> None:
-    """One OpenCV thread per worker process: the workers already use every core."""
+    """One OpenCV thread per worker process (the workers already use every core); SIGTERM / Ctrl-C end a worker
+    quietly (the parent reports the interruption in one line and stops the pool)."""
+    from harness.io import init_worker_signals
+
+    init_worker_signals()
     if boundary:
         import cv2
 
         cv2.setNumThreads(1)
+
+
+def _start_method() -> str | None:
+    """``fork`` (fast) in a fresh process; ``spawn`` once OpenCV or torch are loaded: a forked child inherits their
+    thread pools in whatever state the parent left them and can deadlock on its first OpenCV call."""
+    import multiprocessing
+    import sys
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    if "cv2" in sys.modules or "torch" in sys.modules:
+        return "spawn"
+    return "fork"
 
 
 def _score_chunk_star(args: tuple[EvalJob, Sequence[Pair]]) -> tuple[PQStats, PQStats | None, int]:
@@ -253,49 +254,27 @@ def _run_threads(lib: Native, job: EvalJob, table: CategoryTable, chunks: Sequen
             t.join()
 
 
-def _match_annotations(
-    gt_json: dict[str, Any], pred_json: dict[str, Any], gt_json_path: Path, pred_json_path: Path, allow_missing: bool
-) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], list[dict[str, Any]]]:
-    """Pair GT and predicted annotations by image id, in GT order."""
-    for key in ("annotations", "categories"):
-        if key not in gt_json:
-            raise DataError(f"GT JSON {gt_json_path} lacks key '{key}'")
-    if "annotations" not in pred_json:
-        raise DataError(f"prediction JSON {pred_json_path} lacks key 'annotations'")
-    preds: dict[Any, dict[str, Any]] = {}
-    for ann in pred_json["annotations"]:
-        if "image_id" not in ann or "file_name" not in ann or "segments_info" not in ann:
-            raise DataError(
-                f"prediction JSON {pred_json_path}: an annotation lacks image_id, file_name or segments_info")
-        if ann["image_id"] in preds:
-            raise DataError(f"prediction JSON {pred_json_path}: image id {ann['image_id']} appears twice")
-        preds[ann["image_id"]] = ann
-    pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
-    missing: list[dict[str, Any]] = []
-    seen: set[Any] = set()
-    for ann in gt_json["annotations"]:
-        if "image_id" not in ann or "file_name" not in ann or "segments_info" not in ann:
-            raise DataError(f"GT JSON {gt_json_path}: an annotation lacks image_id, file_name or segments_info")
-        image_id = ann["image_id"]
-        if image_id in seen:
-            raise DataError(f"GT JSON {gt_json_path}: image id {image_id} appears twice")
-        seen.add(image_id)
-        pred = preds.get(image_id)
-        if pred is None:
-            if not allow_missing:
-                raise DataError(
-                    f"no prediction for image id {image_id} in {pred_json_path} "
-                    "(use --allow-missing to score missing images as all false negatives)"
-                )
-            missing.append(ann)
-        else:
-            pairs.append((ann, pred))
-    extra = len(preds) - len(pairs)
-    if extra:
-        log.warning("ignoring predictions for %d image(s) that are not in the GT JSON %s", extra, gt_json_path)
+def read_inputs(gt_json_path: str | os.PathLike[str], pred_json_path: str | os.PathLike[str],
+                allow_missing: bool = False) -> tuple[list[dict[str, Any]], list[Pair], list[dict[str, Any]]]:
+    """Read and validate both JSON files with the shared reader (:mod:`harness.data.panoptic_json`: every
+    command refuses the same mistakes with the same words) and pair them by image id, in GT order.
+
+    Returns:
+        ``(GT categories, (GT annotation, predicted annotation) pairs, GT annotations without prediction)``.
+
+    Raises:
+        DataError: naming the file and the entry (image id, segment) at fault.
+    """
+    from harness.data.panoptic_json import load_panoptic, pair_by_image
+
+    # A GT segment listed with id 0 is scored as a segment, as panopticapi does (kept for exact parity).
+    gt = load_panoptic(gt_json_path, "GT JSON", void_segment=True)
+    pred = load_panoptic(pred_json_path, "prediction JSON", categories=gt.categories, require_categories=False)
+    # --allow-missing: a prediction file matching no GT image scores every image as missing (with a warning).
+    pairs, missing = pair_by_image(gt, pred, allow_missing, refuse_unmatched=not allow_missing)
     if missing:
         log.warning("%d GT image(s) have no prediction: scored as all false negatives (--allow-missing)", len(missing))
-    return pairs, missing
+    return list(gt.categories or []), pairs, missing
 
 
 def iter_chunks(items: Sequence[Any], num_chunks: int) -> Iterable[Sequence[Any]]:
@@ -341,21 +320,19 @@ def evaluate_pq_files(
     for d, what in ((gt_dir, "GT PNG folder"), (pred_dir, "prediction PNG folder")):
         if not d.is_dir():
             raise DataError(f"{what} is not a folder: {d}")
-    gt_json = load_json(gt_json_path, "GT JSON")
-    pred_json = load_json(pred_json_path, "prediction JSON")
-    table = CategoryTable(gt_json.get("categories", []))
-    pairs, missing = _match_annotations(gt_json, pred_json, gt_json_path, pred_json_path, allow_missing)
+    categories, pairs, missing = read_inputs(gt_json_path, pred_json_path, allow_missing)
+    table = CategoryTable(categories)
     mask = Counts(len(table))
     boundary = Counts(len(table)) if options.boundary else None
     if missing:
         from harness.metrics.pq import PQAccumulator, PQStats
 
-        acc = PQAccumulator(gt_json["categories"], options.boundary)
+        acc = PQAccumulator(categories, options.boundary)
         acc.mask, acc.boundary = PQStats.view(mask), PQStats.view(boundary) if boundary else None
         for ann in missing:
             acc.add_missing(ann["segments_info"], ann["image_id"])
 
-    job = EvalJob(str(gt_dir), str(pred_dir), list(gt_json["categories"]), options)
+    job = EvalJob(str(gt_dir), str(pred_dir), categories, options)
     workers = max(1, min(int(workers), len(pairs)))
     if auto_workers and len(pairs) < _MIN_IMAGES_PER_WORKER * 2:
         workers = 1
@@ -380,8 +357,7 @@ def evaluate_pq_files(
         else:
             import multiprocessing
 
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-            pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (options.boundary,))
+            pool = multiprocessing.get_context(_start_method()).Pool(workers, _init_worker, (options.boundary,))
             results = pool.imap(_score_chunk_star, [(job, c) for c in chunks])
         for m, b, n in results:
             mask += m
@@ -391,7 +367,9 @@ def evaluate_pq_files(
                 bar.update(n)
     finally:
         if pool is not None:
-            pool.terminate()
+            from harness.io import stop_process_pool
+
+            stop_process_pool(pool)
         if bar is not None:
             bar.close()
     result: dict[str, Any] = {"pq": summarize_stats(mask, table, "PQ")}
