@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "atomic_write_npz",
     "file_mode",
     "init_worker_signals",
     "is_hidden",
@@ -77,6 +78,27 @@ def atomic_link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]
         tmp_path.unlink(missing_ok=True)
         raise
     return dst
+
+
+def atomic_write_npz(path: str | os.PathLike[str], arrays: dict[str, Any], compressed: bool = False) -> Path:
+    """Write arrays as an ``.npz`` archive (what ``numpy.savez[_compressed]`` writes, ``numpy.load`` reads)
+    atomically and reproducibly: the zip entries carry a fixed date, so equal arrays give equal bytes (numpy's
+    own writer stamps the current time, and a re-run would change files it only rewrote)."""
+    import zipfile
+
+    import numpy as np
+
+    def write(p: Path) -> None:
+        method = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+        with zipfile.ZipFile(p, "w", compression=method, allowZip64=True) as zf:
+            for name, value in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = method
+                info.external_attr = 0o644 << 16
+                with zf.open(info, "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
+
+    return atomic_write(path, write)
 
 
 def is_temporary(name: str) -> bool:
@@ -147,9 +169,23 @@ def sweep_stale_temporaries(folder: str | os.PathLike[str], recursive: bool = Fa
     return removed
 
 
+_EXITING = False
+
+
+def _mark_exiting() -> None:
+    global _EXITING
+    _EXITING = True
+
+
 def _worker_exit(signum: int, frame: object) -> None:
     # SystemExit (not KeyboardInterrupt): atomic writers drop their temporary file (they catch BaseException),
     # pool workers do not catch it, and multiprocessing exits with this status without printing a traceback.
+    # Once the worker is exiting anyway (atexit callbacks run, or a first signal is being handled), further signals
+    # are ignored: an exception raised inside an atexit callback would print "Exception ignored ... Traceback".
+    global _EXITING
+    if _EXITING:
+        return
+    _EXITING = True
     raise SystemExit(128 + signum)
 
 
@@ -190,5 +226,8 @@ def init_worker_signals() -> None:
 
     The parent (the CLI) turns its own SIGTERM/SIGINT into one log line and terminates the pool.
     """
+    import atexit
+
+    atexit.register(_mark_exiting)  # LIFO: runs before the callbacks of the modules imported earlier (torch ...)
     signal.signal(signal.SIGTERM, _worker_exit)
     signal.signal(signal.SIGINT, _worker_exit)

@@ -114,6 +114,24 @@ OUTPUT_SUFFIXES = (".png", ".json", "_overlay.png", ".npz", "_layers.npz", "_att
 COMMAND = "predict"
 
 
+def _own_stems(out_dir: Path) -> list[str]:
+    """Image stems whose outputs harness predict wrote in `out_dir`: each has its ``<stem>.json`` (written first,
+    before the PNG and the rest), recognised by its keys."""
+    import json
+
+    from harness.io import visible_files
+
+    stems = []
+    for p in visible_files(out_dir, (".json",)):
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and {"file_name", "model", "post_process", "segments_info"} <= set(doc):
+            stems.append(p.stem)
+    return stems
+
+
 def _remove_outputs(out_dir: Path, stems: Any) -> int:
     """Delete the files that harness predict writes for these image stems (and nothing else) from `out_dir`."""
     removed = 0
@@ -356,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
     from harness.data.format import id2rgb
     from harness.data.transforms import prepare, read_image_bgr
     from harness.errors import UserError
-    from harness.io import atomic_write, atomic_write_bytes, atomic_write_json, sweep_stale_temporaries
+    from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_npz, sweep_stale_temporaries
     from harness.logging_utils import progress_disabled
     from harness.outputs import check_claimable, claim_output_dir
     from models.checkpoint import CheckpointError, load_model, read_meta, resolve_weights
@@ -378,8 +396,7 @@ def run(args: argparse.Namespace) -> int:
     for stem in stems:  # e.g. --image preds/a.png --out preds: a.png would be replaced by its own prediction
         for suffix in OUTPUT_SUFFIXES:
             check_output(out_dir / f"{stem}{suffix}", "--out", inputs=inputs)
-    marker = check_claimable(out_dir, COMMAND)
-    earlier = [str(x) for x in (marker or {}).get("images", []) if isinstance(x, str)]
+    check_claimable(out_dir, COMMAND)
     if categories_file is not None:
         from harness.data.panoptic_json import load_categories
 
@@ -439,11 +456,8 @@ def run(args: argparse.Namespace) -> int:
     claim = claim_output_dir(out_dir, COMMAND, settings, overwrite=args.overwrite, overwrite_flag="--overwrite")
     sweep_stale_temporaries(out_dir)
     if claim.previous is not None:  # an interrupted (or, with --overwrite, complete) output of other settings
-        n = _remove_outputs(out_dir, earlier)
+        n = _remove_outputs(out_dir, _own_stems(out_dir))
         log.info("replacing the earlier predict output in %s (%d of its files removed)", out_dir, n)
-        earlier = []
-    # The marker lists every image stem written here (before writing: an interrupted run's files stay known).
-    claim.update(images=sorted(set(stems) | set(earlier)))
     predictor = _Predictor(model, method, device)
     spec = model.test_transform()
 
@@ -467,10 +481,11 @@ def run(args: argparse.Namespace) -> int:
         ok, buf = cv2.imencode(".png", np.ascontiguousarray(id2rgb(id_map)[..., ::-1]))
         if not ok:
             raise RuntimeError(f"PNG encoding failed for {png}")
-        atomic_write_bytes(out_dir / png, buf.tobytes())
+        # The JSON first: it marks the stem's files as ours (_own_stems) before any other is written.
         atomic_write_json(out_dir / f"{path.stem}.json", {
             "file_name": png, "image": str(path), "height": prep.ori_shape[0], "width": prep.ori_shape[1],
             "model": cfg.name, "post_process": method, "layer": layer, "segments_info": infos}, indent=1)
+        atomic_write_bytes(out_dir / png, buf.tobytes())
         if viz is not None:
             cat_by_id = {int(c["id"]): c for c in categories} if categories is not None else {}
             overlay = viz.render_panoptic(rgb, id_map, infos, cat_by_id, title=path.name)
@@ -478,7 +493,7 @@ def run(args: argparse.Namespace) -> int:
         if args.dump_raw:
             dump = getattr(model, "dump_raw", None)
             raw = dump(outputs, 0, prep, result) if dump is not None else _psf_raw(outputs, prep, result)
-            atomic_write(out_dir / f"{path.stem}.npz", lambda p, raw=raw: np.savez(p, **raw))
+            atomic_write_npz(out_dir / f"{path.stem}.npz", raw)
         if dump_layers:
             per_layer: dict[str, Any] = {}
             for name in dump_layers:
@@ -486,12 +501,12 @@ def run(args: argparse.Namespace) -> int:
                 per_layer[f"panoptic_category_{name}"] = res.category.astype(np.int32)
                 per_layer[f"panoptic_instance_{name}"] = res.instance.astype(np.int32)
                 per_layer.update(_candidate_arrays(res, f"_{name}"))
-            atomic_write(out_dir / f"{path.stem}_layers.npz", lambda p, d=per_layer: np.savez(p, **d))
+            atomic_write_npz(out_dir / f"{path.stem}_layers.npz", per_layer)
         if attention_heads is not None:
             num_thing_cands = int(outputs["thing_masks"].shape[1])
             attn = _attention_dump(maps[0], maps[1] if len(maps) > 1 else {}, result, num_thing_cands, prep,
                                    args.attention_kind)
-            atomic_write(out_dir / f"{path.stem}_attention.npz", lambda p, d=attn: np.savez(p, **d))
+            atomic_write_npz(out_dir / f"{path.stem}_attention.npz", attn)
         log.info("%s: %d segments -> %s", path.name, len(infos), out_dir / png)
     claim.complete()
     return 0

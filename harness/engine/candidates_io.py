@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from harness.errors import UserError
-from harness.io import atomic_write, atomic_write_json
+from harness.io import atomic_write_json, atomic_write_npz
 from models.postprocess import Candidates
 
 __all__ = ["save_candidates", "load_candidates", "write_meta", "read_meta", "META_NAME"]
@@ -42,7 +42,7 @@ def save_candidates(path: str | Path, image_id: Any, out_size: tuple[int, int],
         arrays[f"masks_{layer}"] = c.masks.detach().cpu().numpy().astype(np.float32, copy=False)
         if c.query_index is not None:
             arrays[f"query_index_{layer}"] = c.query_index.detach().cpu().numpy().astype(np.int64, copy=False)
-    return atomic_write(path, lambda p: np.savez_compressed(p, **arrays))
+    return atomic_write_npz(path, arrays, compressed=True)  # np.savez_compressed's format, reproducible bytes
 
 
 def _bad(p: Path, what: str) -> UserError:

@@ -65,8 +65,8 @@ def _check_png_ids(id_map: np.ndarray, ann: Mapping[str, Any], png_dir: Path) ->
     unknown = present[(present != 0) & ~np.isin(present, listed)]
     if unknown.size:
         more = f" ({unknown.size} such ids)" if unknown.size > 1 else ""
-        raise DataError(f"image {ann.get('image_id')}: predicted segment id {int(unknown[0])} is in the PNG "
-                        f"{png_dir / str(ann['file_name'])} but not in the JSON{more}")
+        raise DataError(f"image {ann.get('image_id')}: predicted segment id {int(unknown[0])} is in the PNG but not "
+                        f"in the JSON{more} ({png_dir / str(ann['file_name'])})")
 
 
 def _iter_id_maps(
