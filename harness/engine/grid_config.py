@@ -13,7 +13,10 @@ F (a JSON list, a JSON object with ``image_ids`` such as ``harness corrupt``'s `
 per line). ``--max-images N`` (kept from the single-cell ``harness eval``) keeps the first N ids in that order.
 
 The settings in ``run.json["settings"]`` decide every number of the run; a second invocation on the same ``--out``
-must ask for exactly the same settings (then it resumes) or it is refused (one line, exit 2, nothing touched).
+must ask for exactly the same settings (then it resumes) or it is refused (one line, exit 2, nothing touched), unless
+``--overwrite`` (``GridOptions.replace``) asks to replace it. The folder is claimed like every command's output
+(:mod:`harness.outputs`): its marker ``.psf-harness.json`` holds a digest of the settings, and a folder holding files
+that are not a grid run's is refused.
 """
 
 from __future__ import annotations
