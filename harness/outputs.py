@@ -169,7 +169,7 @@ def check_claimable(folder: str | os.PathLike[str], command: str, *, what: str =
     """The checks of :func:`claim_output_dir` that need no settings, writing nothing: call it at start, before
     loading models, so that a folder that is not ours, another command's output or a garbage marker is refused
     before any expensive work. Returns the folder's marker (or the legacy settings' stand-in), None when the
-    folder is new, empty or has no marker.
+    folder is new or empty.
 
     Raises:
         UserError / DataError: as :func:`claim_output_dir`.
@@ -180,8 +180,9 @@ def check_claimable(folder: str | os.PathLike[str], command: str, *, what: str =
     marker = read_marker(path)
     if marker is None and legacy is not None:
         old = legacy(path)
-        if old is not None:
-            return {"command": command, "settings": old}
+        if old is not None:  # a marker stand-in: the legacy output's settings and status (no marker file yet)
+            status = old.pop("status", "complete")
+            return {"command": command, "settings": _json_clean(old), "status": status}
     if marker is None:
         foreign = _foreign_entry(path, ())
         if foreign is not None:
@@ -236,22 +237,10 @@ def claim_output_dir(
         path.mkdir(parents=True, exist_ok=True)
         claim._write("incomplete" if track_status else None)
         return claim
-    marker = read_marker(path)
-    if marker is None and legacy is not None:
-        old_settings = legacy(path)
-        if old_settings is not None:
-            status = old_settings.pop("status", "complete")
-            marker = {"command": command, "settings": _json_clean(old_settings), "status": status}
-    if marker is None:
-        foreign = _foreign_entry(path, ())
-        if foreign is not None:
-            raise UserError(f"{what} {path} already holds files that harness {command} did not write (e.g. "
-                            f"{foreign!r}); choose a new or empty folder (a command only replaces its own outputs)")
+    marker = check_claimable(path, command, what=what, legacy=legacy)
+    if marker is None:  # an empty folder (or one holding only temporaries)
         claim._write("incomplete" if track_status else None)
         return claim
-    if marker["command"] != command:
-        raise UserError(f"{what} {path} holds the output of 'harness {marker['command']}', not of "
-                        f"'harness {command}'; choose another folder")
     old = marker["settings"]
     differing = [k for k in keys if old.get(k) != new.get(k)]
     if not differing:

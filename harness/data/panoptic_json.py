@@ -52,6 +52,7 @@ __all__ = [
     "check_image_id",
     "check_png_sizes",
     "check_rle",
+    "check_segments",
     "gt_image_sizes",
     "load_categories",
     "load_instances",
@@ -347,6 +348,23 @@ def load_panoptic(
             raise DataError(f"{where}: image id {missing[0]!r} has no annotation ({len(missing)} image(s) "
                             "without one)")
     return PanopticJSON(p, what, doc, by_image, images, cats)
+
+
+def check_segments(segments: Any, where: str, cat_ids: set[int] | None = None, void_segment: bool = False) -> None:
+    """The precise checks of one annotation's ``segments_info`` (those of :func:`load_panoptic`, same words), for a
+    reader that validated everything else itself (``eval-pq``'s fast reader).
+
+    Args:
+        segments: the annotation's ``segments_info``.
+        where: ``"<what> <file>: image id <id>"``, the start of every message.
+        cat_ids: the known category ids (None: not checked).
+        void_segment: accept a segment id 0 (see :func:`load_panoptic`).
+    """
+    if not isinstance(segments, list):
+        raise DataError(f"{where}: 'segments_info' is {_short(segments)}, expected a list")
+    seen: set[int] = set()
+    for j, seg in enumerate(segments):
+        _check_segment(seg, j, where, seen, cat_ids, void_segment)
 
 
 def check_category_ids(parsed: PanopticJSON, known: set[int]) -> None:
