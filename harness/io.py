@@ -18,7 +18,7 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Any, Collection, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 from models.files import TEMPORARY_RE, atomic_write, file_mode, temporary_parts
 
@@ -59,15 +59,13 @@ def atomic_link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]
     """Make `dst` a hard link to `src` (a copy across file systems), atomically: `dst` is replaced, never half
     written. A link keeps `src`'s permissions (its inode is shared and left alone); a copy gets the umask's."""
     import shutil
-    import tempfile
+
+    from models.files import temporary_name
 
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.stem}.tmp-{os.getpid()}-", suffix=dst.suffix, dir=dst.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = temporary_name(dst)  # known before anything exists: a signal at any point leaves nothing behind
     try:
-        tmp_path.unlink()
         try:
             os.link(src, tmp_path)
         except OSError:  # another file system, or links not supported
@@ -169,65 +167,100 @@ def sweep_stale_temporaries(folder: str | os.PathLike[str], recursive: bool = Fa
     return removed
 
 
-_EXITING = False
+_EXITING: float | None = None  # monotonic time the worker started exiting (first signal, or atexit)
+_EXIT_GRACE = 5.0
 
 
 def _mark_exiting() -> None:
     global _EXITING
-    _EXITING = True
+    if _EXITING is None:
+        import time
+
+        _EXITING = time.monotonic()
 
 
 def _worker_exit(signum: int, frame: object) -> None:
     # SystemExit (not KeyboardInterrupt): atomic writers drop their temporary file (they catch BaseException),
     # pool workers do not catch it, and multiprocessing exits with this status without printing a traceback.
-    # Once the worker is exiting anyway (atexit callbacks run, or a first signal is being handled), further signals
-    # are ignored: an exception raised inside an atexit callback would print "Exception ignored ... Traceback".
-    global _EXITING
-    if _EXITING:
-        return
-    _EXITING = True
+    # A signal that arrives while the worker is already exiting (atexit callbacks running, or the clean-up of a
+    # first signal, e.g. Ctrl-C to the group followed by the parent's SIGTERM) is ignored for a few seconds: raising
+    # again would interrupt that clean-up (a temporary file left) or print "Exception ignored in atexit callback".
+    # Later, it ends the process at once (something swallowed the first exit).
+    import time
+
+    if _EXITING is not None:
+        if time.monotonic() - _EXITING < _EXIT_GRACE:
+            return
+        os._exit(128 + signum)
+    _mark_exiting()
     raise SystemExit(128 + signum)
 
 
-def stop_process_pool(pool: Any) -> None:
+def stop_process_pool(pool: Any, grace: float = 10.0) -> None:
     """Stop a worker pool now (after an error, Ctrl-C or SIGTERM in the parent), without waiting for queued work.
 
     Works for ``concurrent.futures.ProcessPoolExecutor`` and ``multiprocessing.Pool``. The workers get SIGTERM
-    (those started with :func:`init_worker_signals` drop their temporary files and exit quietly) and are joined,
-    so no worker outlives the command and nothing is left half written.
+    (those started with :func:`init_worker_signals` drop their temporary files and exit quietly); one still alive
+    after `grace` seconds (a library swallowed the exit) is killed, so stopping never hangs and no worker outlives
+    the command.
     """
+    import time
+
     if pool is None:
         return
-    if hasattr(pool, "terminate"):  # multiprocessing.Pool
-        pool.terminate()
-        pool.join()
-        return
-    procs = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
+    mp_pool = hasattr(pool, "terminate")  # multiprocessing.Pool (else concurrent.futures.ProcessPoolExecutor)
+    if mp_pool:
+        handler = getattr(pool, "_worker_handler", None)
+        if handler is not None:  # no new workers in place of the ones stopped below
+            handler._state = "TERMINATE"
+        procs = list(getattr(pool, "_pool", None) or [])
+    else:
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
     for p in procs:
         try:
             if p.is_alive():
                 p.terminate()
         except (OSError, ValueError, AttributeError):
             pass
+    deadline = time.monotonic() + grace
     for p in procs:
         try:
-            p.join(timeout=30)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
         except (OSError, ValueError, AttributeError, AssertionError):
             pass
+    if mp_pool:
+        # A worker stopped while it held the task queue's read lock (an idle worker holds it while it waits for a
+        # task) never releases it, and Pool.terminate() would wait for it forever: every worker is gone now, so a
+        # held lock is an orphan.
+        try:
+            pool._inqueue._rlock.release()
+        except (AttributeError, ValueError, OSError):  # not held (ValueError), or another implementation
+            pass
     try:
-        pool.shutdown(wait=True)
-    except Exception:  # noqa: BLE001 - a broken pool (its workers were just terminated) has nothing left to wait for
+        if mp_pool:
+            pool.terminate()
+            pool.join()
+        else:
+            pool.shutdown(wait=True)
+    except Exception:  # noqa: BLE001 - a broken pool (its workers were just stopped) has nothing left to wait for
         pass
 
 
-def init_worker_signals() -> None:
+def init_worker_signals(load: Callable[[], None] | None = None) -> None:
     """Pool initializer part: SIGTERM and SIGINT end a worker quietly, its temporary files removed.
 
-    The parent (the CLI) turns its own SIGTERM/SIGINT into one log line and terminates the pool.
+    `load` (imports, compiled-kernel warm-up, JIT compilation) runs first, with SIGTERM at its default action and
+    SIGINT ignored: the worker has written nothing yet, so being killed outright loses nothing, whereas a Python-level
+    exit raised inside a JIT or ctypes callback is swallowed there and ends in a library traceback. The parent (the
+    CLI) turns its own SIGTERM/SIGINT into one log line and stops the pool.
     """
-    import atexit
-
-    atexit.register(_mark_exiting)  # LIFO: runs before the callbacks of the modules imported earlier (torch ...)
+    if load is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        load()
     signal.signal(signal.SIGTERM, _worker_exit)
     signal.signal(signal.SIGINT, _worker_exit)

@@ -118,13 +118,14 @@ def _worker_init(_: int) -> None:
 
     from harness.io import init_worker_signals
 
-    init_worker_signals()
+    def load() -> None:
+        from harness.corruptions.fast import warm_up
 
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-    from harness.corruptions.fast import warm_up
+        cv2.setNumThreads(1)
+        torch.set_num_threads(1)
+        warm_up()
 
-    warm_up()
+    init_worker_signals(load)
 
 
 def _as_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:

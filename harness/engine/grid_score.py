@@ -229,16 +229,18 @@ _WORKER_STATE: _State | None = None
 def _init_worker(ctx: ScoreContext) -> None:
     """Scorer process start: one thread each (the processes already share the cores); Ctrl-C / SIGTERM end it
     quietly with its temporary files removed (the main process logs one line and stops the pool)."""
-    global _WORKER_STATE
     from harness.io import init_worker_signals
 
-    init_worker_signals()
-    import cv2
-    import torch
+    def load() -> None:
+        global _WORKER_STATE
+        import cv2
+        import torch
 
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    _WORKER_STATE = _State(ctx)
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
+        _WORKER_STATE = _State(ctx)
+
+    init_worker_signals(load)
 
 
 def score_job(job: ScoreJob) -> ImageScore:

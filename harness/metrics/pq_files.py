@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import threading
 from array import array
 from pathlib import Path
@@ -114,11 +115,13 @@ def _init_worker(boundary: bool) -> None:
     quietly (the parent reports the interruption in one line and stops the pool)."""
     from harness.io import init_worker_signals
 
-    init_worker_signals()
-    if boundary:
-        import cv2
+    def load() -> None:
+        if boundary:
+            import cv2
 
-        cv2.setNumThreads(1)
+            cv2.setNumThreads(1)
+
+    init_worker_signals(load)
 
 
 def _start_method() -> str | None:
@@ -504,9 +507,13 @@ def evaluate_pq_files(
                 bar.update(n)
     finally:
         if pool is not None:
-            from harness.io import stop_process_pool
+            if sys.exc_info()[0] is None:
+                pool.close()
+                pool.join()
+            else:  # an error, Ctrl-C or SIGTERM: stop the workers now (never waits for queued chunks)
+                from harness.io import stop_process_pool
 
-            stop_process_pool(pool)
+                stop_process_pool(pool)
         if bar is not None:
             bar.close()
     result: dict[str, Any] = {"pq": summarize_stats(mask, table, "PQ")}
