@@ -74,6 +74,7 @@ class Report:
     html: Path
     tables: list[RenderedTable] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # every file written
 
 
 def headline(data: RunData) -> pd.DataFrame:
@@ -244,15 +245,17 @@ def write_report(results: Sequence[str | Path] | RunData, out_dir: str | Path, t
     data = results if isinstance(results, RunData) else load_runs(results)
     out = Path(out_dir)
     rendered = build_tables(data, tables)
+    files: list[Path] = []
     for t in rendered:
-        write_table(t, out / "tables")
+        files += write_table(t, out / "tables").values()
     figs = make_figures(data, out / "figures", pictures)
+    files += [f.path for f in figs]
     prov = _provenance(data)
     md = _markdown(title, data, rendered, figs, prov, out)
     md_path = atomic_write_text(out / "report.md", md)
     html_path = atomic_write_text(out / "report.html", _html(title, data, rendered, figs, prov))
     log.info("report: %s (%d tables, %d figures)", md_path, len(rendered), len(figs))
-    return Report(md_path, html_path, rendered, figs)
+    return Report(md_path, html_path, rendered, figs, files + [md_path, html_path])
 
 
 def _markdown(title: str, data: RunData, tables: list[RenderedTable], figs: list[Figure], prov: dict[str, Any],

@@ -92,12 +92,10 @@ def split_label(arg: str | Path) -> tuple[Path, str | None]:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    try:
-        if path.suffix == ".parquet":
-            return pd.read_parquet(path)
-        return pd.read_csv(path, keep_default_na=True, dtype={"layer": str, "post_process": str})
-    except (OSError, ValueError, ImportError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
+    """The shared reader of run tables (a damaged or foreign file is one line naming it)."""
+    from harness.engine.results import read_table
+
+    return read_table(path, "table", keep_default_na=True, dtype={"layer": str, "post_process": str})
 
 
 def _layer_str(v: Any) -> str:

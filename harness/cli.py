@@ -46,8 +46,19 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: atomic writers drop their temporary files, finished outputs stay."""
 
 
+_TERMINATING = False
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
+    global _TERMINATING
+    _TERMINATING = True
     raise Terminated()
+
+
+def terminating() -> bool:
+    """True once SIGTERM arrived: an error that follows (a worker that the same signal killed, a broken pool) is
+    part of the termination, reported as such in one line, not as a bug."""
+    return _TERMINATING
 
 
 class _Warnings:
@@ -142,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(args.verbose - args.quiet)
     debug = args.verbose > 0
+    global _TERMINATING
+    _TERMINATING = False
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -170,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return 0
     except OSError as exc:
+        if _TERMINATING:  # e.g. a pipe to a worker the same SIGTERM ended
+            log.error("terminated; outputs written so far are complete (atomic writes), re-run to resume")
+            return 143
         # The machine, not the input: disk full, permission changed during the run, ... One line; -v for the trace.
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
                          errno.ENAMETOOLONG, errno.EMFILE, errno.ENOTDIR, errno.EISDIR, errno.ENOENT):
@@ -181,6 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:
         log.error("out of memory; use smaller inputs or settings (outputs written so far are complete)")
         return 1
+    except Exception:
+        if not _TERMINATING:  # a bug: the traceback is for the report
+            raise
+        # SIGTERM reached the worker processes too (a scheduler kills the process group): their exit surfaced
+        # first (e.g. "DataLoader worker exited unexpectedly"). It is the termination, not an error of ours.
+        log.error("terminated; outputs written so far are complete (atomic writes), re-run to resume",
+                  exc_info=debug)
+        return 143
     finally:
         warnings.showwarning = previous_showwarning
         if previous is not None:

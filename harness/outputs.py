@@ -1,6 +1,6 @@
 """Output folders a command owns: it only ever replaces what it wrote itself.
 
-A command that fills a folder (``synth``, ``corrupt``; in phase 2 ``eval``, ``predict``, ``train``, ``sweep``)
+A command that fills a folder (``synth``, ``corrupt``, ``eval``, ``predict``, ``sweep``, ``report``; ``train`` next)
 claims it first with :func:`claim_output_dir`, which writes a marker ``DIR/.psf-harness.json``::
 
     {"tool": "psf-harness", "version": "0.1.0", "command": "synth",
@@ -37,7 +37,8 @@ from typing import Any, Callable, Iterable, Mapping
 from harness.errors import DataError, UserError
 from harness.io import atomic_write_json, is_temporary
 
-__all__ = ["MARKER_NAME", "Claim", "claim_output_dir", "read_marker", "marker_path", "describe_settings"]
+__all__ = ["MARKER_NAME", "Claim", "claim_output_dir", "check_claimable", "read_marker", "marker_path",
+           "describe_settings"]
 
 MARKER_NAME = ".psf-harness.json"
 TOOL = "psf-harness"
@@ -121,13 +122,29 @@ class Claim:
             doc["status"] = status
         doc.update(self.extra)
         doc.update(more)
-        atomic_write_json(marker_path(self.folder), doc, indent=1)
+        path = marker_path(self.folder)
+        try:  # an unchanged marker is not rewritten (a resumed run changes nothing it need not)
+            if json.loads(path.read_text(encoding="utf-8")) == _json_clean(doc):
+                return
+        except (OSError, ValueError):
+            pass
+        atomic_write_json(path, doc, indent=1)
 
     def complete(self, **info: Any) -> None:
         """Record that the output is complete (call after the last file is written)."""
         if self.track_status and not self.was_complete:
             self.extra.update(info)
             self._write("complete", finished_utc=_now())
+        elif info:
+            self.update(**info)
+
+    def update(self, **info: Any) -> None:
+        """Record more about the output in the marker (e.g. the files written), keeping its status."""
+        self.extra.update(info)
+        status = None
+        if self.track_status:
+            status = "complete" if self.was_complete else "incomplete"
+        self._write(status)
 
 
 def _version() -> str:
@@ -145,6 +162,37 @@ def _foreign_entry(folder: Path, ignore: Iterable[str]) -> str | None:
                 continue
             return entry.name
     return None
+
+
+def check_claimable(folder: str | os.PathLike[str], command: str, *, what: str = "--out",
+                    legacy: Callable[[Path], dict[str, Any] | None] | None = None) -> dict[str, Any] | None:
+    """The checks of :func:`claim_output_dir` that need no settings, writing nothing: call it at start, before
+    loading models, so that a folder that is not ours, another command's output or a garbage marker is refused
+    before any expensive work. Returns the folder's marker (or the legacy settings' stand-in), None when the
+    folder is new or empty.
+
+    Raises:
+        UserError / DataError: as :func:`claim_output_dir`.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        return None
+    marker = read_marker(path)
+    if marker is None and legacy is not None:
+        old = legacy(path)
+        if old is not None:  # a marker stand-in: the legacy output's settings and status (no marker file yet)
+            status = old.pop("status", "complete")
+            return {"command": command, "settings": _json_clean(old), "status": status}
+    if marker is None:
+        foreign = _foreign_entry(path, ())
+        if foreign is not None:
+            raise UserError(f"{what} {path} already holds files that harness {command} did not write (e.g. "
+                            f"{foreign!r}); choose a new or empty folder (a command only replaces its own outputs)")
+        return None
+    if marker["command"] != command:
+        raise UserError(f"{what} {path} holds the output of 'harness {marker['command']}', not of "
+                        f"'harness {command}'; choose another folder")
+    return marker
 
 
 def claim_output_dir(
@@ -189,22 +237,10 @@ def claim_output_dir(
         path.mkdir(parents=True, exist_ok=True)
         claim._write("incomplete" if track_status else None)
         return claim
-    marker = read_marker(path)
-    if marker is None and legacy is not None:
-        old_settings = legacy(path)
-        if old_settings is not None:
-            status = old_settings.pop("status", "complete")
-            marker = {"command": command, "settings": _json_clean(old_settings), "status": status}
-    if marker is None:
-        foreign = _foreign_entry(path, ())
-        if foreign is not None:
-            raise UserError(f"{what} {path} already holds files that harness {command} did not write (e.g. "
-                            f"{foreign!r}); choose a new or empty folder (a command only replaces its own outputs)")
+    marker = check_claimable(path, command, what=what, legacy=legacy)
+    if marker is None:  # an empty folder (or one holding only temporaries)
         claim._write("incomplete" if track_status else None)
         return claim
-    if marker["command"] != command:
-        raise UserError(f"{what} {path} holds the output of 'harness {marker['command']}', not of "
-                        f"'harness {command}'; choose another folder")
     old = marker["settings"]
     differing = [k for k in keys if old.get(k) != new.get(k)]
     if not differing:
@@ -214,8 +250,9 @@ def claim_output_dir(
         # marker is left as it is (a run refused later for another reason changes nothing).
         if not marker_path(path).is_file():  # adopted from a legacy output: write the marker now
             claim._write((marker.get("status") or "incomplete") if track_status else None)
-        else:
-            claim.extra["started_utc"] = marker.get("started_utc", claim.extra["started_utc"])
+        else:  # keep what the marker records (times, file lists): a resume rewrites it only when that changes
+            core = {"tool", "version", "command", "settings", "status"}
+            claim.extra.update({k: v for k, v in marker.items() if k not in core})
         return claim
     was = describe_settings(old, differing)
     now = describe_settings(new, differing)

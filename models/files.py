@@ -9,12 +9,17 @@ permissions (``0o666 & ~umask``, not the 0600 of a temporary file) and renamed o
 from __future__ import annotations
 
 import os
+import random
 import re
-import tempfile
+import string
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "file_mode", "InputError", "TEMPORARY_RE", "temporary_parts"]
+__all__ = ["atomic_write", "file_mode", "reserve_temporary", "temporary_name", "InputError", "TEMPORARY_RE",
+           "temporary_parts"]
+
+_RNG = random.SystemRandom()
+_ALPHABET = string.ascii_letters + string.digits + "_"
 
 # ``.<stem>.tmp-<pid>-<random><suffix>``: group 1 = pid (kept first for older callers), ``stem``, ``suffix``.
 TEMPORARY_RE = re.compile(r"^\.(?P<stem>.+)\.tmp-(\d+)-[A-Za-z0-9_]+?(?P<suffix>\.[^./]*)?$")
@@ -63,10 +68,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-{os.getpid()}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    # The name is drawn before the file exists and the `try` starts before it is created, so a signal at any point
+    # leaves no file behind (tempfile.mkstemp returns the name only after creating the file).
+    tmp_path = temporary_name(path)
     try:
+        tmp_path = reserve_temporary(path, tmp_path)
         write(tmp_path)
         os.chmod(tmp_path, file_mode())
         os.replace(tmp_path, path)
@@ -74,3 +80,26 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh temporary name beside `path`: ``.<stem>.tmp-<pid>-<random><suffix>`` (not created)."""
+    token = "".join(_RNG.choice(_ALPHABET) for _ in range(10))
+    return path.parent / f".{path.stem}.tmp-{os.getpid()}-{token}{path.suffix}"
+
+
+def reserve_temporary(path: Path, first: Path | None = None) -> Path:
+    """Create an empty, private temporary file beside `path` (named `first` when given and free) and return it.
+
+    Names carry this process's id, so a name that exists already is one of this process's own or a dead process's
+    leftover: another is drawn. A caller that drew `first` itself (:func:`temporary_name`) before its ``try`` block
+    and removes that name on any exception never leaves a file behind, whenever a signal arrives.
+    """
+    tmp = first if first is not None else temporary_name(path)
+    while True:
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            tmp = temporary_name(path)
+            continue
+        return tmp

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,7 @@ import cv2
 import numpy as np
 import pytest
 
-from harness.data.format import id2rgb
-
-REPO = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+from cli_table import ENV, REPO, Case, check_case, run_cases
 
 
 # ----------------------------------------------------------------------------- the workspace
@@ -163,20 +159,6 @@ def _build_workspace(ws: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the cases
-
-
-@dataclass
-class Case:
-    """One CLI run. `argv` strings may use {ws} (the workspace) and {out} (a fresh scratch folder)."""
-
-    id: str
-    argv: list[str]
-    rc: int = 2
-    needles: tuple[str, ...] = ()  # must all appear in stderr (case-insensitive)
-    one_line: bool = True  # stderr is exactly one line (error cases)
-    midrun: bool = False  # found while processing (after progress log lines): exactly one ERROR line, the last
-    forbid: tuple[str, ...] = ()  # must not appear in stderr
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 W = "{ws}"
@@ -350,57 +332,6 @@ CASES: list[Case] = [
 ]
 
 
-RUNNER = r"""
-import hashlib, json, os, sys, traceback
-from pathlib import Path
-
-cases = json.loads(Path(sys.argv[1]).read_text())
-from harness.cli import main
-
-
-def tree(root):
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            p = os.path.join(dirpath, d)
-            out[os.path.relpath(p, root)] = "dir" if not os.path.islink(p) else "link"
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            st = os.lstat(p)
-            data = open(p, "rb").read() if not os.path.islink(p) else os.readlink(p).encode()
-            out[os.path.relpath(p, root)] = hashlib.sha256(data).hexdigest() + f":{st.st_mode:o}"
-    return out
-
-
-results = {}
-for c in cases:
-    before = tree(c["guard"])
-    sys.stdout.flush(); sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    fo = os.open(c["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    fe = os.open(c["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fo, 1); os.dup2(fe, 2)
-    t0 = __import__("time").perf_counter()
-    try:
-        try:
-            rc = main(c["argv"])
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-            rc = -1
-    finally:
-        sys.stdout.flush(); sys.stderr.flush()
-        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
-        for fd in (fo, fe, *saved):
-            os.close(fd)
-    after = tree(c["guard"])
-    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-    results[c["id"]] = {"rc": rc, "changed": changed, "seconds": __import__("time").perf_counter() - t0}
-print(json.dumps(results))
-"""
-
-
 def _corrupt_garbage_manifest(ws: Path) -> None:
     """An earlier corrupt output (ours) whose manifest.csv was overwritten with garbage."""
     from harness.cli import main
@@ -439,24 +370,9 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     scratch = tmp_path_factory.mktemp("scratch")
     info = _build_workspace(ws)
     logs = tmp_path_factory.mktemp("logs")
-    todo = []
     for case in CASES:
         _prepare(case, ws)
-        out = scratch / case.id
-        out.mkdir()
-        argv = [a.replace("{ws}", str(ws)).replace("{out}", str(out)) for a in case.argv]
-        todo.append({"id": case.id, "argv": argv, "guard": str(ws), "stdout": str(logs / f"{case.id}.out"),
-                     "stderr": str(logs / f"{case.id}.err")})
-    spec = logs / "cases.json"
-    spec.write_text(json.dumps(todo))
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(spec)], env=ENV, cwd=REPO, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for case in CASES:
-        results[case.id]["stdout"] = Path(todo[CASES.index(case)]["stdout"]).read_text(errors="replace")
-        results[case.id]["stderr"] = Path(todo[CASES.index(case)]["stderr"]).read_text(errors="replace")
-        results[case.id]["out"] = scratch / case.id
+    results = run_cases(CASES, ws, scratch, logs)
     results["_ws"] = ws
     results["_info"] = info
     return results
@@ -464,26 +380,7 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_case(table: dict[str, Any], case: Case) -> None:
-    r = table[case.id]
-    err, out = r["stderr"], r["stdout"]
-    assert r["rc"] == case.rc, f"exit {r['rc']}, expected {case.rc}; stderr:\n{err}"
-    assert "Traceback" not in err and "Traceback" not in out
-    if case.rc == 2:
-        assert r["changed"] == [], f"a refused run changed {r['changed'][:5]}"
-        assert out == "", f"stdout of a refused run: {out!r}"
-    if case.one_line and not case.midrun:
-        assert err.count("\n") == 1 and err.endswith("\n"), f"expected one line, got:\n{err}"
-    if case.midrun:
-        lines = err.splitlines()
-        assert lines and lines[-1].startswith("ERROR ") and sum(ln.startswith("ERROR") for ln in lines) == 1, err
-        assert all(ln.startswith("INFO ") for ln in lines[:-1]), err
-    for needle in case.needles:
-        assert needle.lower() in err.lower(), f"{needle!r} not in {err!r}"
-    for bad in case.forbid:
-        assert bad not in err, f"{bad!r} in {err!r}"
-    # Every line we print has our own prefix: no bare C-library message, no usage block.
-    for line in err.splitlines():
-        assert line.startswith(("ERROR ", "WARNING ", "INFO ", "harness")), f"foreign stderr line {line!r}"
+    check_case(table[case.id], case)
 
 
 def test_results_of_valid_runs(table: dict[str, Any]) -> None:

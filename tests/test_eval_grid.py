@@ -253,10 +253,11 @@ def test_refuses_other_settings_and_hand_edited_results(reference: Path, weights
 
 
 def _errors(capsys: pytest.CaptureFixture) -> list[str]:
-    """ERROR lines the CLI printed since the last call (the CLI's logging replaces pytest's log capture)."""
+    """ERROR lines the CLI printed since the last call (the CLI's logging replaces pytest's log capture), and
+    argument errors (refused at parse time: ``harness eval: error: argument --x: ...``)."""
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    return [line for line in err.splitlines() if line.startswith("ERROR")]
+    return [line for line in err.splitlines() if line.startswith(("ERROR", "harness eval: error:"))]
 
 
 def test_thing_preference_equals_direct_count(reference: Path, weights: Path, synth_root: Path) -> None:

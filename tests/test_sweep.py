@@ -198,7 +198,7 @@ def test_bad_input_is_one_line(cand_run: dict, tmp_path: Path, capsys: pytest.Ca
     assert main(["sweep", "--candidates", run, "--data", str(tmp_path / "missing"), "--out",
                  str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "nope" in err and "t_keep" in err and "'x'" in err and "missing" in err
+    assert "nope" in err and "--t-keep" in err and "'x'" in err and "missing" in err
     with pytest.raises(UserError, match="no candidates"):
         from harness.engine.sweep import plan_sweep
 

@@ -29,6 +29,7 @@ __all__ = [
     "user_type",
     "int_range",
     "float_range",
+    "float_list",
     "device",
     "check_device",
     "image_size",
@@ -183,6 +184,24 @@ def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool 
         return value
 
     parse.__name__ = "number"
+    return parse
+
+
+def float_list(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+               max_items: int = 64) -> Callable[[str], list[float]]:
+    """argparse type: comma-separated finite floats, each in ``[lo, hi]`` (see :func:`float_range`), at most
+    ``max_items`` of them, duplicates dropped (order kept)."""
+    one = float_range(lo, hi, lo_open, hi_open)
+
+    def parse(text: str) -> list[float]:
+        items = [t.strip() for t in str(text).split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        if len(items) > max_items:
+            raise argparse.ArgumentTypeError(f"{len(items)} values, at most {max_items} are accepted")
+        return list(dict.fromkeys(one(t) for t in items))
+
+    parse.__name__ = "numbers"
     return parse
 
 

@@ -37,26 +37,60 @@ METHODS = ("m", "p", "p*", "heuristic", "own")
 log = logging.getLogger(__name__)
 
 
+def _layer_name(text: str) -> str:
+    """argparse type of --layer: ``last`` or a mask-decoder block 1..64 (the model's own are checked once loaded)."""
+    from harness.errors import UserError
+
+    t = text.strip()
+    if t == "last":
+        return t
+    if t.isdigit() and 1 <= int(t) <= 64:
+        return str(int(t))
+    raise UserError(f"mask layer must be 'last' or a block number >= 1, got {text!r}")
+
+
+def _layer_list(text: str) -> str:
+    """argparse type of --layers: ``all`` or a comma list of layers (syntax; the model's are checked later)."""
+    from harness.errors import UserError
+
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if items == ["all"]:
+        return text
+    if not items:
+        raise UserError("give 'all' or a comma list of mask layers")
+    for item in items:
+        _layer_name(item)
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `harness predict`."""
+    """Arguments of `harness predict` (every value is checked here, at parse time)."""
+    from harness.commands._common import device, int_range, user_type
+
     parser.add_argument("--model", default=None,
                         help="model name (panoptic_segformer_r50, _r101, _swin_l, _pvtv2_b5, _tiny, or a baseline such "
                              "as detr_r50_panoptic); optional for our checkpoints, which store it")
-    parser.add_argument("--weights", required=True, help="our checkpoint (folder / .safetensors) or a released file")
+    parser.add_argument("--weights", required=True,
+                        help="our checkpoint (folder / .safetensors), a training folder or its checkpoint_last.pt, or "
+                             "a released file")
     parser.add_argument("--from", dest="source", default=None,
                         help="format of a released checkpoint (default: the model family's own)")
     parser.add_argument("--image", nargs="+", required=True, help="image files")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True,
+                        help="output folder: new, empty, or an earlier output of harness predict with the same model, "
+                             "weights and post-processing (more images are added to it)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier output of other settings in --out (only the files it wrote)")
     parser.add_argument("--post-process", choices=METHODS, default=None,
                         help="merging: m = official mask-wise (Panoptic SegFormer's default), p = pixel argmax, "
                              "p* = MaskFormer-style, heuristic = Kirillov et al., own = the model's own official "
                              "post-processing (a baseline's default)")
-    parser.add_argument("--layer", default=None,
+    parser.add_argument("--layer", default=None, type=user_type(_layer_name, "layer"),
                         help="mask layer of the output: 'last' (default) or a mask-decoder block 1, 2, ...")
-    parser.add_argument("--mask-layer", type=int, default=None,
+    parser.add_argument("--mask-layer", type=int_range(-1, 63), default=None,
                         help="older spelling of --layer: 0-based block, -1 = last")
     parser.add_argument("--dump-raw", action="store_true", help="also write <stem>.npz with the raw outputs")
-    parser.add_argument("--layers", default=None,
+    parser.add_argument("--layers", default=None, type=user_type(_layer_list, "layers"),
                         help="with --dump-raw: also write <stem>_layers.npz for these mask layers: 'all' (the "
                              "model's mask layers, e.g. 1,2,3,last for R50) or a comma list")
     parser.add_argument("--dump-attention", action="store_true",
@@ -67,11 +101,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "softmax = attention weights over all keys, 1/8 part")
     parser.add_argument("--categories", default=None,
                         help="JSON with a COCO 'categories' list (default: COCO panoptic when the class counts match)")
-    parser.add_argument("--num-things", type=int, default=None, help="thing classes of a released checkpoint")
-    parser.add_argument("--num-stuff", type=int, default=None, help="stuff classes of a released checkpoint")
+    parser.add_argument("--num-things", type=int_range(1, 100000), default=None,
+                        help="thing classes of a released checkpoint")
+    parser.add_argument("--num-stuff", type=int_range(0, 100000), default=None,
+                        help="stuff classes of a released checkpoint")
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay picture")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", type=device, default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--threads", type=int_range(1, 1024), default=None, help="torch CPU threads")
+
+
+OUTPUT_SUFFIXES = (".png", ".json", "_overlay.png", ".npz", "_layers.npz", "_attention.npz")
+COMMAND = "predict"
+
+
+def _own_stems(out_dir: Path) -> list[str]:
+    """Image stems whose outputs harness predict wrote in `out_dir`: each has its ``<stem>.json`` (written first,
+    before the PNG and the rest), recognised by its keys."""
+    import json
+
+    from harness.io import visible_files
+
+    stems = []
+    for p in visible_files(out_dir, (".json",)):
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and {"file_name", "model", "post_process", "segments_info"} <= set(doc):
+            stems.append(p.stem)
+    return stems
+
+
+def _remove_outputs(out_dir: Path, stems: Any) -> int:
+    """Delete the files that harness predict writes for these image stems (and nothing else) from `out_dir`."""
+    removed = 0
+    for stem in stems:
+        for suffix in OUTPUT_SUFFIXES:
+            p = out_dir / f"{stem}{suffix}"
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed += 1
+    return removed
 
 
 def _load_categories(path: str | None, num_things: int, num_stuff: int,
@@ -81,21 +151,15 @@ def _load_categories(path: str | None, num_things: int, num_stuff: int,
     Order of precedence: `--categories`, the categories stored with the weights by `harness train`, then
     COCO panoptic when the class counts are COCO's.
     """
-    import json
-
     from harness.data.coco_panoptic import coco_categories
     from harness.data.format import CategoryMap
     from harness.errors import UserError
 
     if path is not None:
-        src = str(path)
-        try:
-            doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read categories from {src}: {exc}") from exc
-        cats = doc["categories"] if isinstance(doc, dict) and "categories" in doc else doc
-        if not isinstance(cats, list):
-            raise UserError(f"{src}: expected a list of categories or a dict with 'categories'")
+        from harness.data.panoptic_json import load_categories
+
+        src = f"--categories {path}"
+        cats = load_categories(path, "--categories")  # validated: names the file and the entry
     elif stored:
         src, cats = "the categories stored with the weights", stored
     elif (num_things, num_stuff) == (80, 53):
@@ -306,16 +370,18 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from harness.commands._common import existing_file
+    from harness.commands._common import check_device, check_output, existing_file
     from harness.data.format import id2rgb
     from harness.data.transforms import prepare, read_image_bgr
     from harness.errors import UserError
-    from harness.io import atomic_write, atomic_write_bytes, atomic_write_json
+    from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_npz, sweep_stale_temporaries
     from harness.logging_utils import progress_disabled
-    from models.checkpoint import CheckpointError, load_model, read_meta
+    from harness.outputs import check_claimable, claim_output_dir
+    from models.checkpoint import CheckpointError, load_model, read_meta, resolve_weights
     from models.inference import LAST_LAYER
 
-    images = [existing_file(p, "image") for p in args.image]
+    # Everything that needs no model first: inputs, options, the output folder (nothing is written yet).
+    images = [existing_file(p, "--image") for p in args.image]
     stems = [p.stem for p in images]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
@@ -323,21 +389,34 @@ def run(args: argparse.Namespace) -> int:
     if args.layers is not None and not args.dump_raw:
         raise UserError("--layers selects the mask layers of --dump-raw's <stem>_layers.npz; add --dump-raw")
     layer = _output_layer(args)
+    weights = resolve_weights(args.weights)  # CheckpointError (one line) for a missing or empty folder
+    categories_file = existing_file(args.categories, "--categories") if args.categories else None
+    inputs = [*images, Path(args.weights), weights, categories_file]
+    out_dir = check_output(args.out, "--out", kind="dir", inputs=inputs)
+    for stem in stems:  # e.g. --image preds/a.png --out preds: a.png would be replaced by its own prediction
+        for suffix in OUTPUT_SUFFIXES:
+            check_output(out_dir / f"{stem}{suffix}", "--out", inputs=inputs)
+    check_claimable(out_dir, COMMAND)
+    if categories_file is not None:
+        from harness.data.panoptic_json import load_categories
+
+        load_categories(categories_file, "--categories")  # a malformed file is refused before the model loads
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("num_things", args.num_things), ("num_stuff", args.num_stuff)) if v is not None}
-    weights = Path(args.weights)
-    if not weights.exists():
-        raise UserError(f"weights not found: {weights}")
     try:
         model, cfg = load_model(weights, args.model, args.source, **overrides)
     except (CheckpointError, ValueError) as exc:
-        raise UserError(str(exc)) from exc
+        raise UserError(str(exc)) from None
     try:
         device = torch.device(args.device)
         model.to(device)
     except (RuntimeError, AssertionError) as exc:
-        raise UserError(f"cannot use device {args.device!r}: {exc}") from exc
+        raise UserError(f"cannot use device {args.device!r}: {exc}") from None
+    if layer not in model.mask_layers():
+        raise UserError(f"--layer: mask layer {layer!r} is not one of {cfg.name}'s mask layers "
+                        f"({', '.join(model.mask_layers())})")
     method = args.post_process or getattr(model, "default_post_process", "m")
     dump_layers = _dump_layers(args.layers, model) if args.dump_raw else []
     if method == "own" and any(name != LAST_LAYER for name in [layer, *dump_layers]):
@@ -355,7 +434,8 @@ def run(args: argparse.Namespace) -> int:
         stored = read_meta(weights).get("categories")
     except CheckpointError as exc:
         raise UserError(str(exc)) from exc
-    categories = _load_categories(args.categories, cfg.num_things, cfg.num_stuff, stored)
+    categories = _load_categories(str(categories_file) if categories_file else None, cfg.num_things,
+                                  cfg.num_stuff, stored)
     if categories is None:
         log.warning("no categories for %d+%d classes: category_id = contiguous index + 1 (use --categories)",
                     cfg.num_things, cfg.num_stuff)
@@ -365,8 +445,19 @@ def run(args: argparse.Namespace) -> int:
             import harness.viz as viz  # written in another issue
         except ImportError:
             log.info("harness.viz not available: skipping the overlay pictures")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # The output folder: ours (marker), or new/empty. Settings decide the bytes of every <stem>.png / .json.
+    from harness.engine.grid_config import weights_sha256
+
+    settings = {"model": cfg.name, "weights_sha256": weights_sha256(weights), "source": args.source,
+                "post_process": method, "layer": layer,
+                "categories": [int(c["id"]) for c in categories] if categories is not None else None,
+                "attention_kind": args.attention_kind if args.dump_attention else None}
+    claim = claim_output_dir(out_dir, COMMAND, settings, overwrite=args.overwrite, overwrite_flag="--overwrite")
+    sweep_stale_temporaries(out_dir)
+    if claim.previous is not None:  # an interrupted (or, with --overwrite, complete) output of other settings
+        n = _remove_outputs(out_dir, _own_stems(out_dir))
+        log.info("replacing the earlier predict output in %s (%d of its files removed)", out_dir, n)
     predictor = _Predictor(model, method, device)
     spec = model.test_transform()
 
@@ -390,10 +481,11 @@ def run(args: argparse.Namespace) -> int:
         ok, buf = cv2.imencode(".png", np.ascontiguousarray(id2rgb(id_map)[..., ::-1]))
         if not ok:
             raise RuntimeError(f"PNG encoding failed for {png}")
-        atomic_write_bytes(out_dir / png, buf.tobytes())
+        # The JSON first: it marks the stem's files as ours (_own_stems) before any other is written.
         atomic_write_json(out_dir / f"{path.stem}.json", {
             "file_name": png, "image": str(path), "height": prep.ori_shape[0], "width": prep.ori_shape[1],
             "model": cfg.name, "post_process": method, "layer": layer, "segments_info": infos}, indent=1)
+        atomic_write_bytes(out_dir / png, buf.tobytes())
         if viz is not None:
             cat_by_id = {int(c["id"]): c for c in categories} if categories is not None else {}
             overlay = viz.render_panoptic(rgb, id_map, infos, cat_by_id, title=path.name)
@@ -401,7 +493,7 @@ def run(args: argparse.Namespace) -> int:
         if args.dump_raw:
             dump = getattr(model, "dump_raw", None)
             raw = dump(outputs, 0, prep, result) if dump is not None else _psf_raw(outputs, prep, result)
-            atomic_write(out_dir / f"{path.stem}.npz", lambda p, raw=raw: np.savez(p, **raw))
+            atomic_write_npz(out_dir / f"{path.stem}.npz", raw)
         if dump_layers:
             per_layer: dict[str, Any] = {}
             for name in dump_layers:
@@ -409,11 +501,12 @@ def run(args: argparse.Namespace) -> int:
                 per_layer[f"panoptic_category_{name}"] = res.category.astype(np.int32)
                 per_layer[f"panoptic_instance_{name}"] = res.instance.astype(np.int32)
                 per_layer.update(_candidate_arrays(res, f"_{name}"))
-            atomic_write(out_dir / f"{path.stem}_layers.npz", lambda p, d=per_layer: np.savez(p, **d))
+            atomic_write_npz(out_dir / f"{path.stem}_layers.npz", per_layer)
         if attention_heads is not None:
             num_thing_cands = int(outputs["thing_masks"].shape[1])
             attn = _attention_dump(maps[0], maps[1] if len(maps) > 1 else {}, result, num_thing_cands, prep,
                                    args.attention_kind)
-            atomic_write(out_dir / f"{path.stem}_attention.npz", lambda p, d=attn: np.savez(p, **d))
+            atomic_write_npz(out_dir / f"{path.stem}_attention.npz", attn)
         log.info("%s: %d segments -> %s", path.name, len(infos), out_dir / png)
+    claim.complete()
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     from analysis.report import Picture, Report
@@ -37,8 +37,12 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", nargs="+", default=[], metavar="RUN",
                         help="run folders, folders of runs, or results files (RUN=LABEL sets a variant)")
-    parser.add_argument("--out", default=None, help="report folder (required unless --recipes)")
-    parser.add_argument("--tables", "--table", dest="tables", default=None,
+    parser.add_argument("--out", default=None,
+                        help="report folder (required unless --recipes): new, empty, or an earlier report, which is "
+                             "replaced")
+    from harness.commands._common import user_type
+
+    parser.add_argument("--tables", "--table", dest="tables", default=None, type=user_type(_table_ids, "tables"),
                         help="comma-separated table ids, e.g. 7,10,11,B3 (default: all)")
     parser.add_argument("--recipes", action="store_true",
                         help="print the commands that produce the tables' missing rows and exit")
@@ -47,16 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", default="psf-harness report", help="report title")
 
 
-def _table_ids(text: str | None) -> list[str] | None:
+def _table_ids(text: str | list[str] | None) -> list[str] | None:
     from analysis.paper import normalise_table_id
     from harness.errors import UserError
 
     if not text:
         return None
+    if isinstance(text, list):  # already parsed (argparse type)
+        return text
     try:
-        return [normalise_table_id(t) for t in text.split(",") if t.strip()]
+        ids = [normalise_table_id(t) for t in text.split(",") if t.strip()]
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    return list(dict.fromkeys(ids)) or None
 
 
 def recipes_text(table_ids: Sequence[str] | None, results: Sequence[str] = ()) -> str:
@@ -168,13 +175,57 @@ def pictures_for(results: Sequence[str | Path]) -> list["Picture"]:
     return pics
 
 
+COMMAND = "report"
+
+
+def _legacy_report(folder: Path) -> dict[str, Any] | None:
+    """A report folder written before output markers existed: ``report.md`` + ``report.html`` of ours."""
+    md = folder / "report.md"
+    try:
+        ours = (folder / "report.html").is_file() and "## Headline numbers" in md.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return {"status": "complete"} if ours else None
+
+
+def _report_files(folder: Path) -> list[str]:
+    """The files a report writes, as found in `folder` (a legacy report's, which recorded nothing)."""
+    found = [p for p in (folder / "report.md", folder / "report.html") if p.is_file()]
+    found += sorted((folder / "tables").glob("table_*.*")) + sorted((folder / "figures").glob("*.png"))
+    return [str(p.relative_to(folder)) for p in found]
+
+
 def make_report(results: Sequence[str | Path], out: str | Path, tables: Sequence[str] | None = None,
                 pictures: bool = True, title: str = "psf-harness report") -> "Report":
-    """Python entry point of ``harness report`` (the demo calls this): tables, figures, report.md / .html."""
-    from analysis.report import write_report
+    """Python entry point of ``harness report`` (the demo calls this): tables, figures, report.md / .html.
 
+    ``out`` must be new, empty, or a report folder (marker ``.psf-harness.json`` of ``harness report``): a report
+    replaces its own earlier report (a view of the results, cheap to redo), deleting the files of that report
+    that this one does not rewrite, and nothing else.
+    """
+    from analysis.report import write_report
+    from harness.io import sweep_stale_temporaries
+    from harness.outputs import check_claimable, claim_output_dir
+
+    folder = Path(out)
+    marker = check_claimable(folder, COMMAND, legacy=_legacy_report)
+    earlier = [str(f) for f in (marker or {}).get("files", []) if isinstance(f, str)] if marker else []
+    if marker is not None and "files" not in marker:
+        earlier = _report_files(folder)
+    settings = {"results": [str(r) for r in results], "tables": list(tables) if tables else None,
+                "pictures": bool(pictures), "title": title}
     pics = pictures_for(results) if pictures else []
-    return write_report(list(results), out, tables=tables, pictures=pics, title=title)
+    claim = claim_output_dir(folder, COMMAND, settings, overwrite=True, legacy=_legacy_report)
+    sweep_stale_temporaries(folder, recursive=True)
+    claim.update(files=earlier)  # an interrupted report still names what it may have replaced
+    rep = write_report(list(results), folder, tables=tables, pictures=pics, title=title)
+    written = sorted({str(Path(f).relative_to(folder)) for f in rep.files})
+    for name in set(earlier) - set(written):  # the earlier report's tables / figures this one does not have
+        p = folder / name
+        if ".." not in Path(name).parts and p.is_file() and not p.is_symlink():
+            p.unlink()
+    claim.complete(files=written)
+    return rep
 
 
 def run(args: argparse.Namespace) -> int:
@@ -189,12 +240,17 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         raise UserError("--out DIR is required")
     from analysis.runs import split_label
-    from harness.commands._common import check_output
+    from harness.commands._common import check_output, existing_path
+    from harness.outputs import check_claimable
 
-    check_output(args.out, "--out", kind="dir", input_dirs=[split_label(r)[0] for r in args.results])
-    rep = make_report(args.results, args.out, tables, pictures=not args.no_pictures, title=args.title)
+    inputs = [existing_path(split_label(r)[0], "--results") for r in args.results]
+    out = check_output(args.out, "--out", kind="dir", inputs=[p for p in inputs if p.is_file()],
+                       input_dirs=[p for p in inputs if p.is_dir()])
+    check_claimable(out, COMMAND, legacy=_legacy_report)
+    rep = make_report(args.results, out, tables, pictures=not args.no_pictures, title=args.title)
     print(f"{len(rep.tables)} table(s): {', '.join(t.id + (' (demo)' if t.demo else '') for t in rep.tables) or '-'}")
     print(f"{len(rep.figures)} figure(s)")
     print(f"report: {rep.markdown}  {rep.html}")
     return 0
+
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from harness.commands._common import int_range
+from harness.commands._common import float_list, int_range
+
+MAX_SETTINGS = 4096  # settings of one sweep (the product of the value lists), checked before any list is built
 
 HELP = "re-merge saved candidates over alpha/beta/t_cnf/t_keep grids and score them (Tables B.3, B.4)"
 DESCRIPTION = """Re-run the mask-wise merging "(m)" on the candidates that `harness eval --save-candidates` saved in
@@ -25,18 +27,6 @@ examples:
 """
 
 
-def _floats(text: str) -> list[float]:
-    from harness.errors import UserError
-
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise UserError(f"expected comma-separated numbers, got {text!r}")
-    return values
-
-
 def _names(text: str | None) -> list[str]:
     return [v.strip() for v in (text or "").split(",") if v.strip()]
 
@@ -44,11 +34,17 @@ def _names(text: str | None) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", required=True, metavar="RUN",
                         help="run folder of `harness eval --save-candidates` (holds candidates/)")
-    parser.add_argument("--out", required=True, help="output folder of the sweep")
-    parser.add_argument("--alpha", default=None, help="class-score exponents, e.g. 0,1 (default: the run's, 1)")
-    parser.add_argument("--beta", default=None, help="mask-score exponents, e.g. 0,1,2,3 (default: the run's, 2)")
-    parser.add_argument("--t-cnf", default=None, help="confidence thresholds, e.g. 0.2,0.25 (default: the run's)")
-    parser.add_argument("--t-keep", default=None, help="keep ratios, e.g. 0.9,0.8,0.7 (default: the run's, 0.6)")
+    parser.add_argument("--out", required=True,
+                        help="output folder of the sweep: new, empty, or a sweep of the same run (its finished "
+                             "settings are kept and skipped)")
+    parser.add_argument("--alpha", default=None, type=float_list(0, 100),
+                        help="class-score exponents in [0, 100], e.g. 0,1 (default: the run's, 1)")
+    parser.add_argument("--beta", default=None, type=float_list(0, 100),
+                        help="mask-score exponents in [0, 100], e.g. 0,1,2,3 (default: the run's, 2)")
+    parser.add_argument("--t-cnf", default=None, type=float_list(0, 1),
+                        help="confidence thresholds in [0, 1], e.g. 0.2,0.25 (default: the run's)")
+    parser.add_argument("--t-keep", default=None, type=float_list(0, 1, lo_open=True),
+                        help="keep ratios in (0, 1], e.g. 0.9,0.8,0.7 (default: the run's, 0.6)")
     parser.add_argument("--t-keep-applies", choices=("things", "both"), default="things",
                         help="t_keep sets the thing overlap limit only (official, default) or things and stuff")
     parser.add_argument("--models", default=None, help="comma-separated model names (default: all in candidates/)")
@@ -63,19 +59,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from harness.commands._common import check_output, existing_dir
-    from harness.engine.sweep import plan_sweep, run_sweep
+    from harness.engine.sweep import COMMAND, legacy_sweep, plan_sweep, run_sweep
+    from harness.errors import UserError
+    from harness.outputs import check_claimable
 
-    existing_dir(args.candidates, "--candidates")
-    check_output(args.out, "--out", kind="dir", input_dirs=[args.candidates, args.data])
-    grid = {k: _floats(v) for k, v in (("alpha", args.alpha), ("beta", args.beta), ("t_cnf", args.t_cnf),
-                                       ("t_keep", args.t_keep)) if v is not None}
-    plan = plan_sweep(args.candidates, grid, models=_names(args.models), cells=_names(args.cells),
-                      layers=_names(args.layers), t_keep_applies=args.t_keep_applies, data_root=args.data,
+    source = existing_dir(args.candidates, "--candidates")
+    data = existing_dir(args.data, "--data") if args.data is not None else None
+    out = check_output(args.out, "--out", kind="dir", input_dirs=[source, data])
+    check_claimable(out, COMMAND, legacy=legacy_sweep)
+    grid = {k: v for k, v in (("alpha", args.alpha), ("beta", args.beta), ("t_cnf", args.t_cnf),
+                              ("t_keep", args.t_keep)) if v is not None}
+    size = 1
+    for values in grid.values():
+        size *= len(values)
+    if size > MAX_SETTINGS:
+        raise UserError(f"--alpha x --beta x --t-cnf x --t-keep asks for {size} settings; at most {MAX_SETTINGS} per "
+                        "sweep (split it over several --out folders)")
+    plan = plan_sweep(source, grid, models=_names(args.models), cells=_names(args.cells),
+                      layers=_names(args.layers), t_keep_applies=args.t_keep_applies, data_root=data,
                       boundary=args.boundary)
-    df = run_sweep(plan, args.out, workers=args.workers)
+    df = run_sweep(plan, out, workers=args.workers)
     if len(df):
         cols = ["model", "corruption", "severity", "layer", "alpha", "beta", "t_cnf", "t_keep", "pq", "pq_th",
                 "pq_st"]
         print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    print(f"results: {args.out}/results.csv")
+    print(f"results: {out}/results.csv")
     return 0

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -462,17 +463,19 @@ def process_image(job: ImageJob) -> JobResult:
 
 def _worker_init() -> None:
     """Load the upstream copy and the compiled loop once per worker process."""
-    import cv2
-
-    cv2.setNumThreads(1)  # one process per core already
     from harness.io import init_worker_signals
 
-    init_worker_signals()  # SIGTERM / Ctrl-C: exit quietly, the temporary file being written removed
-    from harness.corruptions.compat import upstream
-    from harness.corruptions.fast import warm_up
+    def load() -> None:
+        import cv2
 
-    upstream()
-    warm_up()
+        from harness.corruptions.compat import upstream
+        from harness.corruptions.fast import warm_up
+
+        cv2.setNumThreads(1)  # one process per core already
+        upstream()
+        warm_up()  # numba compilation: killed outright by SIGTERM here (see init_worker_signals)
+
+    init_worker_signals(load)  # then SIGTERM / Ctrl-C: exit quietly, the temporary file being written removed
 
 
 def run(config: RunConfig) -> RunSummary:
@@ -563,8 +566,13 @@ def run(config: RunConfig) -> RunSummary:
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            if sys.exc_info()[0] is None:  # finished: the workers end when the queue says so
+                pool.close()
+                pool.join()
+            else:  # an error, Ctrl-C or SIGTERM: stop them now (SIGTERM, then SIGKILL): never hangs
+                from harness.io import stop_process_pool
+
+                stop_process_pool(pool)
         write_manifest(mpath, rows)
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -28,14 +28,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping, Sequence, Union
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 from harness.errors import DataError
+
+if TYPE_CHECKING:  # numpy is imported only where RLE counts are decoded: `eval-pq` never loads it
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ __all__ = [
     "check_image_id",
     "check_png_sizes",
     "check_rle",
+    "check_segments",
     "gt_image_sizes",
     "load_categories",
     "load_instances",
@@ -91,11 +94,13 @@ def _short(obj: Any, limit: int = 60) -> str:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+    # numbers.Integral covers Python and numpy integers (numpy registers them); bool (and numpy's bool_, which is
+    # not registered) are refused.
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, (float, np.floating))) and math.isfinite(float(v))
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
 def check_image_id(value: Any, where: str) -> ImageId:
@@ -121,9 +126,11 @@ def _int_field(entry: Mapping[str, Any], key: str, where: str, lo: int | None = 
 
 
 def check_file_name(entry: Mapping[str, Any], where: str) -> str:
+    name = entry.get("file_name")
+    if type(name) is str and name and "/" not in name and "\\" not in name and name != "..":
+        return name  # a plain file name (the common case, checked without pathlib)
     if "file_name" not in entry:
         raise DataError(f"{where} lacks 'file_name'")
-    name = entry["file_name"]
     if not isinstance(name, str) or not name:
         raise DataError(f"{where}: 'file_name' is {_short(name)}, expected a file name")
     parts = PurePosixPath(name.replace("\\", "/"))
@@ -251,6 +258,7 @@ def load_panoptic(
     require_categories: bool = True,
     require_images: bool = False,
     match_images: bool = False,
+    void_segment: bool = False,
 ) -> PanopticJSON:
     """Read and validate a COCO panoptic JSON.
 
@@ -262,6 +270,8 @@ def load_panoptic(
         require_categories: the file must have ``categories`` (GT files; predictions may omit them).
         require_images: the file must have ``images``.
         match_images: every annotation's image is in ``images`` and every image has an annotation (a data set).
+        void_segment: accept a segment with id 0 (panopticapi scores a GT segment listed with id 0 like any other:
+            ``eval-pq`` keeps that quirk for exact parity); refused otherwise.
 
     Raises:
         DataError: naming the file and the offending entry.
@@ -310,14 +320,27 @@ def load_panoptic(
             raise DataError(f"{w}: 'segments_info' is {_short(segs)}, expected a list")
         seen: set[int] = set()
         for j, seg in enumerate(segs):
-            # Fast path for a well-formed segment (COCO train has 1.3M); any doubt goes to the precise checks below.
+            # Fast path for a well-formed segment (COCO train has 1.3M; eval-pq reads it on every run), inlined:
+            # any doubt goes to the precise checks of _check_segment, which name the entry.
             if type(seg) is dict:
-                sid, cid = seg.get("id"), seg.get("category_id")
-                if (type(sid) is int and 0 < sid < MAX_SEGMENT_ID and sid not in seen and type(cid) is int
-                        and (cat_ids is None or cid in cat_ids) and _optional_ok(seg)):
-                    seen.add(sid)
-                    continue
-            _check_segment(seg, j, w, seen, cat_ids)
+                get = seg.get
+                sid, cid = get("id"), get("category_id")
+                if (type(sid) is int and 0 < sid < MAX_SEGMENT_ID and type(cid) is int and sid not in seen
+                        and (cat_ids is None or cid in cat_ids)):
+                    v = get("iscrowd", 0)
+                    a = get("area", 0)
+                    b = get("bbox")
+                    sc = get("score", 0)
+                    if ((v == 0 or v == 1) and type(v) in _CROWD_TYPES and type(a) in _NUMBER_TYPES and a >= 0
+                            and a - a == 0 and type(sc) in _NUMBER_TYPES and sc - sc == 0
+                            and (b is None or (type(b) is list and len(b) == 4 and type(b[0]) in _NUMBER_TYPES
+                                               and type(b[1]) in _NUMBER_TYPES and type(b[2]) in _NUMBER_TYPES
+                                               and type(b[3]) in _NUMBER_TYPES and b[2] >= 0 and b[3] >= 0
+                                               and (b[0] - b[0]) + (b[1] - b[1]) + (b[2] - b[2]) + (b[3] - b[3])
+                                               == 0))):
+                        seen.add(sid)
+                        continue
+            _check_segment(seg, j, w, seen, cat_ids, void_segment)
         by_image[iid] = ann
     if match_images and images is not None:
         missing = [iid for iid in images if iid not in by_image]
@@ -325,6 +348,23 @@ def load_panoptic(
             raise DataError(f"{where}: image id {missing[0]!r} has no annotation ({len(missing)} image(s) "
                             "without one)")
     return PanopticJSON(p, what, doc, by_image, images, cats)
+
+
+def check_segments(segments: Any, where: str, cat_ids: set[int] | None = None, void_segment: bool = False) -> None:
+    """The precise checks of one annotation's ``segments_info`` (those of :func:`load_panoptic`, same words), for a
+    reader that validated everything else itself (``eval-pq``'s fast reader).
+
+    Args:
+        segments: the annotation's ``segments_info``.
+        where: ``"<what> <file>: image id <id>"``, the start of every message.
+        cat_ids: the known category ids (None: not checked).
+        void_segment: accept a segment id 0 (see :func:`load_panoptic`).
+    """
+    if not isinstance(segments, list):
+        raise DataError(f"{where}: 'segments_info' is {_short(segments)}, expected a list")
+    seen: set[int] = set()
+    for j, seg in enumerate(segments):
+        _check_segment(seg, j, where, seen, cat_ids, void_segment)
 
 
 def check_category_ids(parsed: PanopticJSON, known: set[int]) -> None:
@@ -336,30 +376,19 @@ def check_category_ids(parsed: PanopticJSON, known: set[int]) -> None:
                                 f"category id {seg['category_id']}")
 
 
-def _optional_ok(seg: dict[str, Any]) -> bool:
-    """Cheap check of the optional segment fields (True = nothing to report)."""
-    v = seg.get("iscrowd", 0)
-    if not (type(v) in (int, bool) and v in (0, 1)):
-        return False
-    v = seg.get("area", 0)
-    if not (type(v) in (int, float) and v >= 0 and v != float("inf")):
-        return False
-    v = seg.get("bbox")
-    if v is not None and not (type(v) is list and len(v) == 4 and v[2] >= 0 and v[3] >= 0
-                              and all(type(x) in (int, float) and math.isfinite(x) for x in v)):
-        return False
-    v = seg.get("score", 0.0)
-    return type(v) in (int, float) and math.isfinite(v)
+_NUMBER_TYPES = frozenset((int, float))  # `x - x == 0` below: False for nan and +-inf
+_CROWD_TYPES = frozenset((int, bool))
 
 
-def _check_segment(seg: Any, j: int, w: str, seen: set[int], cat_ids: set[int] | None) -> None:
+def _check_segment(seg: Any, j: int, w: str, seen: set[int], cat_ids: set[int] | None,
+                   void_segment: bool = False) -> None:
     """The precise checks of one segment (raises DataError naming it; records its id in `seen`)."""
     ws = f"{w}, segments_info[{j}]"
     if not isinstance(seg, dict):
         raise DataError(f"{ws} is {_short(seg)}, expected an object with 'id' and 'category_id'")
-    if seg.get("id", None) == 0 and _is_int(seg["id"]):
+    if seg.get("id", None) == 0 and _is_int(seg["id"]) and not void_segment:
         raise DataError(f"{ws}: segment id 0 is reserved for VOID")
-    sid = _int_field(seg, "id", ws, lo=1, hi=MAX_SEGMENT_ID)
+    sid = _int_field(seg, "id", ws, lo=0 if void_segment else 1, hi=MAX_SEGMENT_ID)
     ws = f"{w}, segment id {sid}"
     if sid in seen:
         raise DataError(f"{w}: duplicate segment id {sid}")
@@ -378,12 +407,13 @@ def _id_hint(image_id: ImageId, other: Mapping[ImageId, Any]) -> str:
     return ""
 
 
-def pair_by_image(gt: PanopticJSON, pred: PanopticJSON, allow_missing: bool = False
+def pair_by_image(gt: PanopticJSON, pred: PanopticJSON, allow_missing: bool = False, refuse_unmatched: bool = True
                   ) -> tuple[list[tuple[dict[str, Any], dict[str, Any]]], list[dict[str, Any]]]:
     """Pair GT and predicted annotations by image id, in GT order: ``(pairs, GT annotations without prediction)``.
 
     Raises DataError for a GT image without prediction unless `allow_missing`; predictions of images that are not
-    in the GT are ignored with one warning (and refused when none matches: wrong files or id types).
+    in the GT are ignored with one warning (and refused when none matches -- wrong files or id types -- unless
+    `refuse_unmatched` is False: then the warning says so and every GT image counts as missing).
     """
     pairs, missing = [], []
     for iid, ann in gt.by_image.items():
@@ -399,10 +429,13 @@ def pair_by_image(gt: PanopticJSON, pred: PanopticJSON, allow_missing: bool = Fa
     extra = len(pred.by_image) - len(pairs)
     if pred.by_image and not pairs:
         first = next(iter(pred.by_image))
-        raise DataError(f"none of the {len(pred.by_image)} image ids of {pred.what} {pred.path} is in {gt.what} "
-                        f"{gt.path} (e.g. {first!r}{_id_hint(first, gt.by_image)})")
-    if extra:
-        log.warning("ignoring predictions for %d image(s) that are not in %s %s", extra, gt.what, gt.path)
+        if refuse_unmatched:
+            raise DataError(f"none of the {len(pred.by_image)} image ids of {pred.what} {pred.path} is in {gt.what} "
+                            f"{gt.path} (e.g. {first!r}{_id_hint(first, gt.by_image)})")
+        log.warning("ignoring predictions for %d image(s) that are not in the %s %s: none of them is (e.g. %r%s)",
+                    extra, gt.what, gt.path, first, _id_hint(first, gt.by_image))
+    elif extra:
+        log.warning("ignoring predictions for %d image(s) that are not in the %s %s", extra, gt.what, gt.path)
     return pairs, missing
 
 
@@ -445,6 +478,8 @@ def gt_image_sizes(gt: PanopticJSON, png_dir: str | os.PathLike[str]) -> dict[Im
 
 def _rle_string_counts(s: str) -> np.ndarray | None:
     """Counts of a COCO compressed RLE string (pycocotools ``rleFrString``), or None when it is malformed."""
+    import numpy as np
+
     c = np.frombuffer(s.encode("ascii", "replace"), np.uint8).astype(np.int64) - 48
     if c.size == 0:
         return np.zeros(0, np.int64)
@@ -472,6 +507,8 @@ def _rle_string_counts(s: str) -> np.ndarray | None:
 def check_rle(seg: Any, hw: tuple[int, int] | None, where: str) -> None:
     """A COCO RLE (``{"size": [h, w], "counts": str | [int]}``) whose size matches its image and whose counts are
     non-negative and cover exactly ``h * w`` pixels."""
+    import numpy as np
+
     if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
         raise DataError(f"{where}: 'segmentation' is {_short(seg)}, expected an RLE with 'size' and 'counts'")
     size = seg["size"]

@@ -492,8 +492,7 @@ def _write_one(job: tuple[Path, int, str, int, int]) -> tuple[dict[str, Any], di
 
 
 def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one core per worker process
-    init_worker_signals()  # SIGTERM / Ctrl-C: exit quietly, temporaries removed
+    init_worker_signals(lambda: cv2.setNumThreads(1))  # one core per worker; then SIGTERM / Ctrl-C: exit quietly  # SIGTERM / Ctrl-C: exit quietly, temporaries removed
 
 
 def _dump(obj: Any) -> str:

@@ -55,7 +55,8 @@ def load_model(
     try:
         model, _cfg = load_checkpoint_model(Path(weights), model_name, **overrides)
     except (CheckpointError, ValueError) as exc:
-        raise UserError(f"cannot load --weights {weights}: {exc}") from None
+        text = str(exc)
+        raise UserError(text if str(weights) in text else f"cannot load --weights {weights}: {text}") from None
     return model.to(device).eval()
 
 

@@ -63,6 +63,7 @@ from harness.engine.grid_score import (
 )
 from harness.engine.grid_stats import CellState, ImageScore, merge_cells, row_key
 from harness.engine.grid_store import read_cells, write_cell
+from harness.errors import DataError
 from harness.io import atomic_write_json
 from harness.logging_utils import progress_disabled
 from models.inference import LAST_LAYER
@@ -148,6 +149,9 @@ class _CellRunner:
     def batch(self, batch: list[dict[str, Any]], scorer: Scorer) -> None:
         assert self.state is not None
         state, plan, n = self.state, self.plan, len(batch)
+        for item in batch:
+            if "error" in item:  # a bad image, found in a DataLoader worker (grid_data.GridImages)
+                raise DataError(item["error"])
         state.cost["waiting for data"] = state.cost.get("waiting for data", 0.0) + self.data_wait
         x, pad = collate_images(batch)
         x = x.to(self.device, non_blocking=True)
@@ -331,6 +335,8 @@ def run_grid(opts: GridOptions) -> GridOutcome:
             barrier(dist)  # every rank leaves together, after rank 0 wrote the last cell
         elif dist.is_main and plan.shard_name is None:
             write_run_tables(plan.out, plan.cells, plan.meta, finished, plan.save_predictions)  # rebuild tables lost after the last cell file (or deleted)
+        if dist.is_main and plan.claim is not None:
+            plan.claim.complete()  # every cell file and table is written
         results = summary = pd.DataFrame()
         if dist.is_main and plan.shard_name is None:
             from harness.engine.grid_results import RESULTS_PARQUET, SUMMARY_CSV

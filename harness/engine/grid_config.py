@@ -13,7 +13,10 @@ F (a JSON list, a JSON object with ``image_ids`` such as ``harness corrupt``'s `
 per line). ``--max-images N`` (kept from the single-cell ``harness eval``) keeps the first N ids in that order.
 
 The settings in ``run.json["settings"]`` decide every number of the run; a second invocation on the same ``--out``
-must ask for exactly the same settings (then it resumes) or it is refused (one line, exit 2, nothing touched).
+must ask for exactly the same settings (then it resumes) or it is refused (one line, exit 2, nothing touched), unless
+``--overwrite`` (``GridOptions.replace``) asks to replace it. The folder is claimed like every command's output
+(:mod:`harness.outputs`): its marker ``.psf-harness.json`` holds a digest of the settings, and a folder holding files
+that are not a grid run's is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["GridOptions", "Cell", "CLEAN_CELL", "cell_name", "parse_corruption_list", "parse_post_processors",
            "parse_layer_list", "row_pairs", "parse_shard", "select_image_ids", "file_sha256", "state_dict_sha256",
-           "source_commit", "check_or_write_run_json", "RUN_JSON", "RUN_FORMAT"]
+           "source_commit", "check_or_write_run_json", "claim_run", "check_run_folder", "clear_run", "settings_sha256",
+           "weights_sha256", "RUN_JSON", "RUN_FORMAT"]
 
 RUN_JSON = "run.json"
 RUN_FORMAT = "psf-harness/eval-grid/v1"
@@ -284,11 +288,19 @@ def state_dict_sha256(model: Any) -> str:
 
 
 def weights_file(weights: str | os.PathLike[str]) -> Path:
-    """The file whose bytes identify the weights (``model.safetensors`` inside our folder format)."""
-    p = Path(weights)
+    """The file whose bytes identify the weights: ``model.safetensors`` inside our folder format, the
+    ``checkpoint_last.pt`` of a training folder, else the file itself (every form ``--weights`` accepts)."""
+    from models.checkpoint import resolve_weights
+
+    p = resolve_weights(weights)
     if p.is_dir():
         p = p / "model.safetensors"
     return p
+
+
+def weights_sha256(weights: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of :func:`weights_file` (``results`` column ``weights_sha256``)."""
+    return file_sha256(weights_file(weights))
 
 
 _COMMIT: str | None = None
@@ -339,6 +351,7 @@ def _lookup(doc: Any, dotted: str) -> Any:
 RUN_FILES = ("run.json", "image_ids.json", "gt_subset.json", "results.parquet", "results.csv", "per_class.parquet",
              "summary.csv", "thing_preference.parquet", "thing_preference_bins.csv", "pq.json", "pred.json", "pred",
              "cells", "predictions", "candidates")
+COMMAND = "eval"
 
 
 def clear_run(out: Path) -> None:
@@ -353,35 +366,105 @@ def clear_run(out: Path) -> None:
             shutil.rmtree(p)
 
 
-def check_or_write_run_json(out: Path, settings: dict[str, Any], info: dict[str, Any], replace: bool = False) -> bool:
-    """Pin the run's settings: write ``out/run.json``, or check that an existing one asks for the same.
+def settings_sha256(settings: dict[str, Any]) -> str:
+    """Digest of a run's settings as ``run.json`` stores them (key order and tuples do not matter)."""
+    text = json.dumps(json.loads(json.dumps(settings)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
-    Returns:
-        True when the folder already held this run (resume), False for a new run.
+
+def _marker_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """What the output marker (``RUN/.psf-harness.json``) records: the digest decides, the rest is for people."""
+    return {"settings_sha256": settings_sha256(settings), "model": settings.get("model"),
+            "dataset": settings.get("dataset"), "split": settings.get("split"),
+            "corruptions": settings.get("corruptions"), "severities": settings.get("severities"),
+            "post_process": settings.get("post_process"), "layers": settings.get("layers"),
+            "shard": settings.get("shard")}
+
+
+def read_run_json(out: Path) -> dict[str, Any] | None:
+    """``out/run.json`` (None when absent); UserError naming the file when it is not a run description."""
+    path = out / RUN_JSON
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not a readable run description ({exc}); use another --out") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"{path} is not a readable run description (not valid JSON: {exc}); use another "
+                        "--out") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("settings"), dict):
+        raise UserError(f"{path} is not a run description of harness eval (no 'settings' object); use another --out")
+    return doc
+
+
+def legacy_run(out: Path) -> dict[str, Any] | None:
+    """Marker settings of a grid run written before output markers existed (it has ``run.json``)."""
+    try:
+        doc = read_run_json(out)
+    except UserError:
+        return None
+    if doc is None or doc.get("format") != RUN_FORMAT:
+        return None
+    return {**_marker_settings(doc["settings"]), "status": "complete"}
+
+
+def check_run_folder(out: Path) -> None:
+    """At start, before the model is loaded (writes nothing): ``out`` is new, empty or a run folder of ours.
 
     Raises:
-        UserError: the folder holds a run with other settings, an unreadable run.json, or grid files without one.
+        UserError / DataError: the folder holds files that are not a grid run's, another command's output, a garbage
+            marker or an unreadable ``run.json``.
     """
-    path = out / RUN_JSON
-    if path.exists():
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-            old = doc["settings"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{path} is not a readable run description ({exc}); use another --out") from None
-        # JSON round trip so tuples/lists and int keys compare as they were stored.
-        new = json.loads(json.dumps(settings))
+    from harness.outputs import check_claimable
+
+    check_claimable(out, COMMAND, legacy=legacy_run)
+    if out.is_dir():
+        read_run_json(out)
+
+
+def claim_run(out: Path, settings: dict[str, Any], info: dict[str, Any], replace: bool = False) -> tuple[Any, bool]:
+    """Claim ``out`` for this run and pin its settings in ``out/run.json``.
+
+    The folder must be new, empty, or a grid run folder (marker ``.psf-harness.json`` of ``harness eval``, or a
+    ``run.json`` of a run made before markers existed). A folder holding a run with other settings is refused
+    (complete or not: a half-finished grid is hours of work), naming the first setting that differs, unless
+    ``replace`` (``--overwrite``): then the grid's own files (:data:`RUN_FILES`) are removed first and nothing else.
+
+    Returns:
+        ``(claim, resumed)``: the :class:`harness.outputs.Claim` (call ``claim.complete()`` when every cell and table
+        is written) and whether the folder already held this run.
+
+    Raises:
+        UserError: see above; DataError: a garbage marker.
+    """
+    from harness.outputs import check_claimable, claim_output_dir
+
+    check_claimable(out, COMMAND, legacy=legacy_run)
+    doc = read_run_json(out) if out.is_dir() else None
+    new = json.loads(json.dumps(settings))  # JSON round trip: tuples/lists and int keys compare as stored
+    if doc is not None:
+        old = doc["settings"]
         diff = first_difference(old, new)
-        if diff is not None and replace:
-            log.info("%s held a run with other settings (%s); replacing it", out, diff)
-            clear_run(out)
-            return check_or_write_run_json(out, settings, info)
-        if diff is not None:
+        if diff is not None and not replace:
             raise UserError(f"{out} holds a run with other settings ({diff}: {_short(_lookup(old, diff))} there, "
-                            f"{_short(_lookup(new, diff))} now); use another --out, or repeat the original "
-                            "command to resume it")
-        return True
-    if out.exists() and any((out / name).exists() for name in ("results.parquet", "results.csv", "cells")):
-        raise UserError(f"{out} holds grid results but no {RUN_JSON}; refusing to mix them (use another --out)")
-    atomic_write_json(path, {"format": RUN_FORMAT, "settings": settings, "info": info}, indent=1)
-    return False
+                            f"{_short(_lookup(new, diff))} now); use another --out, repeat the original command to "
+                            "resume it, or add --overwrite to replace it")
+        if diff is not None:
+            log.info("%s held a run with other settings (%s); replacing it", out, diff)
+    claim = claim_output_dir(out, COMMAND, _marker_settings(settings), compare=["settings_sha256"],
+                             overwrite=True if replace else False, overwrite_flag="--overwrite", legacy=legacy_run)
+    if claim.previous is not None:  # replace: another run's files go, only those
+        clear_run(out)
+        doc = None
+    resumed = doc is not None and claim.resumed
+    if not resumed:
+        atomic_write_json(out / RUN_JSON, {"format": RUN_FORMAT, "settings": settings, "info": info}, indent=1)
+    return claim, resumed
+
+
+def check_or_write_run_json(out: Path, settings: dict[str, Any], info: dict[str, Any], replace: bool = False) -> bool:
+    """:func:`claim_run` for callers that need only whether the run resumes (the claim stays incomplete)."""
+    return claim_run(out, settings, info, replace)[1]

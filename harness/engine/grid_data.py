@@ -68,15 +68,22 @@ class GridImages(Dataset):
         from harness.corruptions import corrupt, corruption_seed
         from harness.data.transforms import prepare
 
+        from models.files import InputError
+
         cell, ref = self.items[index]
         t0 = time.perf_counter()
-        image = _decode(ref.path, cell.clean)
-        t1 = time.perf_counter()
-        if not cell.clean:
-            seed = corruption_seed(ref.file_name, cell.corruption, cell.severity)
-            image = corrupt(image, cell.corruption, cell.severity, seed, channel_order=self.channel_order)
-        t2 = time.perf_counter()
-        prep = prepare(self.spec, image)
+        try:
+            image = _decode(ref.path, cell.clean)
+            t1 = time.perf_counter()
+            if not cell.clean:
+                seed = corruption_seed(ref.file_name, cell.corruption, cell.severity)
+                image = corrupt(image, cell.corruption, cell.severity, seed, channel_order=self.channel_order)
+            t2 = time.perf_counter()
+            prep = prepare(self.spec, image)
+        except InputError as exc:
+            # Handed to the main process as data: a DataLoader worker's exception would arrive wrapped in a
+            # multi-line "Caught DataError in DataLoader worker process 0 ... Original Traceback" message.
+            return {"cell": cell, "ref": ref, "error": " ".join(str(exc).split())}
         t3 = time.perf_counter()
         cost = {"decode": t1 - t0, "transform": t3 - t2}
         if not cell.clean:
@@ -105,14 +112,20 @@ class CellBatches(Sampler[list[int]]):
 
 
 def _worker_init(_: int) -> None:
-    """One thread per DataLoader worker; load the compiled corruption kernels once."""
+    """One thread per DataLoader worker; load the compiled corruption kernels once; SIGTERM / Ctrl-C end the worker
+    quietly (the main process reports the interruption in one line)."""
     import cv2
 
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-    from harness.corruptions.fast import warm_up
+    from harness.io import init_worker_signals
 
-    warm_up()
+    def load() -> None:
+        from harness.corruptions.fast import warm_up
+
+        cv2.setNumThreads(1)
+        torch.set_num_threads(1)
+        warm_up()
+
+    init_worker_signals(load)
 
 
 def _as_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:

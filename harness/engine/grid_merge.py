@@ -10,10 +10,8 @@ identically.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,8 +19,10 @@ from harness.engine.grid_config import (
     CLEAN_CELL,
     RUN_JSON,
     Cell,
-    check_or_write_run_json,
+    check_run_folder,
+    claim_run,
     file_sha256,
+    read_run_json,
     row_pairs,
     source_commit,
 )
@@ -38,14 +38,26 @@ __all__ = ["merge_runs"]
 
 
 def _run_doc(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads((path / RUN_JSON).read_text(encoding="utf-8"))
-        doc["settings"]
-    except FileNotFoundError:
-        raise UserError(f"{path} is not a grid run folder (no {RUN_JSON})") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path / RUN_JSON} is not a readable run description ({exc})") from None
+    from harness.outputs import read_marker
+
+    marker = read_marker(path)  # DataError for a garbage marker
+    if marker is not None and marker["command"] != "eval":
+        raise UserError(f"--merge {path} holds the output of 'harness {marker['command']}', not a shard of "
+                        "'harness eval'")
+    doc = read_run_json(path)
+    if doc is None:
+        raise UserError(f"{path} is not a grid run folder (no {RUN_JSON})")
     return doc
+
+
+def _read_own_json(path: Path) -> Any:
+    """A JSON file a shard run wrote (image_ids.json, gt_subset.json); UserError naming it when damaged."""
+    from harness.data.panoptic_json import read_json
+
+    try:
+        return read_json(path, "shard file")
+    except UserError as exc:
+        raise UserError(f"{exc}; re-run that shard's command to rewrite it") from None
 
 
 def _check_shards(sources: Sequence[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -59,7 +71,10 @@ def _check_shards(sources: Sequence[Path]) -> tuple[dict[str, Any], dict[str, An
         shard = doc["settings"].get("shard")
         if not shard:
             raise UserError(f"{path} is not a shard run (made without --shard); nothing to merge")
-        i, total = (int(v) for v in str(shard).split("/"))
+        try:
+            i, total = (int(v) for v in str(shard).split("/"))
+        except ValueError:
+            raise UserError(f"{path / RUN_JSON}: shard {shard!r} is not i/n; re-run that shard's command") from None
         if total != n:
             raise UserError(f"{path} is shard {shard}, but {n} folder(s) were given; pass all {total} shards")
         if i in seen:
@@ -89,9 +104,13 @@ def merge_runs(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike
     out = Path(out)
     if out.resolve() in {p.resolve() for p in paths}:
         raise UserError(f"--out {out} is one of the shard folders; merge into a new folder")
+    check_run_folder(out)
     settings, info = _check_shards(paths)
-    gt = json.loads((paths[0] / "gt_subset.json").read_text(encoding="utf-8"))
-    image_ids = json.loads((paths[0] / "image_ids.json").read_text(encoding="utf-8"))
+    gt = _read_own_json(paths[0] / "gt_subset.json")
+    image_ids = _read_own_json(paths[0] / "image_ids.json")
+    if not isinstance(gt, dict) or not isinstance(gt.get("categories"), list) or not isinstance(image_ids, list):
+        raise UserError(f"{paths[0]}: gt_subset.json or image_ids.json is not what harness eval writes; re-run that "
+                        "shard's command to rewrite it")
     cells = _cells_of(settings)
     rows = row_pairs(settings["post_process"], settings["layers"])
     categories = gt["categories"]
@@ -110,7 +129,7 @@ def merge_runs(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike
             raise UserError(f"cell {cell.name}: the shards cover {len(state.positions)} of {len(image_ids)} images")
         state.commit = state.commit or source_commit()
         merged[cell] = state
-    check_or_write_run_json(out, settings, {**info, "merged_from": [str(p.resolve()) for p in paths]})
+    claim, _ = claim_run(out, settings, {**info, "merged_from": [str(p.resolve()) for p in paths]})
     atomic_write_json(out / "image_ids.json", image_ids)
     atomic_write_json(out / "gt_subset.json", gt)
     if settings["ap"]:
@@ -125,6 +144,7 @@ def merge_runs(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike
                      len(image_ids), tuple(rows), tuple(categories),
                      {int(c["id"]): str(c.get("name", c["id"])) for c in categories})
     write_run_tables(out, cells, meta, merged, bool(settings["save_predictions"]))
+    claim.complete()
     log.info("merged %d shards into %s: %d cells x %d images", len(paths), out, len(cells), len(image_ids))
     return out
 
@@ -148,13 +168,9 @@ def _evaluate_ap(merged: dict[Cell, CellState], gt: dict[str, Any], info: dict[s
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:  # other file system
-        shutil.copy2(src, dst)
+    from harness.io import atomic_link_or_copy
+
+    atomic_link_or_copy(src, dst)
 
 
 def _merge_predictions(paths: Sequence[Path], out: Path, model: str, cells: Sequence[Cell],
@@ -169,7 +185,7 @@ def _merge_predictions(paths: Sequence[Path], out: Path, model: str, cells: Sequ
             anns: list[dict[str, Any]] = []
             categories: list[dict[str, Any]] = []
             for path in paths:
-                doc = json.loads((path / rel / "panoptic.json").read_text(encoding="utf-8"))
+                doc = _read_own_json(path / rel / "panoptic.json")
                 images += doc["images"]
                 anns += doc["annotations"]
                 categories = doc["categories"]

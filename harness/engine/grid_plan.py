@@ -23,7 +23,8 @@ from harness.engine.grid_config import (
     CLEAN_CELL,
     Cell,
     GridOptions,
-    check_or_write_run_json,
+    check_run_folder,
+    claim_run,
     file_sha256,
     parse_corruption_list,
     parse_layer_list,
@@ -32,7 +33,7 @@ from harness.engine.grid_config import (
     select_image_ids,
     source_commit,
     state_dict_sha256,
-    weights_file,
+    weights_sha256,
 )
 from harness.engine.grid_data import ImageRef
 from harness.engine.grid_results import TableMeta
@@ -88,6 +89,7 @@ class GridPlan:
     meta: TableMeta
     save_predictions: bool
     resumed: bool
+    claim: Any = None  # rank 0: the output folder's claim (harness.outputs.Claim), completed at the end
 
     @property
     def shard_name(self) -> str | None:
@@ -108,15 +110,12 @@ def _load(opts: GridOptions, dataset: PanopticDataset) -> tuple[torch.nn.Module,
         return model, model.cfg, state_dict_sha256(model), {}
     if opts.weights is None:
         raise UserError("no --weights given")
-    path = Path(opts.weights)
-    if not path.exists():
-        raise UserError(f"--weights not found: {path}")
-    from models.checkpoint import read_meta
+    from models.checkpoint import read_meta, resolve_weights
 
+    path = resolve_weights(opts.weights)  # a folder (ours, or a training run's), a file; CheckpointError otherwise
     model = load_model(path, opts.model, cats.num_things, cats.num_stuff, "cpu")
     meta = read_meta(path)  # {} for released files; our files carry the training data set's categories
-    sha = file_sha256(weights_file(path)) if weights_file(path).is_file() else file_sha256(path)
-    return model, model.cfg, sha, meta
+    return model, model.cfg, weights_sha256(path), meta
 
 
 def _check_categories(cfg: Any, meta: dict[str, Any], dataset: PanopticDataset, weights: Any) -> None:
@@ -174,6 +173,7 @@ def plan_run(opts: GridOptions, dist: DistInfo) -> GridPlan:
         raise UserError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if opts.workers < 0 or (opts.score_workers is not None and opts.score_workers < 0):
         raise UserError("--workers and --score-workers must be >= 0")
+    on_main(dist, lambda: check_run_folder(out))  # a folder that is not a run of ours: refused before any work
     dataset = PanopticDataset(opts.data, split=opts.split)
     ids, rule = select_image_ids(dataset.image_ids, opts.subset, opts.subset_seed, opts.subset_file, opts.max_images)
     model, cfg, sha, meta = _load(opts, dataset)
@@ -221,13 +221,16 @@ def plan_run(opts: GridOptions, dist: DistInfo) -> GridPlan:
     info = {"weights": str(opts.weights) if opts.model_object is None else "(in-memory model)",
             "data": str(Path(opts.data).resolve()), "created_at": utc_now(), "commit": source_commit()}
 
+    claims: list[Any] = []
+
     def write_headers() -> bool:
-        resumed = check_or_write_run_json(out, settings, info, opts.replace)
-        if resumed:  # temporary files of a killed run (never those of a live one)
-            removed = sweep_stale_temporaries(out, recursive=True)
-            if removed:
-                log.info("removed %d temporary file(s) left by an interrupted run in %s", removed, out)
-        else:
+        claim, resumed = claim_run(out, settings, info, opts.replace)
+        claims.append(claim)
+        # Temporary files of a killed run (never those of a live one).
+        removed = sweep_stale_temporaries(out, recursive=True)
+        if removed:
+            log.info("removed %d temporary file(s) left by an interrupted run in %s", removed, out)
+        if not resumed:
             atomic_write_json(out / "image_ids.json", ids)
             _write_gt_subset(dataset, ids, out / "gt_subset.json")
             if opts.save_candidates:
@@ -239,7 +242,7 @@ def plan_run(opts: GridOptions, dist: DistInfo) -> GridPlan:
                             tuple(dict(c) for c in dataset.raw_categories),
                             {int(c["id"]): str(c.get("name", c["id"])) for c in dataset.raw_categories})
     return GridPlan(opts, out, dist, model, cfg, dataset, cats, refs, cells, layers, rows, pp_options, settings,
-                    meta_tables, save_predictions, resumed)
+                    meta_tables, save_predictions, resumed, claims[0] if claims else None)
 
 
 def _as_json(spec: Any) -> dict[str, Any]:

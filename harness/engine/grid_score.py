@@ -229,16 +229,18 @@ _WORKER_STATE: _State | None = None
 def _init_worker(ctx: ScoreContext) -> None:
     """Scorer process start: one thread each (the processes already share the cores); Ctrl-C / SIGTERM end it
     quietly with its temporary files removed (the main process logs one line and stops the pool)."""
-    global _WORKER_STATE
     from harness.io import init_worker_signals
 
-    init_worker_signals()
-    import cv2
-    import torch
+    def load() -> None:
+        global _WORKER_STATE
+        import cv2
+        import torch
 
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    _WORKER_STATE = _State(ctx)
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
+        _WORKER_STATE = _State(ctx)
+
+    init_worker_signals(load)
 
 
 def score_job(job: ScoreJob) -> ImageScore:
@@ -305,9 +307,15 @@ class Scorer:
             self._collect(block=True)
 
     def close(self, cancel: bool = False) -> None:
-        """Stop the processes (``cancel``: drop queued jobs, e.g. after an error or Ctrl-C)."""
+        """Stop the processes (``cancel``: now, dropping queued jobs, e.g. after an error, Ctrl-C or SIGTERM; the
+        workers remove their temporary files and are joined, so none outlives the command)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            if cancel:
+                from harness.io import stop_process_pool
+
+                stop_process_pool(self._pool)
+            else:
+                self._pool.shutdown(wait=True)
             self._pool = None
         self._pending.clear()
 

@@ -23,7 +23,6 @@ split the images.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import multiprocessing
@@ -42,11 +41,15 @@ from harness.errors import UserError
 from harness.io import atomic_write, atomic_write_json
 
 __all__ = ["MergeSetting", "SweepPlan", "merge_kwargs", "default_setting", "plan_sweep", "run_sweep",
-           "remerge_file", "SWEEP_COLUMNS", "OFFICIAL_M"]
+           "remerge_file", "SWEEP_COLUMNS", "OFFICIAL_M", "COMMAND", "legacy_sweep"]
 
 log = logging.getLogger(__name__)
 
 SWEEP_COLUMNS = ["alpha", "beta", "t_cnf", "t_keep"]
+COMMAND = "sweep"
+# Settings that must agree for rows to accumulate in one --out (models, cells, layers and the grid may grow).
+MARKER_KEYS = ("source", "t_keep_applies", "data", "split", "boundary")
+SWEEP_FILES = ("results.parquet", "results.csv", "run.json")
 # Official "(m)" options (models.configs defaults) for runs whose meta lacks them.
 OFFICIAL_M = {"thing_threshold": 0.25, "stuff_threshold": 0.25, "thing_overlap": 0.4, "stuff_overlap": 0.2}
 _EPS = 1e-9
@@ -114,6 +117,13 @@ class SweepPlan:
     split: str
     boundary: bool
 
+    def marker_settings(self) -> dict[str, Any]:
+        """What the output marker pins (:data:`MARKER_KEYS`; paths resolved, so ``runs/x`` and its absolute path
+        agree)."""
+        d = self.describe()
+        return {**{k: d[k] for k in MARKER_KEYS}, "source": str(self.source.resolve()),
+                "data": str(self.data_root.resolve())}
+
     def describe(self) -> dict[str, Any]:
         """JSON-able settings (``RUN2/run.json``)."""
         return {"command": "sweep", "source": str(self.source), "models": self.models, "cells": self.cells,
@@ -178,10 +188,12 @@ def _image_order(plan: SweepPlan, dataset: Any, model: str) -> list[tuple[Any, s
     """(image id, file stem) in evaluation order (``RUN/image_ids.json``, else the data set's order)."""
     ids_path = plan.source / "image_ids.json"
     if ids_path.is_file():
-        try:
-            ids = json.loads(ids_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read {ids_path}: {exc}") from None
+        from harness.data.panoptic_json import check_image_id, read_json
+
+        ids = read_json(ids_path, "image list")
+        if not isinstance(ids, list):
+            raise UserError(f"{ids_path}: expected a JSON list of image ids, got {type(ids).__name__}")
+        ids = [check_image_id(v, f"{ids_path}: entry {k}") for k, v in enumerate(ids)]
     else:
         cell_dir = plan.source / "candidates" / model / plan.cells[model][0]
         stems = {p.stem for p in cell_dir.glob("*.npz")}
@@ -190,7 +202,7 @@ def _image_order(plan: SweepPlan, dataset: Any, model: str) -> list[tuple[Any, s
     for iid in ids:
         try:
             out.append((iid, Path(dataset.image_info(iid)["file_name"]).stem))
-        except KeyError:
+        except (KeyError, TypeError):
             raise UserError(f"image id {iid!r} of {plan.source} is not in {dataset.json_path}") from None
     return out
 
@@ -251,6 +263,10 @@ def _score_part(plan: SweepPlan, settings: list[MergeSetting], part: int, parts:
                 for layer in plan.layers[model]:
                     if layer not in per_layer:
                         raise UserError(f"{path}: no layer {layer!r}")
+                    labels = per_layer[layer].labels
+                    if labels.numel() and int(labels.max()) >= len(cat_ids):
+                        raise UserError(f"{path}: layer {layer!r} has class {int(labels.max())}, but {len(cat_ids)} "
+                                        f"categories in {dataset.json_path} (a run of another data set?)")
                     for s in settings:
                         t0 = time.perf_counter()
                         res = mask_wise_merge(per_layer[layer], num_things, out_size, **kwargs[s])
@@ -295,13 +311,16 @@ def git_commit() -> str:
 
 def _source_info(plan: SweepPlan) -> dict[str, dict[str, Any]]:
     """Per model: weights_sha256, dataset, subset of the source run's results rows (when present)."""
-    import pandas as pd
-
     info: dict[str, dict[str, Any]] = {}
+    from harness.engine.results import read_table
+
     for name in ("results.parquet", "results.csv"):
         p = plan.source / name
         if p.is_file():
-            df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+            df = read_table(p, "results table of the evaluation")
+            missing = [c for c in ("model", "weights_sha256", "dataset", "split", "subset") if c not in df.columns]
+            if missing:
+                raise UserError(f"{p}: not a results table of harness eval (no column {missing[0]!r})")
             for m, g in df.groupby("model"):
                 first = g.iloc[0]
                 info[str(m)] = {k: first[k] for k in ("weights_sha256", "dataset", "split", "subset")}
@@ -336,27 +355,55 @@ def _write(out: Path, rows: list[dict[str, Any]]) -> None:
 
 def _existing(out: Path, plan: SweepPlan) -> list[dict[str, Any]]:
     """Rows already in ``out`` (resume); refuses a folder holding a sweep with other settings."""
-    import pandas as pd
+    from harness.engine.results import read_table
 
-    run_json = out / "run.json"
-    if run_json.is_file():
-        try:
-            old = json.loads(run_json.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read {run_json}: {exc}") from None
-        mine = plan.describe()
-        for k in ("source", "t_keep_applies", "data", "split", "boundary"):
-            if old.get(k) != mine[k]:
+    old = _read_run_json(out)
+    if old is not None:
+        mine = plan.marker_settings()
+        for k in MARKER_KEYS:
+            theirs = old.get(k)
+            if k in ("source", "data") and isinstance(theirs, str):
+                theirs = str(Path(theirs).resolve())
+            if theirs != mine[k]:
                 raise UserError(f"{out} holds a sweep with {k}={old.get(k)!r} (this one: {mine[k]!r}); "
                                 f"use another --out")
     p = out / "results.parquet"
     if not p.is_file():
         return []
-    df = pd.read_parquet(p)
+    df = read_table(p, "sweep results table")
     missing = [c for c in RESULT_COLUMNS + SWEEP_COLUMNS if c not in df.columns]
     if missing:
-        raise UserError(f"{p}: not a sweep results table (missing {', '.join(missing)})")
+        raise UserError(f"{p}: not a sweep results table (missing {', '.join(missing)}); it was edited or damaged -- "
+                        "delete it to recompute the sweep")
     return df.to_dict("records")
+
+
+def _read_run_json(out: Path) -> dict[str, Any] | None:
+    """``out/run.json`` of a sweep (None when absent); UserError naming it when it is not one."""
+    from harness.data.panoptic_json import read_json
+
+    path = out / "run.json"
+    if not path.is_file():
+        return None
+    doc = read_json(path, "sweep description")
+    if not isinstance(doc, dict) or doc.get("command") != COMMAND:
+        raise UserError(f"{path} is not the description of a harness sweep; use another --out")
+    return doc
+
+
+def legacy_sweep(out: Path) -> dict[str, Any] | None:
+    """Marker settings of a sweep folder written before output markers existed (it has a sweep ``run.json``)."""
+    try:
+        doc = _read_run_json(out)
+    except UserError:
+        return None
+    if doc is None:
+        return None
+    settings = {k: doc.get(k) for k in MARKER_KEYS}
+    for k in ("source", "data"):
+        if isinstance(settings[k], str):
+            settings[k] = str(Path(settings[k]).resolve())
+    return {**settings, "status": "complete"}
 
 
 def _done_key(r: Mapping[str, Any]) -> tuple:
@@ -371,9 +418,18 @@ def run_sweep(plan: SweepPlan, out_dir: str | Path, workers: int = 1, group: int
     frame."""
     import pandas as pd
 
+    from harness.io import init_worker_signals, stop_process_pool, sweep_stale_temporaries
+    from harness.outputs import claim_output_dir
+
     out = Path(out_dir)
     if out.resolve() == plan.source.resolve():
         raise UserError(f"--out {out} is the source run; write the sweep to another folder")
+    # Only a new or empty folder, or a sweep of the same run, data and options (its rows are kept and resumed).
+    claim = claim_output_dir(out, COMMAND, plan.marker_settings(), legacy=legacy_sweep)
+    sweep_stale_temporaries(out)
+    if claim.previous is not None:  # an interrupted sweep of other settings: its files go, only those
+        for name in SWEEP_FILES:
+            (out / name).unlink(missing_ok=True)
     rows = _existing(out, plan)
     done = {_done_key(r) for r in rows}
     todo = [s for s in plan.settings if any((m, c, la, s) not in done for m in plan.models
@@ -384,7 +440,7 @@ def run_sweep(plan: SweepPlan, out_dir: str | Path, workers: int = 1, group: int
         log.info("all %d settings already in %s", len(plan.settings), out)
     # spawn: a forked child of a process that used OpenCV / torch thread pools can deadlock.
     ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx) if workers > 1 and todo else None
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker_signals) if workers > 1 and todo else None
     try:
         for settings in _groups(todo, max(1, group)):
             started = _now()
@@ -402,9 +458,12 @@ def run_sweep(plan: SweepPlan, out_dir: str | Path, workers: int = 1, group: int
             fresh = {_done_key(x) for x in new}
             rows = [r for r in rows if _done_key(r) not in fresh] + new
             _write(out, rows)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+    except BaseException:
+        stop_process_pool(pool)  # now: a worker's running share is dropped, its temporary files removed
+        raise
+    if pool is not None:
+        pool.shutdown()
+    claim.complete()
     return pd.DataFrame(rows)[RESULT_COLUMNS + SWEEP_COLUMNS] if rows else pd.DataFrame(
         columns=RESULT_COLUMNS + SWEEP_COLUMNS)
 

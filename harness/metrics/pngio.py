@@ -141,7 +141,24 @@ def read_id_map(path: str | os.PathLike[str]) -> np.ndarray:
         raise DataError(f"cannot decode PNG {path}: {exc}") from None
     if ids is not None:
         return ids
-    return rgb_to_ids(_decode_bytes(data, Path(path)), str(path))
+    try:
+        return rgb_to_ids(_decode_bytes(data, Path(path)), str(path))
+    except DataError as exc:
+        raise _describe(Path(path), exc) from None
+
+
+def _describe(path: Path, exc: DataError) -> DataError:
+    """The error for a PNG that is not a panoptic PNG, in words from its header (``16-bit grayscale``) rather
+    than the decoder's array shape (a 16-bit grey PNG decodes to ``(H, W)`` uint16 or ``(H, W, 2)`` bytes)."""
+    from harness.data.images import png_header
+
+    try:
+        head = png_header(path)
+    except DataError:  # not even a PNG header: the decoder's own words say more
+        return exc
+    if not head.is_panoptic:
+        return DataError(f"{path}: a panoptic PNG must be 8-bit RGB(A), this one is {head.description}")
+    return exc
 
 
 def warm_up() -> None:
