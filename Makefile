@@ -7,8 +7,11 @@ PYTHON ?= python3
 PYPROJECT_HASH := $(shell sha1sum pyproject.toml Makefile | sha1sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(PYPROJECT_HASH)
 # Extension stamp keyed on the kernel sources and the build script.
-EXT_HASH := $(shell cat csrc/* models/ops/build.py 2>/dev/null | sha1sum | cut -c1-16)
+EXT_HASH := $(shell cat csrc/ms_deform_attn* models/ops/build.py 2>/dev/null | sha1sum | cut -c1-16)
 EXT_STAMP := $(VENV)/.ext-$(EXT_HASH)
+# PQ kernel (PNG decoding, histograms, boundaries for eval-pq) stamp, keyed the same way.
+PNG_HASH := $(shell cat csrc/png* harness/metrics/native.py 2>/dev/null | sha1sum | cut -c1-16)
+PNG_STAMP := $(VENV)/.png-$(PNG_HASH)
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 
@@ -19,7 +22,7 @@ help:
 	@echo "make test   - same set-up, then the whole test suite"
 	@echo "make bench  - run the benchmarks in benchmarks/"
 
-setup: $(STAMP) $(EXT_STAMP)
+setup: $(STAMP) $(EXT_STAMP) $(PNG_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +39,13 @@ $(STAMP): pyproject.toml Makefile
 $(EXT_STAMP): $(STAMP)
 	$(PY) -m models.ops.build
 	@rm -f $(VENV)/.ext-*
+	@touch $@
+
+# Compiled PQ kernel (C only: no toolkit, ~1 s). Without it eval-pq uses numpy and a general PNG
+# decoder (same numbers, slower; `harness doctor` says why); STRICT_EXT=1 makes a failure fatal.
+$(PNG_STAMP): $(STAMP)
+	$(PY) -m harness.metrics.native
+	@rm -f $(VENV)/.png-*
 	@touch $@
 
 demo: setup

@@ -1,20 +1,23 @@
-"""Whole-command speed of `harness eval-pq` vs panopticapi(-lite) and hotcoco on the same data.
+"""Whole-command speed of `harness eval-pq` vs hotcoco and panopticapi(-lite) on the same data.
 
 Generates N GT/prediction pairs (COCO panoptic PNG + JSON, default 600 images of 480x640 with the
 133 COCO categories: warped Voronoi stuff regions, elliptic and polygonal things, VOID bands,
 perturbed predictions; PNGs written with PIL like the COCO GT), then times each evaluator as a
-subprocess with the same worker count:
+subprocess, start to exit, with the same worker count K (default: the number of CPUs):
 
-- `harness eval-pq --workers K` (and `--boundary`);
-- panopticapi `pq_compute` with `multiprocessing.cpu_count` patched to K (it has no option);
+- `harness eval-pq --workers K` and `harness eval-pq --workers K --boundary`;
 - hotcoco `hotcoco.panoptic.pq_compute` with RAYON_NUM_THREADS=K;
-- boundary-iou-api's Boundary PQ when `--boundary-iou-api PATH` points at a checkout.
+- panopticapi `pq_compute` with `multiprocessing.cpu_count` patched to K (it has no option);
+- boundary-iou-api's Boundary PQ once, when `--boundary-iou-api PATH` points at a checkout.
 
-Each command runs once untimed, then `--repeat` times round-robin (so all see the same machine
-load); the table shows the median wall time, the median CPU time (the command and its worker
-processes; less sensitive to other load on the machine) and All PQ of each (they must agree).
+Each command runs once untimed, then `--repeat` rounds interleaved (the order rotates every round),
+so every command sees the same machine load; ratios use the minimum (the least disturbed run) and
+are shown for the median too. The load average is printed before and after: on a busy machine the
+absolute times are upper bounds but the interleaved ratios stay meaningful. All PQ of each evaluator
+is printed (they must agree). `--decoders` times PNG decoders and inflate libraries per PNG instead.
 
-    .venv/bin/python benchmarks/bench_pq.py [--images 600] [--workers 2] [--repeat 3]
+    .venv/bin/python benchmarks/bench_pq.py [--images 600] [--workers K] [--repeat 7] [--data DIR]
+    .venv/bin/python benchmarks/bench_pq.py --decoders [--data DIR]
 """
 
 from __future__ import annotations
@@ -197,6 +200,9 @@ with contextlib.redirect_stdout(io.StringIO()):
 print(json.dumps(r["All"], default=float))
 """
 
+OURS, OURS_B, HOTCOCO, PANOPTICAPI = ("harness eval-pq", "harness eval-pq --boundary", "hotcoco pq_compute",
+                                      "panopticapi pq_compute")
+
 
 def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, str, float]:
     """(wall seconds, stdout, CPU seconds of the command and its worker processes)."""
@@ -213,20 +219,22 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, str, float]:
     return elapsed, proc.stdout, cpu
 
 
-def _time_interleaved(cmds: dict[str, list[str]], env: dict[str, str],
-                      repeat: int) -> dict[str, tuple[float, str, float]]:
-    """Median wall and CPU time of each command, run round-robin so all see the same machine load."""
-    times: dict[str, list[float]] = {k: [] for k in cmds}
-    cpus: dict[str, list[float]] = {k: [] for k in cmds}
+def time_interleaved(cmds: dict[str, list[str]], env: dict[str, str],
+                     repeat: int) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, str]]:
+    """Wall and CPU times of each command over `repeat` rounds (after one untimed round); the order
+    rotates every round so that no command always runs right after the same one."""
+    names = list(cmds)
+    walls: dict[str, list[float]] = {k: [] for k in names}
+    cpus: dict[str, list[float]] = {k: [] for k in names}
     outs: dict[str, str] = {}
-    for name, cmd in cmds.items():  # warm-up round (page cache, compiled kernel), not timed
-        _run(cmd, env)
-    for _ in range(repeat):
-        for name, cmd in cmds.items():
-            t, outs[name], c = _run(cmd, env)
-            times[name].append(t)
+    for name in names:  # warm-up round (page cache, compiled kernel, .pyc), not timed
+        _run(cmds[name], env)
+    for r in range(repeat):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t, outs[name], c = _run(cmds[name], env)
+            walls[name].append(t)
             cpus[name].append(c)
-    return {k: (statistics.median(v), outs[k], statistics.median(cpus[k])) for k, v in times.items()}
+    return walls, cpus, outs
 
 
 def _installed(module: str) -> bool:
@@ -235,15 +243,117 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def machine() -> str:
+    """CPU model and count, for the record."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
+
+
+def load() -> str:
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
+def bench_decoders(data: Path, count: int = 200) -> list[tuple[str, float]]:
+    """Per-PNG CPU time (ms, min over 3 rounds) of each available decoder and inflate library."""
+    import struct
+    import zlib
+
+    from harness.metrics import fastpng
+
+    files = sorted((data / "gt").glob("*.png"))[: count // 2] + sorted((data / "pred").glob("*.png"))[: count // 2]
+    datas = [f.read_bytes() for f in files]
+
+    def idat(d: bytes) -> tuple[bytes, int]:
+        pos, chunks, size = 8, [], 0
+        while pos + 8 <= len(d):
+            length, kind = struct.unpack_from(">I4s", d, pos)
+            if kind == b"IHDR":
+                w, h = struct.unpack_from(">II", d, pos + 8)
+                size = h * (w * 3 + 1)
+            elif kind == b"IDAT":
+                chunks.append(d[pos + 8 : pos + 8 + length])
+            pos += 12 + length
+        return b"".join(chunks), size
+
+    streams = [idat(d) for d in datas]
+
+    def ids(rgb: np.ndarray) -> np.ndarray:
+        out = rgb[..., 2].astype(np.uint32)
+        out <<= 8
+        out |= rgb[..., 1]
+        out <<= 8
+        out |= rgb[..., 0]
+        return out
+
+    cases: list[tuple[str, Any, list[Any]]] = []
+    if fastpng.available():
+        cases.append(("harness kernel: libdeflate + C unfilter -> ids", fastpng.decode_ids, datas))
+    if _installed("pyspng"):
+        import pyspng
+
+        cases.append(("pyspng (libspng + zlib) + ids", lambda d: ids(pyspng.load(d)), datas))
+    if _installed("imagecodecs"):
+        import imagecodecs
+
+        cases.append(("imagecodecs.png_decode + ids", lambda d: ids(imagecodecs.png_decode(d)), datas))
+    if _installed("cv2"):
+        import cv2
+
+        cv2.setNumThreads(1)
+        cases.append(("OpenCV imdecode + ids", lambda d: ids(cv2.imdecode(np.frombuffer(d, np.uint8),
+                                                                         cv2.IMREAD_UNCHANGED)[..., ::-1]), datas))
+    import io
+
+    from PIL import Image
+
+    cases.append(("PIL + ids", lambda d: ids(np.asarray(Image.open(io.BytesIO(d)))), datas))
+    cases.append(("inflate only: zlib (stdlib)", lambda s: zlib.decompress(s[0]), streams))
+    if _installed("deflate"):
+        import deflate
+
+        cases.append(("inflate only: libdeflate (deflate)", lambda s: deflate.zlib_decompress(s[0], s[1]), streams))
+    if _installed("zlib_ng"):
+        from zlib_ng import zlib_ng
+
+        cases.append(("inflate only: zlib-ng (zlib-ng)", lambda s: zlib_ng.decompress(s[0]), streams))
+    if _installed("isal"):
+        from isal import isal_zlib
+
+        cases.append(("inflate only: ISA-L (isal)", lambda s: isal_zlib.decompress(s[0]), streams))
+    out = []
+    for name, fn, items in cases:
+        fn(items[0])
+        best = math.inf
+        for _ in range(3):
+            t0 = time.process_time()
+            for it in items:
+                fn(it)
+            best = min(best, (time.process_time() - t0) / len(items))
+        out.append((name, best * 1e3))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=600)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=640)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="K for every tool (default: CPUs)")
+    p.add_argument("--repeat", type=int, default=7, help="timed rounds (after one untimed round)")
     p.add_argument("--data", default=None, help="data folder (default: a temporary folder; reused if it exists)")
     p.add_argument("--boundary-iou-api", default=None, help="checkout of bowenc0221/boundary-iou-api to time too")
+    p.add_argument("--decoders", action="store_true", help="time PNG decoders / inflate per PNG instead")
+    p.add_argument("--no-panopticapi", action="store_true", help="skip panopticapi (slow) in quick checks")
     p.add_argument("--json-out", default=None, help="write the timings here")
     args = p.parse_args(argv)
 
@@ -255,55 +365,72 @@ def main(argv: list[str] | None = None) -> int:
         data = Path(tmp.name)
     if not (data / "pred.json").exists():
         t0 = time.perf_counter()
-        generate(data, args.images, args.height, args.width, args.workers)
+        generate(data, args.images, args.height, args.width, max(1, args.workers))
         print(f"generated {args.images} pairs of {args.height}x{args.width} in {time.perf_counter() - t0:.1f} s")
+    print(f"machine: {machine()}; {load()}")
+    if args.decoders:
+        rows = bench_decoders(data)
+        print(f"\nCPU time per {args.height}x{args.width} panoptic PNG (min of 3 rounds over 200 PNGs):")
+        for name, ms in rows:
+            print(f"  {name:50s} {ms:7.3f} ms")
+        print(f"after: {load()}")
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps({"machine": machine(), "decoders_ms": dict(rows)}, indent=1))
+        return 0
+
     gt, pred, gtd, prd = str(data / "gt.json"), str(data / "pred.json"), str(data / "gt"), str(data / "pred")
     k = str(args.workers)
     env = dict(os.environ, RAYON_NUM_THREADS=k, OMP_NUM_THREADS="1")
-    res_json = data / "R.json"
+    res_json, res_b = data / "R.json", data / "R_boundary.json"
     ours = [sys.executable, "-m", "harness", "eval-pq", "--gt-json", gt, "--gt-dir", gtd, "--pred-json", pred,
             "--pred-dir", prd, "--workers", k, "-q", "--out", str(res_json)]
     fmt = dict(gt=gt, pred=pred, gtd=gtd, prd=prd, workers=args.workers)
-    res_b = data / "R_boundary.json"
-    cmds = {
-        "harness eval-pq": ours,
-        "harness eval-pq --boundary": ours[:-1] + [str(res_b), "--boundary"],
-    }
-    if _installed("panopticapi"):
-        cmds["panopticapi pq_compute"] = [sys.executable, "-c", _PANOPTICAPI.format(**fmt)]
+    cmds = {OURS: ours, OURS_B: ours[:-1] + [str(res_b), "--boundary"]}
     if _installed("hotcoco"):
-        cmds["hotcoco pq_compute"] = [sys.executable, "-c", _HOTCOCO.format(**fmt)]
-    timed = _time_interleaved(cmds, env, args.repeat)
-    rows: list[tuple[str, float, float | None, float | None]] = [
-        ("harness eval-pq", timed["harness eval-pq"][0], json.loads(res_json.read_text())["pq"]["All"]["pq"],
-         timed["harness eval-pq"][2]),
-        ("harness eval-pq --boundary", timed["harness eval-pq --boundary"][0],
-         json.loads(res_b.read_text())["boundary_pq"]["All"]["pq"], timed["harness eval-pq --boundary"][2]),
-    ]
-    t_ours, t_bnd = rows[0][1], rows[1][1]
-    t_ref = None
-    for name in ("panopticapi pq_compute", "hotcoco pq_compute"):
-        if name in timed:
-            rows.append((name, timed[name][0], json.loads(timed[name][1].strip().splitlines()[-1])["pq"],
-                         timed[name][2]))
-    if "panopticapi pq_compute" in timed:
-        t_ref = timed["panopticapi pq_compute"][0]
+        cmds[HOTCOCO] = [sys.executable, "-c", _HOTCOCO.format(**fmt)]
+    if _installed("panopticapi") and not args.no_panopticapi:
+        cmds[PANOPTICAPI] = [sys.executable, "-c", _PANOPTICAPI.format(**fmt)]
+    load_before = load()
+    walls, cpus, outs = time_interleaved(cmds, env, args.repeat)
+    load_after = load()
+    pqs = {OURS: json.loads(res_json.read_text())["pq"]["All"]["pq"],
+           OURS_B: json.loads(res_b.read_text())["boundary_pq"]["All"]["pq"]}
+    for name in (HOTCOCO, PANOPTICAPI):
+        if name in outs:
+            pqs[name] = json.loads(outs[name].strip().splitlines()[-1])["pq"]
     if args.boundary_iou_api:
+        name = "boundary-iou-api (boundary, 1 run)"
         t, out, c = _run([sys.executable, "-c", _BOUNDARY_API.format(path=args.boundary_iou_api, **fmt)], env)
-        rows.append(("boundary-iou-api (boundary)", t, json.loads(out.strip().splitlines()[-1])["pq"], c))
+        walls[name], cpus[name], pqs[name] = [t], [c], json.loads(out.strip().splitlines()[-1])["pq"]
 
-    print(f"\n{args.images} images {args.height}x{args.width}, {args.workers} workers, "
-          f"median of {args.repeat}, {os.cpu_count()} CPUs")
-    print(f"{'evaluator':30s} {'wall s':>7s} {'vs panopticapi':>15s} {'CPU s':>7s} {'All PQ':>20s}")
-    for name, t, pq, cpu in rows:
-        ratio = f"{t_ref / t:14.2f}x" if t_ref else f"{'-':>15s}"
-        print(f"{name:30s} {t:7.2f} {ratio} {cpu if cpu is not None else math.nan:7.2f} "
-              f"{pq if pq is not None else math.nan:20.15f}")
-    print(f"Boundary PQ / Mask PQ time: {t_bnd / t_ours:.2f}x")
+    def ratio(ref: str, name: str, stat: Any) -> str:
+        return f"{stat(walls[ref]) / stat(walls[name]):7.2f}x" if ref in walls else f"{'-':>8s}"
+
+    print(f"\n{args.images} images {args.height}x{args.width}, {args.workers} workers, {args.repeat} interleaved "
+          f"rounds; {load_before} before, {load_after} after")
+    print(f"{'evaluator':36s} {'min s':>6s} {'median s':>8s} {'CPU s':>6s} {'vs hotcoco':>10s} "
+          f"{'vs panopticapi':>14s}  All PQ")
+    for name in walls:
+        print(f"{name:36s} {min(walls[name]):6.2f} {statistics.median(walls[name]):8.2f} "
+              f"{min(cpus[name]):6.2f} {ratio(HOTCOCO, name, min):>10s} {ratio(PANOPTICAPI, name, min):>14s}  "
+              f"{pqs[name]:.15f}")
+    summary = {
+        "eval_pq_vs_hotcoco_min": min(walls[HOTCOCO]) / min(walls[OURS]) if HOTCOCO in walls else None,
+        "eval_pq_vs_hotcoco_median": (statistics.median(walls[HOTCOCO]) / statistics.median(walls[OURS])
+                                      if HOTCOCO in walls else None),
+        "boundary_over_mask_min": min(walls[OURS_B]) / min(walls[OURS]),
+        "boundary_over_mask_median": statistics.median(walls[OURS_B]) / statistics.median(walls[OURS]),
+    }
+    if summary["eval_pq_vs_hotcoco_min"] is not None:
+        print(f"harness eval-pq is {summary['eval_pq_vs_hotcoco_min']:.2f}x faster than hotcoco (min; "
+              f"{summary['eval_pq_vs_hotcoco_median']:.2f}x median)")
+    print(f"--boundary costs {summary['boundary_over_mask_min']:.2f}x a Mask PQ run (min; "
+          f"{summary['boundary_over_mask_median']:.2f}x median)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(
-            {"images": args.images, "size": [args.height, args.width], "workers": args.workers,
-             "rows": [{"name": n, "seconds": t, "cpu_seconds": c, "all_pq": q} for n, t, q, c in rows]}, indent=1))
+            {"machine": machine(), "load_before": load_before, "load_after": load_after, "images": args.images,
+             "size": [args.height, args.width], "workers": args.workers, "repeat": args.repeat,
+             "wall_s": walls, "cpu_s": cpus, "all_pq": pqs, **summary}, indent=1))
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from models.files import InputError
 
-class UserError(Exception):
+
+class UserError(InputError):
     """A mistake in the user's input (path, file content, argument).
 
     The message must name the file, image id, segment id or key at fault. The CLI prints it
-    as one line (no traceback) and exits with status 2.
+    as one line (no traceback) and exits with status 2. (``models`` raises the same kind of
+    mistake as :class:`models.files.InputError` subclasses, which the CLI treats alike.)
     """
 
 

@@ -18,5 +18,11 @@ def setup_logging(verbosity: int) -> None:
 
 
 def progress_disabled() -> bool:
-    """tqdm bars are shown on interactive terminals and hidden when logging is quiet."""
-    return logging.getLogger().getEffectiveLevel() > logging.INFO
+    """tqdm bars are shown on interactive terminals and hidden when logging is quiet (or stderr is a file or a pipe,
+    where a bar is a stream of carriage returns between log lines)."""
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        return True
+    try:
+        return not sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return True

@@ -28,8 +28,7 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from models.checkpoint import CheckpointError
-from models.safe_load import UnsafeCheckpointError, torch_load
+from models.checkpoint import CheckpointError, read_released_pth
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +43,12 @@ HEAD_RENAMES: dict[str, str] = {
 def read_official(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read an official ``.pth`` file: ``(state_dict, meta)``.
 
-    Loads with ``weights_only=True`` and the allowlist of ``models.safe_load`` (mmcv ``meta`` may hold numpy
-    scalars); a file needing anything else is refused, never unpickled fully.
+    ``models.checkpoint.read_released_pth``: ``weights_only=True`` with the allowlist of ``models.safe_load`` (mmcv
+    ``meta`` may hold numpy scalars); a file needing anything else is refused, never unpickled fully.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    try:
-        obj = torch_load(p)
-    except UnsafeCheckpointError as exc:
-        raise CheckpointError(str(exc)) from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{p}: expected a dict with 'state_dict', got {type(obj).__name__}")
-    meta = obj.get("meta", {}) if isinstance(obj.get("meta", {}), dict) else {}
-    state = obj.get("state_dict", obj)
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{p}: 'state_dict' is not a mapping of tensors")
-    return dict(state), meta
+    state, extra = read_released_pth(path)
+    meta = extra.get("meta", {})
+    return state, meta if isinstance(meta, dict) else {}
 
 
 def _rename_head(key: str) -> str:

@@ -9,14 +9,35 @@ permissions (``0o666 & ~umask``, not the 0600 of a temporary file) and renamed o
 from __future__ import annotations
 
 import os
+import random
 import re
-import tempfile
+import string
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "file_mode", "TEMPORARY_RE"]
+__all__ = ["atomic_write", "file_mode", "reserve_temporary", "temporary_name", "InputError", "TEMPORARY_RE",
+           "temporary_parts"]
 
-TEMPORARY_RE = re.compile(r"^\..+\.tmp-(\d+)-[A-Za-z0-9_]+")
+_RNG = random.SystemRandom()
+_ALPHABET = string.ascii_letters + string.digits + "_"
+
+# ``.<stem>.tmp-<pid>-<random><suffix>``: group 1 = pid (kept first for older callers), ``stem``, ``suffix``.
+TEMPORARY_RE = re.compile(r"^\.(?P<stem>.+)\.tmp-(\d+)-[A-Za-z0-9_]+?(?P<suffix>\.[^./]*)?$")
+
+
+class InputError(Exception):
+    """Base of every "the user's input is wrong" error (``harness.errors.UserError``, ``models.checkpoint.
+    CheckpointError``, ``models.safe_load.UnsafeCheckpointError``): the CLI prints the message as one line and exits
+    with status 2. It lives here, in the lowest layer, so ``models`` can raise it without importing ``harness``.
+    """
+
+
+def temporary_parts(name: str) -> tuple[str, int] | None:
+    """``(final file name, writer pid)`` of a temporary file name of :func:`atomic_write`, else None."""
+    m = TEMPORARY_RE.match(name)
+    if not m:
+        return None
+    return m.group("stem") + (m.group("suffix") or ""), int(m.group(2))
 
 
 def _umask() -> int:
@@ -47,10 +68,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-{os.getpid()}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    # The name is drawn before the file exists and the `try` starts before it is created, so a signal at any point
+    # leaves no file behind (tempfile.mkstemp returns the name only after creating the file).
+    tmp_path = temporary_name(path)
     try:
+        tmp_path = reserve_temporary(path, tmp_path)
         write(tmp_path)
         os.chmod(tmp_path, file_mode())
         os.replace(tmp_path, path)
@@ -58,3 +80,26 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh temporary name beside `path`: ``.<stem>.tmp-<pid>-<random><suffix>`` (not created)."""
+    token = "".join(_RNG.choice(_ALPHABET) for _ in range(10))
+    return path.parent / f".{path.stem}.tmp-{os.getpid()}-{token}{path.suffix}"
+
+
+def reserve_temporary(path: Path, first: Path | None = None) -> Path:
+    """Create an empty, private temporary file beside `path` (named `first` when given and free) and return it.
+
+    Names carry this process's id, so a name that exists already is one of this process's own or a dead process's
+    leftover: another is drawn. A caller that drew `first` itself (:func:`temporary_name`) before its ``try`` block
+    and removes that name on any exception never leaves a file behind, whenever a signal arrives.
+    """
+    tmp = first if first is not None else temporary_name(path)
+    while True:
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            tmp = temporary_name(path)
+            continue
+        return tmp

@@ -8,9 +8,24 @@ Official quirks kept by default: the padding mask is ignored (softmax over padde
 positional encoding, ``pos_query`` is re-added before every block. ``ignore_padding=False`` masks padded keys
 in the softmax instead (our option; makes a padded batch agree with single images inside the valid region).
 Parameter names (``blocks.{i}.attn.q``, ``linear_l1.0`` ..., ``attnen``) match the checkpoints.
+
+Attention maps (Fig. 6, Fig. B.6; ``harness predict --dump-attention``): :func:`record_attention` makes every
+cross-attention of a :class:`MaskHead` keep its per-head map over the 1/8-level keys, ``(B, heads, N, h1, w1)``,
+for one forward. Two kinds (:data:`ATTENTION_KINDS`):
+
+* ``"logits"`` (default): the raw scaled dot products ``q k^T / sqrt(d)``: the attention map ``A`` of the paper
+  (Eq. 1, its 1/8 split ``A_3``), which the ~200-parameter FC head turns into the mask; hence the paper's remark
+  that the attention maps look like the masks.
+* ``"softmax"``: the attention weights, softmax over all keys of the three levels (as the block uses them to
+  aggregate values; padded keys masked when the decoder masks them), restricted to the 1/8 keys.
+
+Recording is off by default and costs one ``None`` check per attention call when off.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +77,9 @@ class MaskAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, with_value: bool = True) -> None:
         super().__init__()
+        # Opt-in recording of the 1/8-level map (see `record_attention`); None = off.
+        self.record: str | None = None
+        self.recorded: list[Tensor] = []
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.with_value = with_value
@@ -90,6 +108,16 @@ class MaskAttention(nn.Module):
         f3 = f3.permute(0, 2, 3, 1).reshape(b, n, wedge_1, nh)
         return self.linear(torch.cat([f1, f2, f3], -1))
 
+    def _record(self, attn: Tensor, hw: list[tuple[int, int]], key_padding_mask: Tensor | None) -> None:
+        """Keep ``(B, heads, N, h1, w1)`` float16 of the 1/8-level keys of this call (``self.record``: the kind)."""
+        (h1, w1) = hw[0]
+        if self.record == "softmax":
+            if key_padding_mask is not None:
+                attn = attn.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+            attn = attn.softmax(dim=-1)
+        b, nh, n, _ = attn.shape
+        self.recorded = [attn[..., : h1 * w1].detach().to(torch.float16).reshape(b, nh, n, h1, w1)]
+
     def forward(self, query: Tensor, memory: Tensor, hw: list[tuple[int, int]],
                 key_padding_mask: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
         """Attend.
@@ -109,6 +137,8 @@ class MaskAttention(nn.Module):
         q = self.q(query).reshape(b, n, nh, c // nh).permute(0, 2, 1, 3)
         k = self.k(memory).reshape(b, length, nh, c // nh).permute(0, 2, 1, 3)
         attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, heads, N, L) raw logits
+        if self.record is not None:
+            self._record(attn, hw, key_padding_mask)
         mask = self._mask(attn.permute(0, 2, 3, 1), hw)
         if not self.with_value:
             return None, mask
@@ -198,3 +228,35 @@ class MaskHead(nn.Module):
         _, mask = self.attnen(q_in, memory, hw, None)
         masks.append(mask.reshape(b, n, h1, w1))
         return masks, queries
+
+
+ATTENTION_KINDS = ("logits", "softmax")
+
+
+@contextmanager
+def record_attention(head: MaskHead, kind: str = "logits") -> Iterator[dict[str, Tensor]]:
+    """Record the cross-attention maps of ``head`` during the forwards run inside the ``with`` block.
+
+    Yields a dict that is filled when the block exits: layer name (``"1"`` .. ``"n"`` for the blocks, ``"last"``
+    for the tail ``attnen``) -> ``(B, heads, N, h1, w1)`` float16 map over the 1/8-level keys of the last forward
+    (a truncated forward fills only the blocks it ran). ``kind``: ``"logits"`` or ``"softmax"`` (module docstring).
+
+    Example::
+
+        with record_attention(model.bbox_head.things_mask_head) as maps:
+            model(images)
+        maps["last"].shape  # (B, 8, 100, H/8, W/8)
+    """
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}, got {kind!r}")
+    layers = [(str(i + 1), block.attn) for i, block in enumerate(head.blocks)] + [("last", head.attnen)]
+    maps: dict[str, Tensor] = {}
+    for _, attn in layers:
+        attn.record, attn.recorded = kind, []
+    try:
+        yield maps
+    finally:
+        for name, attn in layers:
+            if attn.recorded:
+                maps[name] = attn.recorded[-1]
+            attn.record, attn.recorded = None, []

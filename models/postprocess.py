@@ -24,17 +24,43 @@ Four methods share one input (`Candidates`) and one output (`PanopticResult`):
 Masks are upsampled bilinearly (align_corners=False) straight to ``out_size``, as the official code does
 (it never crops padding: batch size 1 without padding at test time). Callers with padded batches crop
 first (`candidates_from_outputs(..., valid_hw=...)`).
+
+Speed (issue #10.7). The definitions above resize every candidate to the full image (153 x H x W floats for
+COCO), which costs seconds per image on a CPU (`models.postprocess_full` keeps them). The functions here give
+bit-identical maps, segments and scores at a small fraction of the cost:
+
+- Masks are ReLU outputs: a resized mask can exceed a threshold only next to low-resolution pixels that exceed
+  it, and it is exactly 0 away from non-zero ones. Each candidate is resized only inside that support box, with
+  PyTorch's own kernels (`models.box_resize`: the CPU bilinear kernel is separable, so a pass along W over the
+  needed source rows and one along H over the box's columns reproduce it bit for bit on any CPU). Whenever that
+  cannot be guaranteed (``F.interpolate`` would take its channels-last kernel: output H + W <= 128, 3 candidates
+  on one thread; non-finite values; a failed probe) the full-resolution definition runs instead.
+- "(m)" (`models.mask_wise`) resizes only the candidates whose rescored score can reach t_cnf and reproduces the
+  official float32 rescoring and sort order exactly; `models.mask_wise.mask_wise_trace` shows its working.
+- Overlap tests, argmaxes and painting work inside the boxes; segment areas are counted while painting.
+
+``return_candidates=True`` ("(m)" only; ``harness predict --dump-raw``) takes the full-resolution path, which also
+returns the sorted candidate list with full-resolution masks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+
+from models.box_resize import Box, BoxMasks, exact_box_masks, paint, support_threshold, view
+from models.candidates import (
+    Candidates,
+    Painted,
+    PanopticResult,
+    candidates_from_outputs,
+    empty_maps,
+    segments_from_counts,
+)
+from models.mask_wise import mask_wise_merge
+from models.postprocess_full import heuristic_merge_full, maskformer_merge_full, pixel_argmax_full
 
 __all__ = [
     "Candidates",
@@ -49,243 +75,62 @@ __all__ = [
 ]
 
 
-@dataclass
-class Candidates:
-    """Candidate segments of one image (things first, then stuff, as the model emits them).
-
-    Attributes:
-        scores: (K,) class confidences before rescoring (sigmoid probabilities).
-        labels: (K,) long contiguous class indices (things 0..num_things-1, then stuff).
-        masks: (K, h, w) float raw mask values (ReLU outputs at 1/8 resolution, no sigmoid).
-        boxes: (K, 4) normalised cxcywh boxes for things (zeros for stuff), or None.
-        query_index: (K,) long index of the query that produced each candidate, or None: for Panoptic SegFormer
-            the location query for things (a query may appear under several labels) and
-            ``num_thing_queries + j`` for stuff query j (query-decoupled models); thing-preference statistics
-            group candidates by it.
-    """
-
-    scores: Tensor
-    labels: Tensor
-    masks: Tensor
-    boxes: Tensor | None = None
-    query_index: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        k = self.scores.shape[0]
-        if self.labels.shape[0] != k or self.masks.shape[0] != k or self.masks.dim() != 3:
-            raise ValueError(
-                f"Candidates: scores {tuple(self.scores.shape)}, labels {tuple(self.labels.shape)} and "
-                f"masks {tuple(self.masks.shape)} must agree on K (masks (K, h, w))"
-            )
-        if self.query_index is not None and self.query_index.shape[0] != k:
-            raise ValueError(f"Candidates: query_index {tuple(self.query_index.shape)} must have K = {k} entries")
+def _fast_masks(cands: Candidates, out_size: tuple[int, int]) -> BoxMasks | None:
+    """The box resizer of the candidates when the exact fast path applies, else None (use the full-resolution
+    definition)."""
+    return exact_box_masks(cands.masks, cands.scores, out_size)
 
 
-@dataclass
-class PanopticResult:
-    """Panoptic output of one image at the requested size.
-
-    Attributes:
-        category: (H, W) int32 contiguous class index, -1 for void.
-        instance: (H, W) int32 thing instance number 1, 2, ... in painting order; 0 for stuff and void.
-        segments: one dict per painted segment: label, isthing, score, instance, area.
-        candidate_scores: (K,) float32 rescored candidate scores, sorted descending (mask-wise path only).
-        candidate_labels: (K,) int64 labels in that order (mask-wise path only).
-        candidate_masks: (K, H, W) float32 mask values at out_size before thresholding, same order.
-    """
-
-    category: np.ndarray
-    instance: np.ndarray
-    segments: list[dict[str, Any]] = field(default_factory=list)
-    candidate_scores: np.ndarray | None = None
-    candidate_labels: np.ndarray | None = None
-    candidate_masks: np.ndarray | None = None
+def _empty_result(out_size: tuple[int, int]) -> PanopticResult:
+    category, instance = empty_maps(out_size)
+    return PanopticResult(category=category, instance=instance)
 
 
-def candidates_from_outputs(
-    outputs: dict[str, Any], index: int, num_things: int, valid_hw: tuple[int, int] | None = None
-) -> Candidates:
-    """Build the 100 thing + Ns stuff candidates of image `index` from the model's inference dict.
-
-    Args:
-        outputs: `PanopticSegFormer.forward` dict with thing_scores (B, T), thing_labels (B, T),
-            thing_masks (B, T, h, w), stuff_scores (B, Ns), stuff_masks (B, Ns, h, w) and optionally
-            thing_boxes (B, T, 4).
-        index: image index in the batch.
-        num_things: number of thing classes; stuff query j gets label num_things + j (class-fixed).
-        valid_hw: (h, w) of the unpadded region in mask pixels; masks are cropped to it. None keeps all
-            (the official single-image, no-padding case).
-
-    Returns:
-        Candidates with K = T + Ns, masks as float32 on the CPU.
-    """
-    thing_masks = outputs["thing_masks"][index]
-    stuff_masks = outputs["stuff_masks"][index]
-    num_stuff = stuff_masks.shape[0]
-    scores = torch.cat([outputs["thing_scores"][index], outputs["stuff_scores"][index]]).detach().float().cpu()
-    stuff_labels = torch.arange(num_stuff, device=thing_masks.device) + num_things
-    labels = torch.cat([outputs["thing_labels"][index].long(), stuff_labels]).cpu()
-    masks = torch.cat([thing_masks, stuff_masks]).detach().float().cpu()
-    if valid_hw is not None:
-        masks = masks[:, : valid_hw[0], : valid_hw[1]]
-    boxes = None
-    if outputs.get("thing_boxes") is not None:
-        tb = outputs["thing_boxes"][index].detach().float().cpu()
-        boxes = torch.cat([tb, tb.new_zeros(num_stuff, 4)])
-    query_index = None
-    if outputs.get("thing_query_index") is not None:
-        qi = outputs["thing_query_index"][index].detach().long().cpu()
-        loc = outputs.get("location")
-        num_queries = int(loc.logits.shape[-2]) if loc is not None else (int(qi.max()) + 1 if qi.numel() else 0)
-        query_index = torch.cat([qi, torch.arange(num_stuff) + num_queries])
-    return Candidates(scores=scores, labels=labels, masks=masks, boxes=boxes, query_index=query_index)
-
-
-def _resize(masks: Tensor, out_size: tuple[int, int]) -> Tensor:
-    """(K, h, w) -> (K, H, W) float32, bilinear, align_corners=False (as `F.interpolate` in the official code)."""
-    masks = masks.float()
-    if tuple(masks.shape[-2:]) == tuple(out_size):
-        return masks
-    if masks.shape[0] == 0:
-        return masks.new_zeros((0, *out_size))
-    return F.interpolate(masks[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
-
-
-def _empty_maps(out_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    return np.full(out_size, -1, dtype=np.int32), np.zeros(out_size, dtype=np.int32)
-
-
-def _segments_from_maps(
-    category: np.ndarray, instance: np.ndarray, painted: list[tuple[int, bool, float, int]]
-) -> list[dict[str, Any]]:
-    """Segment list with the areas actually painted; `painted` = (label, isthing, score, instance)."""
-    segments = []
-    for label, isthing, score, inst in painted:
-        if isthing:
-            area = int(((category == label) & (instance == inst)).sum())
-        else:
-            area = int(((category == label) & (instance == 0)).sum())
-        if area > 0:
-            segments.append(
-                {
-                    "label": int(label),
-                    "isthing": bool(isthing),
-                    "score": float(score),
-                    "instance": int(inst),
-                    "area": area,
-                }
-            )
-    return segments
-
-
-def mask_wise_merge(
-    cands: Candidates,
-    num_things: int,
-    out_size: tuple[int, int],
-    thing_threshold: float = 0.25,
-    stuff_threshold: float = 0.25,
-    thing_overlap: float = 0.4,
-    stuff_overlap: float = 0.2,
-    alpha: float = 1.0,
-    beta: float = 2.0,
-    mask_threshold: float = 0.5,
-    plus_one: bool = True,
-    stable: bool = False,
-) -> PanopticResult:
-    """Mask-wise merging "(m)", exactly as the official code (see the module docstring).
-
-    Args:
-        cands: candidates with K masks (K, h, w).
-        num_things: labels below this are things.
-        out_size: (H, W) of the output (the original image size).
-        thing_threshold / stuff_threshold: t_cnf; a candidate is skipped when its rescored score is
-            strictly below it.
-        thing_overlap / stuff_overlap: a candidate is skipped when |mask ∩ painted| / |mask| is strictly
-            above it (or its mask is empty).
-        alpha / beta: exponents of the class score and of the mask score (Eq. 6; Table B.3).
-        mask_threshold: binarisation threshold of the raw mask values.
-        plus_one: official "+1" in the mask-score denominator; False gives the paper's plain mean.
-        stable: stable sort (ties keep the input order, things first). Default False, as official.
-
-    Returns:
-        PanopticResult with the sorted candidate list (scores, labels, masks at out_size).
-    """
-    masks = _resize(cands.masks, out_size)
-    seg = masks > mask_threshold
-    # Same expressions and reduction order as the official code, so float32 results agree bit for bit.
-    count = seg.sum((1, 2)).float()
-    mask_score = (masks * seg.float()).sum((1, 2)) / (count + 1 if plus_one else count.clamp(min=1.0))
-    scores = cands.scores.float()
-    # alpha == 1 multiplies by the score itself, as the official `scores_all *= seg_scores**2`.
-    rescored = (scores if alpha == 1.0 else scores**alpha) * mask_score**beta
-    # The official call (`torch.sort(descending=True)`, not stable): tied scores (e.g. the many 0.0 of empty
-    # masks) then come out in the same order as the official code on the same torch build and device.
-    rescored, order = torch.sort(rescored, descending=True, stable=stable)
-    masks, seg, labels = masks[order], seg[order], cands.labels[order]
-
-    filled = torch.zeros(out_size, dtype=torch.bool)
-    category, instance = _empty_maps(out_size)
-    cat_t, inst_t = torch.from_numpy(category), torch.from_numpy(instance)
-    painted: list[tuple[int, bool, float, int]] = []
+def _winner_luts(winners: list[int], kept: list[int], areas: np.ndarray, cands: Candidates, num_things: int
+                 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Look-up tables position in ``kept`` -> category / instance (-1 / 0 for losers) and the segment list, for the
+    positions ``winners`` in painting order (each with ``areas[j] > 0`` pixels): things get instance numbers in that
+    order; the winners of one stuff class share one segment (that of the first)."""
+    lut_cat = np.full(len(kept), -1, np.int32)
+    lut_inst = np.zeros(len(kept), np.int32)
+    painted: Painted = []
+    counts: dict[int, int] = {}
+    stuff_entry: dict[int, int] = {}
     next_instance = 1
-    for i in range(labels.shape[0]):
-        label = int(labels[i])
-        isthing = label < num_things
-        score = float(rescored[i])
-        if score < (thing_threshold if isthing else stuff_threshold):
-            continue
-        m = seg[i]
-        area = int(m.sum())
-        if area == 0:
-            continue
-        inter = int((m & filled).sum())
-        if inter / area > (thing_overlap if isthing else stuff_overlap):
-            continue
-        m = m & ~filled
-        filled |= m
-        cat_t.masked_fill_(m, label)
-        if isthing:
-            inst_t.masked_fill_(m, next_instance)
-            painted.append((label, True, score, next_instance))
-            next_instance += 1
-        else:
-            painted.append((label, False, score, 0))
-    return PanopticResult(
-        category=category,
-        instance=instance,
-        segments=_segments_from_maps(category, instance, painted),
-        candidate_scores=rescored.numpy().astype(np.float32),
-        candidate_labels=labels.numpy().astype(np.int64),
-        candidate_masks=masks.numpy().astype(np.float32, copy=False),
-    )
-
-
-def _paint_ids(
-    ids: Tensor, kept: list[int], labels: Tensor, scores: Tensor, num_things: int, valid: Tensor
-) -> tuple[np.ndarray, np.ndarray, list[tuple[int, bool, float, int]]]:
-    """Paint per-pixel winner ids (index into `kept`) into category/instance maps.
-
-    Things get instance numbers in descending score order; stuff of one class shares one segment.
-    """
-    category, instance = _empty_maps(tuple(ids.shape))
-    cat_t, inst_t = torch.from_numpy(category), torch.from_numpy(instance)
-    painted = []
-    order = sorted(range(len(kept)), key=lambda j: -float(scores[kept[j]]))
-    next_instance = 1
-    for j in order:
+    for j in winners:
         k = kept[j]
-        m = (ids == j) & valid
-        if not bool(m.any()):
-            continue
-        label = int(labels[k])
-        cat_t.masked_fill_(m, label)
+        label = int(cands.labels[k])
+        lut_cat[j] = label
         if label < num_things:
-            inst_t.masked_fill_(m, next_instance)
-            painted.append((label, True, float(scores[k]), next_instance))
+            lut_inst[j] = next_instance
+            counts[len(painted)] = int(areas[j])
+            painted.append((label, True, float(cands.scores[k]), next_instance, k))
             next_instance += 1
-        elif all(p[0] != label for p in painted):
-            painted.append((label, False, float(scores[k]), 0))
-    return category, instance, painted
+        else:
+            if label not in stuff_entry:
+                stuff_entry[label] = len(painted)
+                painted.append((label, False, float(cands.scores[k]), 0, k))
+            counts[stuff_entry[label]] = counts.get(stuff_entry[label], 0) + int(areas[j])
+    return lut_cat, lut_inst, segments_from_counts(painted, counts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (p) pixel-wise argmax
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _argmax_in_boxes(out_size: tuple[int, int], positions: list[int], boxes: list[Box], vals: list[np.ndarray],
+                     init: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel maximum over candidates given inside boxes (in ascending ``positions``), and the position of the
+    first maximal one (``torch.max(dim=0)``'s rule); pixels no candidate beats ``init`` keep ``(init, 0)``."""
+    best = np.full(out_size, init, dtype=np.float32)
+    ids = np.zeros(out_size, dtype=np.int32)
+    for j, box, v in zip(positions, boxes, vals):
+        sub = view(best, box)
+        win = v > sub  # strict: an earlier candidate keeps a tie
+        np.maximum(sub, v, out=sub)  # = v where win, else sub (equal values on ties)
+        np.copyto(view(ids, box), np.int32(j), where=win)
+    return best, ids
 
 
 def pixel_argmax(
@@ -306,23 +151,70 @@ def pixel_argmax(
         mask_threshold: a pixel whose largest mask value is below it is void.
         min_area: candidates that win this many pixels or fewer are removed and the argmax redone.
     """
-    masks = _resize(cands.masks, out_size)
+    bm = _fast_masks(cands, out_size)
+    if bm is None:
+        return pixel_argmax_full(cands, num_things, out_size, score_threshold, mask_threshold, min_area)
+    out_size = (int(out_size[0]), int(out_size[1]))
     kept = [int(k) for k in torch.nonzero(cands.scores >= score_threshold).flatten()]
+    if not kept:
+        return _empty_result(out_size)
+    # Only candidates with a pixel >= mask_threshold can win a valid pixel; the others win none, are removed as
+    # "small" in the first round and change nothing else.
+    sup = support_threshold(mask_threshold)
+    kept = [k for k in kept if bm.vmax[k] > sup]
+    boxes = bm.boxes(kept, sup)
+    kept = [k for k, b in zip(kept, boxes) if b is not None]
+    boxes = [b for b in boxes if b is not None]
+    vals = bm.values(kept, boxes)
+    if not kept:
+        return _empty_result(out_size)
+    n = len(kept)
+    best, ids = _argmax_in_boxes(out_size, list(range(n)), boxes, vals, -np.inf)
+    valid = best >= mask_threshold
+    areas = np.bincount(ids[valid], minlength=n)
+    alive = np.ones(n, bool)
     while True:
-        if not kept:
-            category, instance = _empty_maps(out_size)
-            return PanopticResult(category=category, instance=instance)
-        values, ids = masks[kept].max(0)
-        valid = values >= mask_threshold
-        areas = torch.bincount(ids[valid], minlength=len(kept)).tolist()
-        small = [k for k, a in zip(kept, areas) if a <= min_area]
-        if not small:
+        small = alive & (areas <= min_area)
+        if not small.any():
             break
-        kept = [k for k in kept if k not in small]
-    category, instance, painted = _paint_ids(ids, kept, cands.labels, cands.scores, num_things, valid)
-    return PanopticResult(
-        category=category, instance=instance, segments=_segments_from_maps(category, instance, painted)
-    )
+        alive &= ~small
+        if not alive.any():
+            return _empty_result(out_size)
+        # Removing candidates that are not a pixel's winner changes nothing there (same maximum, same first
+        # maximal survivor); only the few pixels the removed ones won are decided again among the survivors.
+        lost_y, lost_x = [], []
+        for j in np.flatnonzero(small):
+            ly, lx = np.nonzero((view(ids, boxes[j]) == j) & view(valid, boxes[j]))
+            lost_y.append(ly + boxes[j][0])
+            lost_x.append(lx + boxes[j][2])
+        areas[small] = 0
+        ys, xs = np.concatenate(lost_y), np.concatenate(lost_x)
+        new_best = np.full(len(xs), -np.inf, np.float32)
+        new_ids = np.zeros(len(xs), np.int32)
+        for j in np.flatnonzero(alive):
+            y0, y1, x0, x1 = boxes[j]
+            inside = np.flatnonzero((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1))
+            if inside.size:
+                v = vals[j][ys[inside] - y0, xs[inside] - x0]
+                win = v > new_best[inside]
+                new_best[inside[win]] = v[win]
+                new_ids[inside[win]] = j
+        best[ys, xs], ids[ys, xs] = new_best, new_ids
+        won = new_best >= mask_threshold
+        valid[ys, xs] = won
+        areas += np.bincount(new_ids[won], minlength=n)
+
+    winners = sorted(np.flatnonzero(alive).tolist(), key=lambda j: -float(cands.scores[kept[j]]))
+    lut_cat, lut_inst, segments = _winner_luts([j for j in winners if areas[j] > 0], kept, areas, cands, num_things)
+    code = np.where(valid, ids, np.int32(n))  # n = void
+    category = np.append(lut_cat, np.int32(-1))[code]
+    instance = np.append(lut_inst, np.int32(0))[code]
+    return PanopticResult(category=category, instance=instance, segments=segments)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (p*) MaskFormer-style merging
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def maskformer_merge(
@@ -338,40 +230,40 @@ def maskformer_merge(
     Keeps candidates with score > object_mask_threshold, assigns each pixel to the argmax of
     ``score * mask``, then walks the kept candidates in their input order: a candidate whose won area
     is less than overlap_threshold of its own binary area (mask >= 0.5) is dropped (its pixels become
-    void); a second candidate of an already present stuff class joins that segment.
+    void); a second candidate of an already present stuff class joins that segment. Where every kept
+    ``score * mask`` is 0 the argmax is the first kept candidate (``argmax``'s first-maximum rule).
     """
-    masks = _resize(cands.masks, out_size)
-    category, instance = _empty_maps(out_size)
+    bm = _fast_masks(cands, out_size)
+    # The box path needs masks >= 0 (so score * mask is 0 outside a candidate's non-zero support) and a positive
+    # threshold (so the binary area lies inside that support).
+    if bm is None or not mask_threshold > 0 or not bm.nonneg:
+        return maskformer_merge_full(cands, num_things, out_size, object_mask_threshold, overlap_threshold,
+                                      mask_threshold)
+    out_size = (int(out_size[0]), int(out_size[1]))
     kept = [int(k) for k in torch.nonzero(cands.scores > object_mask_threshold).flatten()]
     if not kept:
-        return PanopticResult(category=category, instance=instance)
-    prob = cands.scores[kept].float()[:, None, None] * masks[kept]
-    ids = prob.argmax(0)
-    cat_t, inst_t = torch.from_numpy(category), torch.from_numpy(instance)
-    painted: list[tuple[int, bool, float, int]] = []
-    stuff_seen: set[int] = set()
-    next_instance = 1
-    for j, k in enumerate(kept):
-        label = int(cands.labels[k])
-        isthing = label < num_things
-        m = ids == j
-        mask_area = int(m.sum())
-        original_area = int((masks[k] >= mask_threshold).sum())
-        if mask_area == 0 or original_area == 0:
-            continue
-        if mask_area / original_area < overlap_threshold:
-            continue
-        cat_t.masked_fill_(m, label)
-        if isthing:
-            inst_t.masked_fill_(m, next_instance)
-            painted.append((label, True, float(cands.scores[k]), next_instance))
-            next_instance += 1
-        elif label not in stuff_seen:
-            stuff_seen.add(label)
-            painted.append((label, False, float(cands.scores[k]), 0))
-    return PanopticResult(
-        category=category, instance=instance, segments=_segments_from_maps(category, instance, painted)
-    )
+        return _empty_result(out_size)
+    boxes = bm.boxes(kept, None)
+    pos = [j for j, b in enumerate(boxes) if b is not None]
+    vals = bm.values([kept[j] for j in pos], [boxes[j] for j in pos])
+    kept_scores = cands.scores[kept].float().numpy()
+    probs = [kept_scores[j] * v for j, v in zip(pos, vals)]  # float32, as ``scores[:, None, None] * masks``
+    # Pixels where every score * mask is 0 go to position 0 (argmax's first maximum), box or not.
+    _, ids = _argmax_in_boxes(out_size, pos, [boxes[j] for j in pos], probs, 0.0)
+    mask_area = np.bincount(ids.ravel(), minlength=len(kept))
+    original_area = np.zeros(len(kept), np.int64)
+    for j, v in zip(pos, vals):
+        original_area[j] = np.count_nonzero(v >= mask_threshold)
+
+    winners = [j for j in range(len(kept)) if mask_area[j] > 0 and original_area[j] > 0
+               and not mask_area[j] / original_area[j] < overlap_threshold]
+    lut_cat, lut_inst, segments = _winner_luts(winners, kept, mask_area, cands, num_things)
+    return PanopticResult(category=lut_cat[ids], instance=lut_inst[ids], segments=segments)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kirillov et al.'s heuristic
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def heuristic_merge(
@@ -390,48 +282,89 @@ def heuristic_merge(
     map (per-pixel argmax over classes of the per-class sum of ``score * mask``; void where that sum is 0)
     fills the still-free pixels with each stuff class whose free area is at least stuff_area_limit.
     """
-    masks = _resize(cands.masks, out_size)
+    args = (instance_score_threshold, overlap_threshold, stuff_area_limit, mask_threshold)
+    bm = _fast_masks(cands, out_size)
+    if bm is None or not stuff_area_limit > 0 or int(cands.labels.min()) < 0:
+        return heuristic_merge_full(cands, num_things, out_size, *args)
+    out_size = (int(out_size[0]), int(out_size[1]))
     scores, labels = cands.scores.float(), cands.labels
-    category, instance = _empty_maps(out_size)
-    cat_t, inst_t = torch.from_numpy(category), torch.from_numpy(instance)
-    filled = torch.zeros(out_size, dtype=torch.bool)
-    painted: list[tuple[int, bool, float, int]] = []
+    lab = labels.cpu().numpy().astype(np.int64)
+    s32 = scores.numpy()
+    category, instance = empty_maps(out_size)
+    filled = np.zeros(out_size, dtype=bool)
+    painted: Painted = []
+    counts: dict[int, int] = {}
+
     thing_idx = [int(k) for k in torch.nonzero(labels < num_things).flatten()]
     thing_idx.sort(key=lambda k: -float(scores[k]))
-    next_instance = 1
+    active = []
     for k in thing_idx:
         if float(scores[k]) < instance_score_threshold:
             break  # sorted: every later one is below too (detectron2 breaks here as well)
-        m = masks[k] > mask_threshold
-        area = int(m.sum())
+        active.append(k)
+    num_classes = int(lab.max()) + 1 if lab.size else 0
+    with_stuff = num_classes > num_things
+    if with_stuff:  # every candidate's values inside its non-zero support, for things and the semantic map
+        all_boxes = bm.boxes(list(range(len(lab))), None)
+        live = [k for k, b in enumerate(all_boxes) if b is not None]
+        vals = dict(zip(live, bm.values(live, [all_boxes[k] for k in live])))
+        t_list = [(k, all_boxes[k]) for k in active if all_boxes[k] is not None]
+        t_vals = [vals[k] for k, _ in t_list]
+    else:
+        t_boxes = bm.boxes(active, support_threshold(mask_threshold))
+        t_list = [(k, b) for k, b in zip(active, t_boxes) if b is not None]
+        t_vals = bm.values([k for k, _ in t_list], [b for _, b in t_list])
+    next_instance = 1
+    for (k, box), v in zip(t_list, t_vals):
+        m = v > mask_threshold
+        area = int(np.count_nonzero(m))
         if area == 0:
             continue
-        if int((m & filled).sum()) / area > overlap_threshold:
+        free = ~view(filled, box)
+        region = m & free
+        kept_area = int(np.count_nonzero(region))
+        if (area - kept_area) / area > overlap_threshold:
             continue
-        m = m & ~filled
-        filled |= m
-        cat_t.masked_fill_(m, int(labels[k]))
-        inst_t.masked_fill_(m, next_instance)
-        painted.append((int(labels[k]), True, float(scores[k]), next_instance))
+        counts[len(painted)] = paint(category, instance, filled, box, region, int(lab[k]), next_instance)
+        painted.append((int(lab[k]), True, float(scores[k]), next_instance, k))
         next_instance += 1
 
-    num_classes = int(labels.max()) + 1 if labels.numel() else 0
-    if num_classes > num_things:
-        semantic = masks.new_zeros((num_classes, *out_size))
-        semantic.index_add_(0, labels.long(), scores[:, None, None] * masks)
-        best, sem = semantic.max(0)
-        sem[best <= 0] = -1
+    if with_stuff:
+        # Per-class sums of score * mask (index_add_ adds the candidates in input order; a candidate adds exactly
+        # 0 outside its non-zero support), then the first class with the largest positive sum per pixel.
+        best = np.zeros(out_size, np.float32)
+        sem = np.full(out_size, -1, np.int32)
+        groups: dict[int, list[int]] = {}
+        for k in live:  # input order within each class
+            groups.setdefault(int(lab[k]), []).append(k)
+        for c in sorted(groups):
+            members = groups[c]
+            if len(members) == 1:  # 0 + x = x: the class sum is the product itself
+                union = all_boxes[members[0]]
+                acc = s32[members[0]] * vals[members[0]]
+            else:
+                b = np.asarray([all_boxes[k] for k in members])
+                union = (int(b[:, 0].min()), int(b[:, 1].max()), int(b[:, 2].min()), int(b[:, 3].max()))
+                acc = np.zeros((union[1] - union[0], union[3] - union[2]), np.float32)
+                for k in members:
+                    y0, y1, x0, x1 = all_boxes[k]
+                    part = acc[y0 - union[0]:y1 - union[0], x0 - union[2]:x1 - union[2]]
+                    part += s32[k] * vals[k]
+            sub = view(best, union)
+            win = acc > sub  # best starts at 0: a class wins only with a positive sum (else void, as official)
+            np.maximum(sub, acc, out=sub)
+            np.copyto(view(sem, union), np.int32(c), where=win)
+        free = ~filled
+        area = np.bincount(sem[free & (sem >= num_things)], minlength=num_classes)
         for label in range(num_things, num_classes):
-            m = (sem == label) & ~filled
-            if int(m.sum()) < stuff_area_limit:
+            if int(area[label]) < stuff_area_limit:
                 continue
-            filled |= m
-            cat_t.masked_fill_(m, label)
-            stuff_score = float(scores[labels == label].max())
-            painted.append((label, False, stuff_score, 0))
-    return PanopticResult(
-        category=category, instance=instance, segments=_segments_from_maps(category, instance, painted)
-    )
+            np.copyto(category, np.int32(label), where=free & (sem == label))
+            counts[len(painted)] = int(area[label])
+            members = np.flatnonzero(lab == label)
+            best_member = int(members[np.argmax(s32[members])])
+            painted.append((label, False, float(scores[labels == label].max()), 0, best_member))
+    return PanopticResult(category=category, instance=instance, segments=segments_from_counts(painted, counts))
 
 
 # Method name (as on the command line) -> function; a plain dict, not a registry.

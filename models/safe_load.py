@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.files import InputError
+
 __all__ = ["UnsafeCheckpointError", "torch_load", "pickle_load", "allowed_globals"]
 
 
-class UnsafeCheckpointError(Exception):
+class UnsafeCheckpointError(InputError):
     """A file needs objects outside the allowlist (or is not a pickle/torch file); the message names the file."""
 
 

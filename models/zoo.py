@@ -26,6 +26,8 @@ FAMILY_MODULES: tuple[str, ...] = (
     "models.panoptic_segformer",
     "models.baselines.detr",
     "models.baselines.deformable_detr",
+    "models.baselines.maskformer",
+    "models.baselines.panoptic_fcn",
 )
 
 _CACHE: dict[str, Family] = {}

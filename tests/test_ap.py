@@ -134,4 +134,4 @@ def test_cli_bad_results_exit_2(tmp_path: Path) -> None:
     res.write_text(json.dumps([{"image_id": 0, "category_id": 99, "score": 1.0, "bbox": [0, 0, 1, 1]}]))
     proc = _cli("--panoptic-gt-json", str(path), "--panoptic-gt-dir", str(folder), "--results", str(res))
     assert proc.returncode == 2
-    assert "unknown category_id 99" in proc.stderr and "Traceback" not in proc.stderr
+    assert "unknown category id 99" in proc.stderr and "Traceback" not in proc.stderr

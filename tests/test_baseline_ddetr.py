@@ -5,12 +5,12 @@ short training run."""
 from __future__ import annotations
 
 import argparse
-import ast
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _helpers import flops_in_every_grad_mode, meta_state, read_key_list, train_steps
 
 from models.baselines.common import COCO_PANOPTIC_IDS, fill_new_keys
 from models.baselines.deformable_detr import (HEAD_PREFIXES, DeformableDETRPanoptic, build_criterion,
@@ -19,19 +19,6 @@ from models.baselines.deformable_detr import (HEAD_PREFIXES, DeformableDETRPanop
                                               to_official_names)
 from models.checkpoint import CheckpointError, load_model, load_state_dict_strict
 from models.postprocess import post_process
-
-KEYS_DIR = Path(__file__).resolve().parent / "data" / "checkpoint_keys"
-
-
-def read_key_list(name: str) -> dict[str, list[int]]:
-    out = {}
-    for line in (KEYS_DIR / name).read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")
-        out[key] = list(ast.literal_eval(shape))
-    return out
-
 
 def zeros_state(keys: dict[str, list[int]]) -> dict[str, torch.Tensor]:
     """Small real tensors would not fit R50; zero tensors are cheap and let the equal-copies check run."""
@@ -100,7 +87,7 @@ def test_layout_errors_are_clear() -> None:
     plain["class_embed.3.bias"] = torch.ones_like(plain["class_embed.3.bias"])
     with pytest.raises(CheckpointError, match=r"class_embed\.3\.bias differs"):
         convert_state_dict(plain, deformable_detr_r50_ms(), "plain.pth")
-    detr = {k: torch.empty(s, device="meta") for k, s in read_key_list("detr_r50_panoptic.txt").items()}
+    detr = meta_state(read_key_list("detr_r50_panoptic.txt"))
     with pytest.raises(CheckpointError, match="DETR panoptic"):
         convert_state_dict(detr, deformable_detr_r50_ms(), "detr.pth")
 
@@ -223,17 +210,11 @@ def test_coco_detection_label_space_maps_thing_ids() -> None:
 
 
 def test_forward_shapes_and_padding() -> None:
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = _tiny()
     x = torch.randn(2, 3, 70, 90)
     pad = torch.zeros(2, 70, 90, dtype=torch.bool)
     pad[1, 50:] = True
-    flops = []
-    for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):  # what a profiler may wrap it in
-        with mode(), FlopCounterMode(display=False) as fc:
-            out = model(x, pad)
-        flops.append(fc.get_total_flops())
+    flops, out = flops_in_every_grad_mode(model, x, pad)
     assert flops[0] > 0 and len(set(flops)) == 1
     assert out["pred_logits"].shape == (2, 30, 5) and out["pred_masks"].shape == (2, 30, 18, 23)
     assert out["aux_boxes"].shape == (2, 2, 30, 4) and out["valid_sizes"].tolist() == [[70, 90], [50, 90]]
@@ -244,7 +225,6 @@ def test_forward_shapes_and_padding() -> None:
 # ----------------------------------------------------------------------------------------------- training
 def test_tiny_trains_with_falling_loss(synth_root: Path) -> None:
     from harness.data.coco_panoptic import PanopticDataset
-    from harness.engine.data import AugmentConfig, augment, collate, item_from_sample
 
     torch.manual_seed(0)
     ds = PanopticDataset(synth_root, "train2017")
@@ -253,17 +233,7 @@ def test_tiny_trains_with_falling_loss(synth_root: Path) -> None:
                                num_queries=12, max_per_image=12)
     model = DeformableDETRPanoptic(cfg).train()
     crit = build_criterion(cfg, cats.num_things, cats.num_stuff)
-    rng = np.random.default_rng(0)
-    items = [augment(item_from_sample(ds[i], ds), AugmentConfig(enabled=False), (64, 64), rng) for i in range(2)]
-    images, pad_mask, targets = collate(items, cats.num_things, cfg.pixel_mean, cfg.pixel_std)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(8):
-        loss, logs = crit(model, images, pad_mask, targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(logs["loss"])
+    losses, logs = train_steps(model, crit, ds, 64, steps=8, lr=1e-3)
     assert {"ce", "bbox", "giou", "mask", "dice", "ce_0"} <= set(logs)
     assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0], losses
     # The released label space has no stuff logits: training stuff on it is refused clearly.

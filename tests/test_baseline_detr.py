@@ -4,12 +4,12 @@ bug), the PanopticModel contract, dump_raw, conversion errors, the PIL test tran
 from __future__ import annotations
 
 import argparse
-import ast
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _helpers import flops_in_every_grad_mode, meta_state, read_key_list, train_steps
 
 from models.baselines.common import COCO_PANOPTIC_IDS, read_released_pth
 from models.baselines.detr import (DETRPanoptic, build_criterion, convert_state_dict, detr_r50_panoptic,
@@ -18,22 +18,7 @@ from models.baselines.detr_postprocess import detr_panoptic_postprocess
 from models.checkpoint import CheckpointError, load_model, load_state_dict_strict
 from models.postprocess import post_process
 
-KEYS_DIR = Path(__file__).resolve().parent / "data" / "checkpoint_keys"
 PERSON, SKY = 1, 184  # COCO panoptic ids (a thing, a stuff)
-
-
-def read_key_list(name: str) -> dict[str, list[int]]:
-    out = {}
-    for line in (KEYS_DIR / name).read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")
-        out[key] = list(ast.literal_eval(shape))
-    return out
-
-
-def meta_state(keys: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(s, device="meta") for k, s in keys.items()}
 
 
 # ----------------------------------------------------------------------------------------------- released layout
@@ -243,19 +228,13 @@ def test_dump_raw_keys_shapes_and_category_ids() -> None:
 
 # ----------------------------------------------------------------------------------------------- forward, FLOPs
 def test_forward_shapes_padding_and_flops() -> None:
-    from torch.utils.flop_counter import FlopCounterMode
-
     torch.manual_seed(0)
     model = DETRPanoptic(detr_tiny(num_things=3, num_stuff=2)).eval()
     x = torch.randn(2, 3, 61, 90)
     pad = torch.zeros(2, 61, 90, dtype=torch.bool)
     pad[1, 40:] = True
     pad[1, :, 70:] = True
-    flops = []
-    for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):  # what a profiler may wrap it in
-        with mode(), FlopCounterMode(display=False) as fc:
-            out = model(x, pad)
-        flops.append(fc.get_total_flops())
+    flops, out = flops_in_every_grad_mode(model, x, pad)
     assert flops[0] > 0 and len(set(flops)) == 1
     assert out["pred_logits"].shape == (2, 20, 6) and out["pred_masks"].shape == (2, 20, 16, 23)
     assert out["aux_logits"].shape == (2, 2, 20, 6) and torch.equal(out["aux_logits"][-1], out["pred_logits"])
@@ -300,7 +279,6 @@ def test_coco_ids_match_the_harness_categories() -> None:
 # ----------------------------------------------------------------------------------------------- training
 def test_tiny_trains_with_falling_loss(synth_root: Path) -> None:
     from harness.data.coco_panoptic import PanopticDataset
-    from harness.engine.data import AugmentConfig, augment, collate, item_from_sample
 
     torch.manual_seed(0)
     ds = PanopticDataset(synth_root, "train2017")
@@ -309,17 +287,7 @@ def test_tiny_trains_with_falling_loss(synth_root: Path) -> None:
                     num_queries=12)
     model = DETRPanoptic(cfg).train()
     crit = build_criterion(cfg, cats.num_things, cats.num_stuff)
-    rng = np.random.default_rng(0)
-    items = [augment(item_from_sample(ds[i], ds), AugmentConfig(enabled=False), (64, 64), rng) for i in range(2)]
-    images, pad_mask, targets = collate(items, cats.num_things, cfg.pixel_mean, cfg.pixel_std)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(10):
-        loss, logs = crit(model, images, pad_mask, targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(logs["loss"])
+    losses, logs = train_steps(model, crit, ds, 64, steps=10, lr=3e-3)
     assert {"ce", "bbox", "giou", "mask", "dice", "ce_0"} <= set(logs)
     assert np.isfinite(losses).all() and losses[-1] < 0.85 * losses[0], losses
     with pytest.raises(ValueError, match="classes"):

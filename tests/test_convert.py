@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers import meta_state, read_key_list
 
 from harness.cli import main
 from models.checkpoint import (
@@ -20,8 +20,6 @@ from models.configs import get_config, panoptic_segformer_tiny
 from models.convert_official import HEAD_RENAMES, convert_state_dict, to_official_names
 from models.panoptic_segformer import PanopticSegFormer
 
-# Key/shape lists of the official module tree (copied from the project reference, checkpoint_keys/).
-KEYS_DIR = Path(__file__).resolve().parent / "data" / "checkpoint_keys"
 FILES = {
     "panoptic_segformer_r50": "panoptic_segformer_r50.txt",
     "panoptic_segformer_r101": "panoptic_segformer_r101.txt",
@@ -29,17 +27,6 @@ FILES = {
     "panoptic_segformer_swin_l": "panoptic_segformer_swinl.txt",
 }
 OLD = {new: old for old, new in HEAD_RENAMES.items()}
-
-
-def read_key_list(path: Path) -> dict[str, list[int]]:
-    """``key<TAB>[shape]`` lines (``#`` header lines skipped)."""
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")
-        out[key] = ast.literal_eval(shape)
-    return out
 
 
 def to_old_names(keys: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -53,15 +40,11 @@ def to_old_names(keys: dict[str, list[int]]) -> dict[str, list[int]]:
     return out
 
 
-def _meta_state(keys: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(s, device="meta") for k, s in keys.items()}
-
-
 @pytest.mark.parametrize("model_name", sorted(FILES))
 @pytest.mark.parametrize("naming", ["new", "old"])
 def test_official_key_lists_load_strictly(model_name: str, naming: str) -> None:
     """Every key and shape of the official layout maps onto our model, nothing left over (meta tensors)."""
-    keys = read_key_list(KEYS_DIR / FILES[model_name])
+    keys = read_key_list(FILES[model_name])
     if naming == "old":
         keys = to_old_names(keys)
         assert any(".mask_head2." in k for k in keys) and not any("stuff_mask_head" in k for k in keys)
@@ -71,9 +54,9 @@ def test_official_key_lists_load_strictly(model_name: str, naming: str) -> None:
     # Without conversion the old names do not load.
     if naming == "old":
         with pytest.raises(CheckpointMismatchError) as err:
-            load_state_dict_strict(model, _meta_state(keys), "raw")
+            load_state_dict_strict(model, meta_state(keys), "raw")
         assert "bbox_head.mask_head2.attnen.k.bias" in err.value.unexpected
-    converted = convert_state_dict(_meta_state(keys), cfg.backbone)
+    converted = convert_state_dict(meta_state(keys), cfg.backbone)
     load_state_dict_strict(model, converted, f"{model_name} ({naming} names)")
     dropped = len(keys) - len(converted)
     assert dropped == (24 if model_name == "panoptic_segformer_swin_l" else 0)  # Swin relative_position_index
@@ -81,7 +64,7 @@ def test_official_key_lists_load_strictly(model_name: str, naming: str) -> None:
 
 def test_r50_values_land_in_the_right_modules() -> None:
     """Real tensors through the converter: each official tensor ends up in the module of the same role."""
-    keys = to_old_names(read_key_list(KEYS_DIR / FILES["panoptic_segformer_r50"]))
+    keys = to_old_names(read_key_list(FILES["panoptic_segformer_r50"]))
     g = torch.Generator().manual_seed(0)
     state = {k: (torch.randn(s, generator=g) if s else torch.tensor(7)) for k, s in keys.items()}
     model = PanopticSegFormer(get_config("panoptic_segformer_r50"))

@@ -157,3 +157,32 @@ def test_argument_errors_are_one_line() -> None:
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and "--train" in proc.stderr
+
+
+def test_worker_stopped_while_loading_exits_silently() -> None:
+    """A pool worker still loading (imports, JIT warm-up) ignores Ctrl-C (the parent handles it) and dies of
+    SIGTERM at once, printing nothing: a Python-level exit there would be swallowed by a JIT/ctypes callback and end
+    in a library traceback (seen with numba's cache). After loading, SIGTERM is a quiet SystemExit(143)."""
+    loading = ("import sys, time\nfrom harness.io import init_worker_signals\n"
+               "def load():\n    print('loading', flush=True)\n    time.sleep(60)\n"
+               "init_worker_signals(load)\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen([sys.executable, "-c", loading], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "loading"
+    proc.send_signal(signal.SIGINT)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=1.0)  # still loading: SIGINT ignored
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM and err == ""
+
+    ready = ("import time\nfrom harness.io import init_worker_signals\n"
+             "init_worker_signals(lambda: None)\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", ready], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and "Traceback" not in err

@@ -37,19 +37,19 @@ def _rect(h: int, w: int, y0: int, y1: int, x0: int, x1: int, value: float = 1.0
 def test_rescoring_uses_plus_one_denominator() -> None:
     # 4 pixels of value 1.0 -> s_mask = 4 / (4 + 1) = 0.8; score 0.5 * 0.8**2 = 0.32.
     m = _rect(4, 4, 0, 2, 0, 2)
-    res = mask_wise_merge(_cands([0.5], [0], [m]), NT, (4, 4))
+    res = mask_wise_merge(_cands([0.5], [0], [m]), NT, (4, 4), return_candidates=True)
     assert res.candidate_scores[0] == pytest.approx(0.32, abs=1e-6)
     # The paper's plain mean gives 0.5 * 1.0**2.
-    res_paper = mask_wise_merge(_cands([0.5], [0], [m]), NT, (4, 4), plus_one=False)
+    res_paper = mask_wise_merge(_cands([0.5], [0], [m]), NT, (4, 4), plus_one=False, return_candidates=True)
     assert res_paper.candidate_scores[0] == pytest.approx(0.5, abs=1e-6)
     # alpha / beta exponents (Table B.3): alpha=0 ignores the class score.
-    res_ab = mask_wise_merge(_cands([0.5], [0], [m]), NT, (4, 4), alpha=0.0, beta=1.0)
+    res_ab = mask_wise_merge(_cands([0.5], [0], [m]), NT, (4, 4), alpha=0.0, beta=1.0, return_candidates=True)
     assert res_ab.candidate_scores[0] == pytest.approx(0.8, abs=1e-6)
 
 
 def test_mask_score_ignores_values_at_or_below_threshold() -> None:
     m = np.array([[2.0, 0.5], [0.4, 0.0]], np.float32)  # only the 2.0 pixel is > 0.5
-    res = mask_wise_merge(_cands([1.0], [0], [m]), NT, (2, 2))
+    res = mask_wise_merge(_cands([1.0], [0], [m]), NT, (2, 2), return_candidates=True)
     assert res.candidate_scores[0] == pytest.approx((2.0 / 2) ** 2, abs=1e-6)  # mask scores may exceed 1
     assert (res.category == np.array([[0, -1], [-1, -1]])).all()
 
@@ -57,7 +57,7 @@ def test_mask_score_ignores_values_at_or_below_threshold() -> None:
 def test_confidence_threshold_boundary() -> None:
     m = _rect(4, 4, 0, 4, 0, 4)  # 16 px of 1.0 -> s = 16 / 17
     expected = np.float32(0.3) * np.float32(16.0 / 17.0) ** 2
-    kept = mask_wise_merge(_cands([0.3], [0], [m]), NT, (4, 4), thing_threshold=float(expected))
+    kept = mask_wise_merge(_cands([0.3], [0], [m]), NT, (4, 4), thing_threshold=float(expected), return_candidates=True)
     assert (kept.category == 0).all() and (kept.instance == 1).all()
     above = float(np.nextafter(np.float32(kept.candidate_scores[0]), np.float32(1)))
     dropped = mask_wise_merge(_cands([0.3], [0], [m]), NT, (4, 4), thing_threshold=above)
@@ -102,7 +102,7 @@ def test_stuff_painting_order_and_sorted_candidates() -> None:
     h, w = 3, 3
     s2 = _rect(h, w, 0, 3, 0, 2)  # columns 0-1
     s3 = _rect(h, w, 0, 3, 1, 3)  # columns 1-2 ... overlap 3/6 = 0.5 > 0.2 -> dropped entirely
-    res = mask_wise_merge(_cands([0.5, 0.9], [2, 3], [s2, s3]), NT, (h, w))
+    res = mask_wise_merge(_cands([0.5, 0.9], [2, 3], [s2, s3]), NT, (h, w), return_candidates=True)
     assert list(res.candidate_labels) == [3, 2]
     assert res.candidate_scores[0] >= res.candidate_scores[1]
     assert (res.category[:, 1:] == 3).all() and (res.category[:, 0] == -1).all()
@@ -127,7 +127,7 @@ def test_instances_numbered_in_painting_order() -> None:
 def test_masks_are_resized_like_opencv_bilinear() -> None:
     rng = np.random.default_rng(0)
     small = rng.uniform(0, 1.5, size=(2, 5, 7)).astype(np.float32)
-    res = mask_wise_merge(_cands([0.9, 0.8], [0, 2], list(small)), NT, (20, 28))
+    res = mask_wise_merge(_cands([0.9, 0.8], [0, 2], list(small)), NT, (20, 28), return_candidates=True)
     order = [list(res.candidate_labels).index(0), list(res.candidate_labels).index(2)]
     for k in range(2):
         # Upsampling: OpenCV INTER_LINEAR == bilinear with half-pixel centres (align_corners=False).
@@ -142,7 +142,7 @@ def test_mask_wise_invariants_on_random_candidates() -> None:
     scores = list(rng.uniform(0.2, 1.0, size=k))
     labels = list(rng.integers(0, 4, size=k))
     cands = _cands(scores, labels, masks)
-    res = mask_wise_merge(cands, NT, (h, w))
+    res = mask_wise_merge(cands, NT, (h, w), return_candidates=True)
     assert np.all(np.diff(res.candidate_scores) <= 0)
     assert ((res.instance > 0) == ((res.category >= 0) & (res.category < NT))).all()
     for s in res.segments:

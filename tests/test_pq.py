@@ -389,7 +389,7 @@ def _edit(path: str, fn: Any) -> None:
     ("size", "differs from prediction size"),
     ("png_not_json", "in the PNG but not in the JSON"),
     ("json_not_png", "in the JSON but not in the PNG"),
-    ("unknown_category", "unknown category_id 99"),
+    ("unknown_category", "unknown category id 99"),
     ("missing_prediction", "no prediction for image id 0"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, case: str, message: str) -> None:
@@ -411,7 +411,8 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, case: str, message:
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     if case != "missing_prediction":
-        assert "image 0" in proc.stderr
+        assert "image 0" in proc.stderr or "image id 0," in proc.stderr
+    assert proc.stderr.count("\n") == 1
 
 
 def test_allow_missing_scores_false_negatives_and_extra_predictions_warn(tmp_path: Path) -> None:

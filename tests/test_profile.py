@@ -178,7 +178,7 @@ def test_profile_post_process_timing(tmp_path) -> None:
 @pytest.mark.parametrize("argv, message", [
     (["--model", "no_such_model"], "unknown model"),
     (["--model", "panoptic_segformer_tiny", "--size", "64by64"], "--size must be HxW"),
-    (["--model", "panoptic_segformer_tiny", "--out", "x.txt"], "use a .csv or .json"),
+    (["--model", "panoptic_segformer_tiny", "--out", "x.txt"], "must end in .csv or .json"),
     (["--model", "panoptic_segformer_tiny", "--weights", "/nonexistent/w.safetensors"], "weights not found"),
 ])
 def test_profile_bad_input(argv, message, capsys) -> None:

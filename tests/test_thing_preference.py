@@ -10,8 +10,8 @@ import torch
 from scipy import stats as sps
 
 from harness.data.coco_panoptic import PanopticSample, Segment
-from harness.metrics.thing_preference import (MergeOptions, ThingPreferenceStats, _axis, _upsample_window, bin_labels,
-                                              counted_masks)
+from harness.metrics.thing_preference import MergeOptions, ThingPreferenceStats, bin_labels, counted_masks
+from models.box_resize import exact_box_masks
 from models.postprocess import Candidates, mask_wise_merge
 
 NUM_THINGS, NUM_STUFF = 2, 2  # labels 0, 1 things; 2, 3 stuff
@@ -254,12 +254,13 @@ def test_random_images_equal_plain_computation(stage: str) -> None:
 
 
 def test_merged_masks_reproduce_mask_wise_merge() -> None:
-    """The painted masks of `counted_masks` rebuild mask_wise_merge's panoptic map exactly (R50 options)."""
+    """The painted masks of `counted_masks` rebuild mask_wise_merge's panoptic map exactly (R50 options), and they
+    are its segments' painting candidates, in order (box path at 67x85, full-resolution path at 45x61)."""
     rng = np.random.default_rng(1)
-    for i in range(4):
-        cands, sample = _random_image(rng, 12, (9, 11), (67, 85), 25, i)
+    for i in range(6):
+        cands, sample = _random_image(rng, 12, (9, 11) if i % 3 else (6, 8), (67, 85) if i % 3 else (45, 61), 25, i)
         out_size = sample.id_map.shape
-        for opts in ({}, {"thing_threshold": 0.3, "stuff_threshold": 0.3, "stuff_overlap": 0.4}):
+        for opts in ({}, {"thing_threshold": 0.3, "stuff_threshold": 0.3, "stuff_overlap": 0.4}, {"stable": True}):
             ref = mask_wise_merge(cands, NUM_THINGS, out_size, **opts)
             counted = counted_masks(cands, NUM_THINGS, out_size, "merged", MergeOptions.from_mapping(opts))
             category = np.full(out_size, -1, np.int32)
@@ -274,28 +275,35 @@ def test_merged_masks_reproduce_mask_wise_merge() -> None:
                     inst += 1
             np.testing.assert_array_equal(category, ref.category)
             np.testing.assert_array_equal(instance, ref.instance)
+            assert [c.index for c in counted if c.mask.any()] == [s["candidate"] for s in ref.segments]
             assert len(counted) > 0
 
 
-def test_window_upsampling_equals_interpolate() -> None:
-    """The windowed bilinear resize gives F.interpolate's values (to float rounding), and nothing outside the
-    window exceeds the threshold; up- and downsampling."""
+def test_counted_masks_equal_interpolate() -> None:
+    """Counted masks are F.interpolate's binary masks exactly, up- and downsampling (box path and the small-output
+    fallback); the box resize they come from gives F.interpolate's values bit for bit; a mask with no value above
+    0.5 counts nothing."""
     rng = np.random.default_rng(2)
     for h, w, big_h, big_w in ((13, 17, 101, 133), (60, 80, 480, 640), (40, 30, 25, 21), (9, 9, 9, 9)):
-        low = torch.tensor(rng.random((h, w)).astype(np.float32) * 0.5)
-        low[rng.integers(0, h), rng.integers(0, w)] = 1.7
-        low[rng.integers(0, h):, rng.integers(0, w):] += 0.3
-        ref = torch.nn.functional.interpolate(low[None, None], size=(big_h, big_w), mode="bilinear",
-                                              align_corners=False)[0, 0]
-        win = _upsample_window(low, _axis(h, big_h), _axis(w, big_w), 0.5)
-        assert win is not None
-        (y0, y1, x0, x1), values = win
-        np.testing.assert_allclose(values.numpy(), ref[y0:y1, x0:x1].numpy(), rtol=0, atol=2e-6)
-        outside = ref.clone()
-        outside[y0:y1, x0:x1] = 0
-        assert float(outside.max()) <= 0.5
-        assert torch.equal(values > 0.5, ref[y0:y1, x0:x1] > 0.5)
-    assert _upsample_window(torch.full((5, 5), 0.5), _axis(5, 40), _axis(5, 40), 0.5) is None
+        low = torch.tensor(rng.random((2, h, w)).astype(np.float32) * 0.5)
+        low[:, rng.integers(0, h), rng.integers(0, w)] = 1.7
+        low[:, rng.integers(0, h):, rng.integers(0, w):] += 0.3
+        ref = torch.nn.functional.interpolate(low[None], size=(big_h, big_w), mode="bilinear",
+                                              align_corners=False)[0]
+        cands = _cands(list(low.numpy()), [0, 2], [0, 1])
+        counted = counted_masks(cands, NUM_THINGS, (big_h, big_w), "candidates",
+                                MergeOptions(thing_threshold=0.0, stuff_threshold=0.0))
+        assert sorted(c.index for c in counted) == [0, 1]
+        for c in counted:
+            np.testing.assert_array_equal(c.full((big_h, big_w)), (ref[c.index] > 0.5).numpy())
+        bm = exact_box_masks(low, cands.scores, (big_h, big_w))
+        if big_h + big_w > 128:  # the box path
+            assert bm is not None
+            for c, values in zip(counted, bm.values([c.index for c in counted], [c.box for c in counted])):
+                y0, y1, x0, x1 = c.box
+                np.testing.assert_array_equal(values, ref[c.index, y0:y1, x0:x1].numpy())
+    flat = _cands([np.full((5, 5), 0.5, np.float32)] * 2, [0, 2], [0, 1])
+    assert counted_masks(flat, NUM_THINGS, (40, 100), "candidates", MergeOptions(0.0, 0.0)) == []
 
 
 # ----------------------------------------------------------------------------- bins and regression

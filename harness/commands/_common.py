@@ -25,8 +25,11 @@ __all__ = [
     "existing_dir",
     "existing_path",
     "check_output",
+    "check_distinct_outputs",
+    "user_type",
     "int_range",
     "float_range",
+    "float_list",
     "device",
     "check_device",
     "image_size",
@@ -73,7 +76,8 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def check_output(path: str | Path, what: str = "--out", kind: str = "file",
-                 inputs: Iterable[str | Path | None] = (), input_dirs: Iterable[str | Path | None] = ()) -> Path:
+                 inputs: Iterable[str | Path | None] = (), input_dirs: Iterable[str | Path | None] = (),
+                 suffixes: Iterable[str] | None = None) -> Path:
     """Check an output path before any work; returns it as a Path.
 
     Args:
@@ -82,15 +86,22 @@ def check_output(path: str | Path, what: str = "--out", kind: str = "file",
         kind: ``"file"`` (a file to write) or ``"dir"`` (a folder to create or fill).
         inputs: input files the output must not be.
         input_dirs: input folders the output must not be (e.g. a data set root for a folder output).
+        suffixes: accepted file suffixes (lower case, with the dot), e.g. ``(".png",)``.
 
     Raises:
-        UserError: the output is an input, lies under an existing file, is the wrong kind of existing path, or
-            its nearest existing folder is not writable.
+        UserError: the output is an input, lies under an existing file, is the wrong kind of existing path, has
+            the wrong suffix, or its nearest existing folder is not writable.
     """
     p = Path(path)
+    if str(path) == "":
+        raise UserError(f"{what} is empty; give a path")
     for item in list(inputs) + list(input_dirs):
         if item is not None and _same(p, Path(item)):
             raise UserError(f"{what} {p} is also an input ({item}); choose another output")
+    if suffixes is not None:
+        allowed = tuple(s.lower() for s in suffixes)
+        if p.suffix.lower() not in allowed:
+            raise UserError(f"{what} {p} must end in {' or '.join(allowed)}")
     if kind == "file" and p.is_dir():
         raise UserError(f"{what} {p} is a folder, expected a file path")
     if kind == "dir" and p.exists() and not p.is_dir():
@@ -106,6 +117,33 @@ def check_output(path: str | Path, what: str = "--out", kind: str = "file",
     if anc.exists() and not os.access(anc, os.W_OK | os.X_OK):
         raise UserError(f"{what} {p} cannot be written: {anc} is not writable")
     return p
+
+
+def check_distinct_outputs(*outputs: tuple[str, str | Path | None]) -> None:
+    """Two outputs of one command must not be the same path: ``check_distinct_outputs(("--out", a), ...)``."""
+    seen: list[tuple[str, Path]] = []
+    for what, path in outputs:
+        if path is None:
+            continue
+        p = Path(path)
+        for other_what, other in seen:
+            if _same(p, other):
+                raise UserError(f"{what} and {other_what} are the same file ({p}); give two different paths")
+        seen.append((what, p))
+
+
+def user_type(parse: Callable[[str], object], name: str = "value") -> Callable[[str], object]:
+    """Wrap a parser that raises UserError (e.g. ``parse_severities``) as an argparse type: a bad value is refused
+    at parse time, before any work, with one line naming the option."""
+
+    def wrapped(text: str) -> object:
+        try:
+            return parse(text)
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    wrapped.__name__ = name
+    return wrapped
 
 
 def _number(text: str, cast: Callable[[str], float]) -> float:
@@ -146,6 +184,24 @@ def float_range(lo: float | None = None, hi: float | None = None, lo_open: bool 
         return value
 
     parse.__name__ = "number"
+    return parse
+
+
+def float_list(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+               max_items: int = 64) -> Callable[[str], list[float]]:
+    """argparse type: comma-separated finite floats, each in ``[lo, hi]`` (see :func:`float_range`), at most
+    ``max_items`` of them, duplicates dropped (order kept)."""
+    one = float_range(lo, hi, lo_open, hi_open)
+
+    def parse(text: str) -> list[float]:
+        items = [t.strip() for t in str(text).split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        if len(items) > max_items:
+            raise argparse.ArgumentTypeError(f"{len(items)} values, at most {max_items} are accepted")
+        return list(dict.fromkeys(one(t) for t in items))
+
+    parse.__name__ = "numbers"
     return parse
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from harness.commands._common import int_range
 
 HELP = "convert a released checkpoint (Panoptic SegFormer, DETR, Deformable DETR, ...) to our format (strict check)"
 DESCRIPTION = """Convert a released checkpoint into our format: a folder (or X.safetensors + X.json) with the
@@ -70,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in", dest="input", required=True, help="released checkpoint file")
     parser.add_argument("--out", required=True,
                         help="output folder (model.safetensors + model.json) or a path ending in .safetensors")
-    parser.add_argument("--num-things", type=int, default=80, help="thing classes (default: COCO 80)")
-    parser.add_argument("--num-stuff", type=int, default=53, help="stuff classes (default: COCO 53)")
+    parser.add_argument("--num-things", type=int_range(1, 100_000), default=80, help="thing classes (default: COCO 80)")
+    parser.add_argument("--num-stuff", type=int_range(0, 100_000), default=53, help="stuff classes (default: COCO 53)")
 
 
 def _convert_psf(args: argparse.Namespace, src: Any) -> int:
@@ -82,7 +85,10 @@ def _convert_psf(args: argparse.Namespace, src: Any) -> int:
     from models.convert_official import convert_state_dict, read_official
     from models.panoptic_segformer import PanopticSegFormer
 
-    cfg = get_config(args.model, num_things=args.num_things, num_stuff=args.num_stuff)
+    try:
+        cfg = get_config(args.model, num_things=args.num_things, num_stuff=args.num_stuff)
+    except ValueError as exc:
+        raise UserError(f"--model {args.model}: {exc}") from None
     try:
         raw, meta = read_official(src)
         state = convert_state_dict(raw, cfg.backbone)
@@ -99,12 +105,31 @@ def _convert_psf(args: argparse.Namespace, src: Any) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Convert, check strictly, write; exit 2 listing the offending keys on any mismatch."""
-    from harness.commands._common import existing_file
+    from harness.commands._common import check_output, existing_file
     from harness.errors import UserError
-    from models.checkpoint import CheckpointError, load_state_dict_strict, save_checkpoint
+    from models.checkpoint import (
+        CheckpointError,
+        check_checkpoint_target,
+        load_state_dict_strict,
+        save_checkpoint,
+        sniff_checkpoint,
+    )
     from models.zoo import build_model, converter_sources, family_of, get_config
 
-    src = existing_file(args.input, "checkpoint")
+    # Everything about the paths is checked before the (slow) conversion.
+    src = existing_file(args.input, "--in")
+    out = check_output(args.out, "--out", kind="file" if Path(args.out).suffix else "dir", inputs=[src])
+    try:
+        weights, config = check_checkpoint_target(out)
+    except CheckpointError as exc:
+        raise UserError(f"--out {exc}") from None
+    for target in (weights, config):
+        check_output(target, "--out", inputs=[src])
+    kind = sniff_checkpoint(src)
+    if kind == "safetensors":
+        raise UserError(f"--in {src} is already in our format (safetensors); nothing to convert")
+    if kind not in ("zip", "pickle"):
+        raise UserError(f"--in {src}: not a PyTorch checkpoint ({kind})")
     fam = family_of(args.model)
     source = args.source or fam.default_source
     if source not in fam.converters:

@@ -11,19 +11,21 @@ import subprocess
 import sys
 from typing import Any
 
-HELP = "report torch/CUDA versions, devices and which deformable-attention backends are available"
+HELP = "report torch/CUDA versions, devices and which compiled kernels (deformable attention, PQ) are available"
 DESCRIPTION = """\
-Report the Python/torch/CUDA versions, the devices, the CUDA toolkit used for builds, and for each
-multi-scale deformable attention backend (cuda, cpp, pytorch) whether it is available and, if not, why.
+Report the Python/torch/CUDA versions, the devices, the CUDA toolkit used for builds, for each
+multi-scale deformable attention backend (cuda, cpp, pytorch) whether it is available and, if not, why,
+and whether eval-pq's compiled kernel (csrc/png_pq.c: PNG decoding, histograms, boundaries) loads,
+from where, or why not (then eval-pq uses numpy and a general PNG decoder: same numbers, slower).
 `backend=None` uses the first available one for the tensors' device.
 
-Exit status 0; with --require NAME (repeatable), 1 when a named backend's kernels are not built
-(for 'cuda' this checks the build, not the presence of a GPU).
+Exit status 0; with --require NAME (repeatable), 1 when a named kernel is not built
+(for 'cuda' this checks the build, not the presence of a GPU; 'pq' is eval-pq's kernel).
 
 Examples:
   harness doctor
   harness doctor --json
-  harness doctor --require cpp --require cuda     # CI: fail when a kernel did not build
+  harness doctor --require cpp --require cuda --require pq    # CI: fail when a kernel did not build
 """
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--require",
         action="append",
         default=[],
-        choices=["cpp", "cuda"],
+        choices=["cpp", "cuda", "pq"],
         metavar="BACKEND",
-        help="exit 1 unless this compiled backend is built (cpp or cuda; repeatable)",
+        help="exit 1 unless this compiled kernel is built (cpp, cuda or pq; repeatable)",
     )
 
 
@@ -51,6 +53,13 @@ def _nvcc_version(cuda_home: str | None) -> str | None:
         return None
     lines = [ln for ln in proc.stdout.splitlines() if "release" in ln]
     return lines[0].split("release", 1)[1].strip() if lines else None
+
+
+def pq_kernel() -> dict[str, Any]:
+    """eval-pq's compiled kernel: {available, library, source, inflate, reason} (no torch needed)."""
+    from harness.metrics import native
+
+    return native.status()
 
 
 def collect() -> dict[str, Any]:
@@ -89,6 +98,7 @@ def collect() -> dict[str, Any]:
             "cpu": available_backends("cpu")[0],
             "cuda": available_backends("cuda")[0] if cuda_available else None,
         },
+        "pq_kernel": pq_kernel(),
     }
 
 
@@ -111,6 +121,16 @@ def _print_table(report: dict[str, Any]) -> None:
         print(f"  {b['name']:<8} {state:<21} {b['reason']}".rstrip())
     dflt = report["default_backend"]
     print(f"  backend=None uses: cpu -> {dflt['cpu']}" + (f", cuda -> {dflt['cuda']}" if dflt["cuda"] else ""))
+    print()
+    pq = report["pq_kernel"]
+    print("eval-pq kernel (csrc/png_pq.c: PNG decoding, histograms, boundaries):")
+    if pq["available"]:
+        print(f"  available  {pq['library']}")
+        print(f"  inflate    {pq['inflate']}; vector loops: {pq['simd']}")
+        print(f"  from       {pq['reason']}")
+    else:
+        print("  unavailable: eval-pq uses numpy and a general PNG decoder (same numbers, slower)")
+        print(f"  reason     {pq['reason']}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_table(report)
     missing = [b["name"] for b in report["backends"] if b["name"] in args.require and not b["built"]]
+    if "pq" in args.require and not report["pq_kernel"]["available"]:
+        missing.append("pq")
     if missing:
         log.error("required backend(s) not built: %s", ", ".join(missing))
         return 1

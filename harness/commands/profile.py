@@ -61,27 +61,8 @@ COLUMNS = ["model", "weights", "height", "width", "batch", "params_m", "params_t
            "threads", "load_avg", "paper_params_m", "paper_gflops", "paper_fps", "paper_convention"]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `harness profile`."""
-    parser.add_argument("--model", required=True, help="model name (models.zoo; e.g. panoptic_segformer_r50)")
-    parser.add_argument("--weights", default=None,
-                        help="optional weights (our format or a released file); random init otherwise")
-    parser.add_argument("--size", default="800x1333",
-                        help="input HxW (default 800x1333, the COCO test maximum; the paper's FLOPs: 1200x800)")
-    parser.add_argument("--batch", type=int, default=1, help="images per forward (default 1, as the paper)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards first (default 2)")
-    parser.add_argument("--iters", type=int, default=5, help="timed forwards (default 5)")
-    parser.add_argument("--post-process", default="none", choices=["none", "m", "p", "p*", "heuristic", "own"],
-                        help="also time candidates + this merge per image (default: none, model only)")
-    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP counts")
-    parser.add_argument("--no-speed", action="store_true", help="skip the timing")
-    parser.add_argument("--out", default=None, help="write the row to FILE.csv or FILE.json")
-
-
 def parse_size(text: str) -> tuple[int, int]:
-    """``"800x1333"`` -> ``(800, 1333)``; ``UserError`` otherwise."""
+    """``"800x1333"`` -> ``(800, 1333)``, each side 32..8192; ``UserError`` otherwise."""
     from harness.errors import UserError
 
     parts = text.lower().replace("*", "x").split("x")
@@ -89,9 +70,32 @@ def parse_size(text: str) -> tuple[int, int]:
         h, w = (int(p) for p in parts)
     except ValueError:
         raise UserError(f"--size must be HxW with positive integers (e.g. 800x1333), got {text!r}") from None
-    if h < 32 or w < 32:
-        raise UserError(f"--size {text}: both sides must be at least 32 pixels")
+    if not (32 <= h <= 8192 and 32 <= w <= 8192):
+        raise UserError(f"--size {text}: each side must be 32..8192 pixels")
     return h, w
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `harness profile` (every value is checked here, at parse time)."""
+    from harness.commands._common import device, int_range, user_type
+
+    parser.add_argument("--model", required=True, help="model name (models.zoo; e.g. panoptic_segformer_r50)")
+    parser.add_argument("--weights", default=None,
+                        help="optional weights (our format or a released file); random init otherwise")
+    parser.add_argument("--size", default="800x1333", type=user_type(parse_size, "size"),
+                        help="input HxW (default 800x1333, the COCO test maximum; the paper's FLOPs: 1200x800)")
+    parser.add_argument("--batch", type=int_range(1, 256), default=1, help="images per forward (default 1, as the "
+                                                                            "paper)")
+    parser.add_argument("--device", type=device, default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--threads", type=int_range(1, 1024), default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int_range(0, 10000), default=2, help="untimed forwards first (default 2)")
+    parser.add_argument("--iters", type=int_range(1, 100000), default=5, help="timed forwards (default 5)")
+    parser.add_argument("--post-process", default="none", choices=["none", "m", "p", "p*", "heuristic", "own"],
+                        help="also time candidates + this merge per image (default: none, model only)")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP counts")
+    parser.add_argument("--no-speed", action="store_true", help="skip the timing")
+    parser.add_argument("--out", default=None, help="write the row to FILE.csv or FILE.json (not an input)")
 
 
 def _build(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -99,14 +103,12 @@ def _build(args: argparse.Namespace) -> tuple[Any, Any]:
     from models import zoo
 
     if args.weights is not None:
-        from models.checkpoint import CheckpointError, load_model
+        from models.checkpoint import CheckpointError, load_model, resolve_weights
 
-        if not Path(args.weights).exists():
-            raise UserError(f"weights not found: {args.weights}")
         try:
-            return load_model(args.weights, args.model)
+            return load_model(resolve_weights(args.weights), args.model)
         except (CheckpointError, ValueError) as exc:
-            raise UserError(str(exc)) from exc
+            raise UserError(str(exc)) from None
     try:
         cfg = zoo.get_config(args.model)
     except ValueError as exc:
@@ -153,7 +155,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     from harness.errors import UserError
     from models.flops import count_flops, count_mmcv_flops, count_parameters
 
-    h, w = parse_size(args.size)
+    h, w = args.size if isinstance(args.size, tuple) else parse_size(args.size)
     if args.batch < 1 or args.iters < 1 or args.warmup < 0:
         raise UserError("--batch and --iters must be >= 1 and --warmup >= 0")
     if args.threads:
@@ -252,15 +254,28 @@ def _write(path: Path, row: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Profile one model; print the table, write --out."""
-    out = Path(args.out) if args.out else None
-    if out is not None and out.suffix not in (".csv", ".json"):
-        from harness.errors import UserError
+    from harness.commands._common import check_device, check_output
+    from harness.errors import UserError
+    from models import zoo
 
-        raise UserError(f"--out {out}: use a .csv or .json file name")
+    # Everything that needs no model first: the name, the weights, the device, the output path.
+    if args.model not in zoo.model_names():
+        raise UserError(f"--model: unknown model {args.model!r}; known: {', '.join(zoo.model_names())}")
+    weights = None
+    if args.weights is not None:
+        from models.checkpoint import resolve_weights
+
+        weights = resolve_weights(args.weights)  # one line for a missing file or an empty folder
+    check_device(args.device)
+    out = None
+    if args.out:
+        from harness.io import sweep_stale_temporaries
+
+        out = check_output(args.out, "--out", inputs=[args.weights, weights], suffixes=(".csv", ".json"))
+        sweep_stale_temporaries(out.parent, targets={out.name})
     row = profile(args)
     print(_format(row))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         _write(out, row)
         log.info("wrote %s", out)
     return 0

@@ -25,8 +25,13 @@ examples:
 
 log = logging.getLogger(__name__)
 
+MAX_OUTPUT_PIXELS = 2**27  # ~134 Mpixel (400 MB of RGB) for the whole sheet
+MAX_IMAGES = 256
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from harness.commands._common import float_range, int_range
+
     parser.add_argument("--image", nargs="+", required=True, metavar="IMG", help="image file(s)")
     parser.add_argument("--panoptic", nargs="+", required=True, metavar="PNG",
                         help="panoptic PNG(s), one per image, same order")
@@ -34,46 +39,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="COCO panoptic JSON with segments_info and categories")
     parser.add_argument("--out", required=True, metavar="OUT.png", help="output PNG")
     parser.add_argument("--grid", action="store_true", help="render all images on one sheet")
-    parser.add_argument("--cols", type=int, default=4, help="sheet columns with --grid (default 4)")
-    parser.add_argument("--alpha", type=float, default=0.55, help="overlay opacity in [0, 1] (default 0.55)")
-    parser.add_argument("--scale", type=int, default=1, help="integer upscaling of each image (default 1)")
+    parser.add_argument("--cols", type=int_range(1, 64), default=4, help="sheet columns with --grid, 1..64 (default 4)")
+    parser.add_argument("--alpha", type=float_range(0.0, 1.0), default=0.55,
+                        help="overlay opacity in [0, 1] (default 0.55)")
+    parser.add_argument("--scale", type=int_range(1, 16), default=1,
+                        help="integer upscaling of each image, 1..16 (default 1)")
     parser.add_argument("--no-outline", action="store_true", help="do not draw segment boundaries")
     parser.add_argument("--no-legend", action="store_true", help="do not draw the category legend")
 
 
-def _load_json(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[int, dict[str, Any]]]:
-    """(annotations by PNG name, annotations by stem, categories by id) from a panoptic JSON."""
-    import json
-
-    from harness.errors import DataError
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read panoptic JSON {path}: {exc}") from None
-    if not isinstance(data, dict) or "annotations" not in data or "categories" not in data:
-        raise DataError(f"{path}: expected a COCO panoptic JSON with 'annotations' and 'categories'")
-    cats: dict[int, dict[str, Any]] = {}
-    for c in data["categories"]:
-        if "id" not in c:
-            raise DataError(f"{path}: category entry without 'id': {c!r}")
-        cats[int(c["id"])] = c
+def _index(parsed: Any) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[int, dict[str, Any]]]:
+    """(annotations by PNG name, annotations by stem, categories by id) of a validated panoptic JSON."""
     by_name: dict[str, dict[str, Any]] = {}
     by_stem: dict[str, dict[str, Any]] = {}
-    for a in data["annotations"]:
-        if "segments_info" not in a or "file_name" not in a:
-            raise DataError(f"{path}: annotation of image_id {a.get('image_id')} lacks 'file_name' or 'segments_info'")
-        by_name[str(a["file_name"])] = a
-        by_stem[Path(str(a["file_name"])).stem] = a
-    return by_name, by_stem, cats
+    for a in parsed.by_image.values():
+        by_name[Path(a["file_name"]).name] = a
+        by_stem[Path(a["file_name"]).stem] = a
+    return by_name, by_stem, {int(c["id"]): c for c in parsed.categories}
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from harness import viz
-    from harness.data.coco_panoptic import read_id_png, read_image_rgb
-    from harness.commands._common import existing_file
+    from harness.commands._common import check_output, existing_file
+    from harness.data.coco_panoptic import read_id_png, read_image_rgb, read_image_size
+    from harness.data.images import png_header
+    from harness.data.panoptic_json import load_panoptic
     from harness.errors import DataError, UserError
 
     images = [existing_file(p, "image") for p in args.image]
@@ -83,25 +75,35 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"got {len(images)} --image but {len(pngs)} --panoptic files; give one PNG per image")
     if len(images) > 1 and not args.grid:
         raise UserError(f"{len(images)} images given: add --grid to render them on one sheet")
-    if not 0.0 <= args.alpha <= 1.0:
-        raise UserError(f"--alpha must be in [0, 1] (got {args.alpha})")
-    if args.scale < 1 or args.cols < 1:
-        raise UserError("--scale and --cols must be >= 1")
-    if Path(args.out).suffix.lower() != ".png":
-        raise UserError(f"--out must be a .png file (got {args.out})")
+    if len(images) > MAX_IMAGES:
+        raise UserError(f"{len(images)} images for one sheet; at most {MAX_IMAGES}")
+    out_path = check_output(args.out, "--out", inputs=[*images, *pngs, json_path], suffixes=(".png",))
 
-    by_name, by_stem, cats = _load_json(json_path)
-    tiles = []
-    used: set[int] = set()
+    parsed = load_panoptic(json_path, "panoptic JSON")
+    by_name, by_stem, cats = _index(parsed)
+    # Everything that can be checked from headers is checked before any decoding.
+    anns = []
+    pixels = 0
     for img_path, png_path in zip(images, pngs):
         ann = by_name.get(png_path.name) or by_stem.get(png_path.stem) or by_stem.get(img_path.stem)
         if ann is None:
             raise UserError(f"no annotation for {png_path.name} (or {img_path.stem}) in {json_path}")
+        head = png_header(png_path, "panoptic PNG")
+        if not head.is_panoptic:
+            raise DataError(f"{png_path}: a panoptic PNG must be 8-bit RGB(A), this one is {head.description}")
+        h, w = read_image_size(img_path)
+        if (h, w) != (head.height, head.width):
+            raise DataError(f"{img_path} is {w}x{h} but {png_path} is {head.width}x{head.height}")
+        pixels += h * w * args.scale**2
+        anns.append(ann)
+    if pixels > MAX_OUTPUT_PIXELS:
+        raise UserError(f"the overlay would have {pixels / 1e6:.0f} Mpixel (--scale {args.scale} x "
+                        f"{len(images)} image(s)); at most {MAX_OUTPUT_PIXELS / 1e6:.0f} Mpixel: lower --scale")
+
+    tiles = []
+    used: set[int] = set()
+    for img_path, png_path, ann in zip(images, pngs, anns):
         segments = ann["segments_info"]
-        for s in segments:
-            if int(s["category_id"]) not in cats:
-                raise DataError(f"{json_path}: segment id {s['id']} of {ann['file_name']} has unknown category_id "
-                                f"{s['category_id']}")
         id_map = read_id_png(png_path)
         image = read_image_rgb(img_path)
         if image.shape[:2] != id_map.shape:
@@ -121,6 +123,6 @@ def run(args: argparse.Namespace) -> int:
             out = viz.append_legend(out, [cats[c] for c in sorted(used)])
     else:
         out = tiles[0]
-    viz.write_png(args.out, out)
-    log.info("wrote %s (%dx%d)", args.out, out.shape[1], out.shape[0])
+    viz.write_png(out_path, out)
+    log.info("wrote %s (%dx%d)", out_path, out.shape[1], out.shape[0])
     return 0

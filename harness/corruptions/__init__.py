@@ -141,12 +141,14 @@ def parse_severities(spec: str) -> list[int]:
                 lo, hi = (int(v) for v in token.split("-", 1))
                 if lo > hi:
                     raise ValueError(token)
-                values = list(range(lo, hi + 1))
             else:
-                values = [int(token)]
+                lo = hi = int(token)
         except ValueError:
             raise UserError(f"invalid severity {token!r}; valid: 1, 2, 3, 4, 5 (e.g. 1-5 or 1,3,5)") from None
-        chosen.update(check_severity(v) for v in values)
+        # Bounds first: "1-1000000000" must not build a list of a billion numbers.
+        check_severity(lo)
+        check_severity(hi)
+        chosen.update(range(lo, hi + 1))
     if not chosen:
         raise UserError(f"no severity selected by {spec!r}; valid: 1, 2, 3, 4, 5")
     return sorted(chosen)

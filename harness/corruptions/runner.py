@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy as np
 
 from harness.corruptions import CHANNEL_ORDERS, SEED_RULE, corrupt, corruption_seed
 from harness.errors import DataError, UserError
-from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text, is_temporary
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +96,15 @@ class RunSummary:
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode an image file to (H, W, 3) uint8 RGB with PIL (no EXIF rotation, like panopticapi).
 
-    The on-the-fly dataset uses the same decoder, so on-disk PNGs equal on-the-fly outputs.
+    The on-the-fly dataset uses the same decoder, so on-disk PNGs equal on-the-fly outputs. A 16-bit image is
+    scaled to 8 bits (``>> 8``, as OpenCV and mmcv do), not clipped by PIL's ``convert`` (which turns it white).
 
     Raises:
         DataError: the file is missing, unreadable or truncated (message names the file).
     """
-    from PIL import Image
+    from harness.data.images import read_image_pil
 
-    try:
-        with Image.open(path) as im:
-            im.load()  # forces full decoding: truncated files raise here
-            return np.array(im.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+    return read_image_pil(path)  # full decode (truncated files raise); 16-bit scaled as OpenCV does, never clipped
 
 
 def encode_image(image: np.ndarray, fmt: str) -> bytes:
@@ -148,27 +143,34 @@ def output_path(
 class ImageEntry:
     """One clean image: its COCO id (or list index without annotations) and file name."""
 
-    image_id: int
+    image_id: int | str
     file_name: str
 
 
 def load_annotations(path: Path) -> dict[str, Any]:
-    """Load a COCO/COCO-panoptic JSON and check the parts the runner uses."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"annotation file not found: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable JSON file ({exc})") from None
+    """Load a COCO/COCO-panoptic JSON and check the parts the runner uses (`harness.data.panoptic_json` rules:
+    image ids are integers or non-empty strings, all of one type; file names are plain relative names)."""
+    from harness.data.panoptic_json import check_file_name, check_image_id, read_json
+
+    data = read_json(path, "--ann JSON")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: missing key 'images' (a list)")
-    seen: set[int] = set()
+    seen: set[Any] = set()
+    kinds: set[type] = set()
     for i, img in enumerate(data["images"]):
+        where = f"{path}: images[{i}]"
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            raise DataError(f"{path}: images[{i}] lacks 'id' or 'file_name'")
-        if img["id"] in seen:
-            raise DataError(f"{path}: duplicate image id {img['id']}")
-        seen.add(img["id"])
+            raise DataError(f"{where} lacks 'id' or 'file_name'")
+        iid = check_image_id(img["id"], where)
+        check_file_name(img, where)
+        if iid in seen:
+            raise DataError(f"{path}: duplicate image id {iid!r}")
+        seen.add(iid)
+        kinds.add(type(iid))
+    if len(kinds) > 1:
+        raise DataError(f"{path}: image ids mix integers and strings")
+    if "annotations" in data and not isinstance(data["annotations"], list):
+        raise DataError(f"{path}: 'annotations' is not a list")
     return data
 
 
@@ -181,11 +183,15 @@ def list_images(images_dir: Path, annotations: dict[str, Any] | None) -> list[Im
     if annotations is not None:
         images = annotations["images"]
         if isinstance(annotations.get("annotations"), list):
-            annotated = {a.get("image_id") for a in annotations["annotations"] if isinstance(a, dict)}
+            annotated = {a.get("image_id") for a in annotations["annotations"]
+                         if isinstance(a, dict) and isinstance(a.get("image_id"), (int, str))}
             images = [img for img in images if img["id"] in annotated]
-        entries = [ImageEntry(int(img["id"]), str(img["file_name"])) for img in images]
+        entries = [ImageEntry(img["id"], str(img["file_name"])) for img in images]
         return sorted(entries, key=lambda e: e.image_id)
-    names = sorted(p.name for p in Path(images_dir).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    from harness.io import visible_files
+
+    # Hidden files (our temporaries, .DS_Store, ._name AppleDouble files) are never images.
+    names = [p.name for p in visible_files(images_dir, IMAGE_SUFFIXES)]
     return [ImageEntry(i, n) for i, n in enumerate(names)]
 
 
@@ -200,16 +206,17 @@ def _check_unique_stems(entries: Sequence[ImageEntry], source: Path) -> None:
         seen[stem] = e.file_name
 
 
-def select_subset(image_ids: Iterable[int], n: int, seed: int) -> list[int]:
+def select_subset(image_ids: Iterable[int | str], n: int, seed: int) -> list[int | str]:
     """Deterministic subset rule (`SUBSET_RULE`): sort, permute with default_rng(seed), take n, sort."""
-    ids = np.array(sorted(int(i) for i in image_ids), dtype=np.int64)
+    ids = sorted(int(i) if isinstance(i, (int, np.integer)) else i for i in image_ids)
     if not 0 < n <= len(ids):
         raise UserError(f"--subset {n} must be between 1 and the number of annotated images ({len(ids)})")
     perm = np.random.default_rng(seed).permutation(len(ids))
-    return sorted(int(i) for i in ids[perm[:n]])
+    return sorted(ids[int(k)] for k in perm[:n])
 
 
-def write_subset_files(out_dir: Path, annotations: dict[str, Any], ids: list[int], n: int, seed: int) -> Path:
+def write_subset_files(out_dir: Path, annotations: dict[str, Any], ids: list[int | str], n: int,
+                       seed: int) -> Path:
     """Write ``subset_<n>_<seed>.json`` (ids + rule) and the filtered ``panoptic_subset_<n>_<seed>.json``."""
     keep = set(ids)
     images = [img for img in annotations["images"] if img["id"] in keep]
@@ -295,6 +302,53 @@ def check_or_write_header(out_dir: Path, header: dict[str, Any]) -> None:
     atomic_write_json(path, header, indent=1)
 
 
+def claim_output(config: RunConfig) -> None:
+    """Claim the output folder (``harness.outputs``): only this command's outputs of the same images, seed rule,
+    channel order and format may share it. Every output file is complete on its own, so there is no
+    "complete" state: other settings are always refused (never mixed). Folders written before markers existed
+    are recognised by their ``manifest.json`` header."""
+    from harness.outputs import claim_output_dir
+
+    settings = {"seed_rule": SEED_RULE, "channel_order": config.channel_order, "format": config.fmt,
+                "images": str(Path(config.images_dir).resolve())}
+
+    def legacy(root: Path) -> dict[str, Any] | None:
+        try:
+            old = json.loads((root / HEADER_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(old, dict) or old.get("tool") != "psf-harness corrupt":
+            return None
+        # The image folder was not recorded then: adopt this run's.
+        return {"seed_rule": old.get("seed_rule"), "channel_order": old.get("channel_order"),
+                "format": old.get("format"), "images": settings["images"]}
+
+    claim_output_dir(config.out_dir, "corrupt", settings, track_status=False, legacy=legacy)
+
+
+class _RootFiles(set):
+    """This shard's files at the output root, plus the subset files (identical whoever writes them)."""
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or (isinstance(name, str) and name.endswith(".json")
+                                               and (name.startswith("subset_") or name.startswith("panoptic_subset_")))
+
+
+def _sweep_temporaries(out_dir: Path, config: RunConfig, pairs: Sequence[tuple[str, int]],
+                       entries: Sequence[ImageEntry]) -> None:
+    """Remove temporaries of dead writers among this shard's own files (other shards may run elsewhere)."""
+    from harness.io import sweep_stale_temporaries
+
+    names = {f"{Path(e.file_name).stem}.{config.fmt}" for e in entries}
+    removed = 0
+    for corruption, severity in pairs:
+        removed += sweep_stale_temporaries(out_dir / corruption / str(severity), targets=names)
+    own = _RootFiles({manifest_path(out_dir, config.shard).name, HEADER_NAME, ".psf-harness.json"})
+    removed += sweep_stale_temporaries(out_dir, targets=own)
+    if removed:
+        log.info("removed %d temporary file(s) of an interrupted run", removed)
+
+
 def manifest_path(out_dir: Path, shard: tuple[int, int]) -> Path:
     """``manifest.csv`` for an unsharded run, ``manifest.shard-<i>-of-<n>.csv`` per shard."""
     i, n = shard
@@ -305,8 +359,15 @@ def read_manifest(path: Path) -> dict[str, dict[str, str]]:
     """Rows of an existing manifest keyed by relative output path (missing file -> empty)."""
     if not path.exists():
         return {}
-    with path.open(newline="", encoding="utf-8") as fh:
-        return {row["file"]: row for row in csv.DictReader(fh) if row.get("file") and row.get("sha256")}
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is not None and "file" not in reader.fieldnames:
+                raise DataError(f"{path}: not a manifest written by harness corrupt (no 'file' column); "
+                                "move it aside or use another --out")
+            return {row["file"]: row for row in reader if row.get("file") and row.get("sha256")}
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc}); move it aside or use another --out") from None
 
 
 def write_manifest(path: Path, rows: dict[str, dict[str, str]]) -> None:
@@ -347,8 +408,10 @@ def _remove_stale_temporaries(out_dir: Path, pairs: Sequence[tuple[str, int]], s
             continue
         for entry in os.scandir(folder):
             name = entry.name
+            if is_temporary(name):  # today's names carry the writer's pid: see sweep_stale_temporaries
+                continue
             if name.startswith(".") and ".tmp" in name and name[1:].split(".", 1)[0] in stems:
-                Path(entry.path).unlink(missing_ok=True)
+                Path(entry.path).unlink(missing_ok=True)  # written by an older version
 
 
 # ----------------------------------------------------------------------------- work
@@ -400,14 +463,19 @@ def process_image(job: ImageJob) -> JobResult:
 
 def _worker_init() -> None:
     """Load the upstream copy and the compiled loop once per worker process."""
-    import cv2
+    from harness.io import init_worker_signals
 
-    cv2.setNumThreads(1)  # one process per core already
-    from harness.corruptions.compat import upstream
-    from harness.corruptions.fast import warm_up
+    def load() -> None:
+        import cv2
 
-    upstream()
-    warm_up()
+        from harness.corruptions.compat import upstream
+        from harness.corruptions.fast import warm_up
+
+        cv2.setNumThreads(1)  # one process per core already
+        upstream()
+        warm_up()  # numba compilation: killed outright by SIGTERM here (see init_worker_signals)
+
+    init_worker_signals(load)  # then SIGTERM / Ctrl-C: exit quietly, the temporary file being written removed
 
 
 def run(config: RunConfig) -> RunSummary:
@@ -435,6 +503,7 @@ def run(config: RunConfig) -> RunSummary:
         raise UserError(f"no images found in {config.images_dir}" + (f" listed by {config.ann}" if config.ann else
                         f" (looked for {', '.join(IMAGE_SUFFIXES)})"))
     _check_unique_stems(entries, config.ann or Path(config.images_dir))
+    claim_output(config)
     check_or_write_header(out_dir, make_header(config))
     if config.subset is not None and annotations is not None:
         keep = set(select_subset((e.image_id for e in entries), config.subset, config.subset_seed))
@@ -443,6 +512,7 @@ def run(config: RunConfig) -> RunSummary:
     i, n = config.shard
     entries = entries[i::n]
     pairs = [(c, s) for c in config.corruptions for s in config.severities]
+    _sweep_temporaries(out_dir, config, pairs, entries)
     _remove_stale_temporaries(out_dir, pairs, {Path(e.file_name).stem for e in entries})
 
     mpath = manifest_path(out_dir, config.shard)
@@ -496,8 +566,13 @@ def run(config: RunConfig) -> RunSummary:
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            if sys.exc_info()[0] is None:  # finished: the workers end when the queue says so
+                pool.close()
+                pool.join()
+            else:  # an error, Ctrl-C or SIGTERM: stop them now (SIGTERM, then SIGKILL): never hangs
+                from harness.io import stop_process_pool
+
+                stop_process_pool(pool)
         write_manifest(mpath, rows)
     summary.seconds = time.perf_counter() - t0
     return summary

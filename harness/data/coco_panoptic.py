@@ -73,21 +73,13 @@ def load_categories(source: str | os.PathLike[str] | Sequence[dict[str, Any]]) -
     """A category list from a JSON file (a list, or a dict with ``categories``) or a list.
 
     Raises:
-        DataError: unreadable file, or entries without ``id`` / ``isthing``.
+        DataError: unreadable file, or entries that are not objects with an integer ``id`` and ``isthing`` 0/1.
     """
+    from harness.data.panoptic_json import check_categories, load_categories as load_categories_file
+
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        data = _read_json(path)
-        cats = data.get("categories") if isinstance(data, dict) else data
-        where = str(path)
-    else:
-        cats, where = list(source), "the category list"
-    if not isinstance(cats, list):
-        raise DataError(f"{where}: expected a list of categories")
-    for c in cats:
-        if not isinstance(c, dict) or "id" not in c or "isthing" not in c:
-            raise DataError(f"{where}: category entry {c!r} lacks 'id' or 'isthing'")
-    return cats
+        return load_categories_file(source, "categories JSON")
+    return check_categories(list(source), "the category list")
 
 
 # ----------------------------------------------------------------------------- samples
@@ -159,43 +151,34 @@ class PanopticSample:
 # ----------------------------------------------------------------------------- decoding
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-
-
 def read_image_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode an image file to (H, W, 3) uint8 RGB, ignoring EXIF orientation (as COCO loaders do).
+
+    OpenCV decodes (``IMREAD_COLOR``: 16-bit images are scaled to 8 bits, never clipped); what its C libraries
+    print (a truncated JPEG) becomes one warning naming the file (`harness.data.images`). PIL is the fallback.
 
     Raises:
         DataError: missing or undecodable file.
     """
     import cv2
 
+    from harness.data.images import native_messages, read_image_pil
+
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"image file not found: {path}")
+        raise DataError(f"image file not found: {path}" if not path.exists() else f"image {path} is not a file")
     # IMREAD_COLOR turns gray / alpha / CMYK into 3-channel 8-bit BGR. The in-place cvtColor is
     # faster than a flipped copy (measured: ~2.5 vs ~4.5 ms for a 640x480 JPEG on 2 cores).
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    with native_messages() as msgs:
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is not None:
+        if msgs:
+            log.warning("%s: decoded with a warning from the image library: %s", path, msgs[0])
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)
-    return _read_image_pil(path)
-
-
-def _read_image_pil(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()  # PIL does not apply EXIF here
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"cannot decode image {path}: {exc}") from None
+        return read_image_pil(path)
+    except DataError as exc:
+        raise DataError(f"{exc}" + (f" (decoder: {msgs[0]})" if msgs else "")) from None
 
 
 def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -221,9 +204,21 @@ def read_id_png(path: str | os.PathLike[str]) -> np.ndarray:
     Raises:
         DataError: missing, undecodable, not 8-bit RGB(A).
     """
+    from harness.data.images import png_header
     from harness.metrics.pngio import read_id_map
 
-    return read_id_map(path)
+    try:
+        return read_id_map(path)
+    except DataError as exc:
+        # Say what the file is (the decoders report e.g. a 16-bit grey PNG as "shape (H, W, 2) uint16").
+        try:
+            head = png_header(path, "panoptic PNG")
+        except DataError as why:
+            raise why from None
+        if not head.is_panoptic:
+            raise DataError(f"{path}: a panoptic PNG must be 8-bit RGB(A), this one is {head.description} "
+                            f"({head.width}x{head.height})") from None
+        raise exc from None
 
 
 def segment_stats(id_map: np.ndarray) -> dict[int, tuple[int, tuple[float, float, float, float]]]:
@@ -280,68 +275,31 @@ def load_panoptic_json(
     Raises:
         DataError: naming the file and the image / segment / category id at fault.
     """
-    path = Path(path)
-    data = _read_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
-    if categories is not None:
-        data["categories"] = load_categories(categories)
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DataError(f"{path}: missing or invalid key '{key}' (expected a list)")
-    cats = load_categories(data["categories"]) if categories is None else data["categories"]
+    from harness.data.panoptic_json import load_panoptic
+
+    cats = load_categories(categories) if categories is not None else None
+    parsed = load_panoptic(path, "panoptic JSON", categories=cats, require_images=True, match_images=True)
+    data = parsed.data
+    if cats is not None:
+        data["categories"] = cats
     try:
-        cat_map = CategoryMap.from_categories(cats)
+        CategoryMap.from_categories(data["categories"])
     except ValueError as exc:
         raise DataError(f"{path}: {exc}") from None
-
-    images: dict[int, dict[str, Any]] = {}
-    for img in data["images"]:
-        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            raise DataError(f"{path}: image entry {_short(img)} lacks 'id' or 'file_name'")
-        iid = img["id"]
-        if iid in images:
-            raise DataError(f"{path}: duplicate image id {iid} in 'images'")
-        images[iid] = img
-
-    seen_ann: set[int] = set()
-    for ann in data["annotations"]:
-        if not isinstance(ann, dict) or "image_id" not in ann:
-            raise DataError(f"{path}: annotation entry {_short(ann)} lacks 'image_id'")
-        iid = ann["image_id"]
-        if iid in seen_ann:
-            raise DataError(f"{path}: duplicate image id {iid} in 'annotations'")
-        seen_ann.add(iid)
-        if iid not in images:
-            raise DataError(f"{path}: annotation for image id {iid} which is not in 'images'")
-        if "file_name" not in ann or not isinstance(ann.get("segments_info"), list):
-            raise DataError(f"{path}: annotation of image id {iid} lacks 'file_name' or 'segments_info'")
-        seg_ids: set[int] = set()
-        for seg in ann["segments_info"]:
-            if not isinstance(seg, dict) or "id" not in seg or "category_id" not in seg:
-                raise DataError(f"{path}: image id {iid}: segment {_short(seg)} lacks 'id' or 'category_id'")
-            sid = seg["id"]
-            if sid == VOID:
-                raise DataError(f"{path}: image id {iid}: segment id 0 is reserved for VOID")
-            if sid in seg_ids:
-                raise DataError(f"{path}: image id {iid}: duplicate segment id {sid}")
-            seg_ids.add(sid)
-            if seg["category_id"] not in cat_map:
-                raise DataError(
-                    f"{path}: image id {iid}, segment id {sid}: unknown category id {seg['category_id']}"
-                )
-    missing = [iid for iid in images if iid not in seen_ann]
-    if missing:
-        raise DataError(f"{path}: image id {missing[0]} has no annotation ({len(missing)} image(s) without one)")
     return data
 
 
-def _short(obj: Any, limit: int = 80) -> str:
-    text = repr(obj)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # ----------------------------------------------------------------------------- data set
+
+
+def _check_complete(root: Path) -> None:
+    """Refuse a data set whose writer (``harness synth``) marked it incomplete: an interrupted run."""
+    from harness.outputs import read_marker
+
+    marker = read_marker(root)
+    if marker is not None and marker.get("status") == "incomplete":
+        raise DataError(f"{root} is incomplete: the 'harness {marker['command']}' run writing it did not finish "
+                        "(re-run it with the same settings to complete it)")
 
 
 class PanopticDataset:
@@ -380,6 +338,8 @@ class PanopticDataset:
     ) -> None:
         if root is not None and not Path(root).is_dir():
             raise DataError(f"data set root is not a folder: {root}")
+        if root is not None:
+            _check_complete(Path(root))
         if json_path is None or image_dir is None:
             if root is None:
                 raise DataError("PanopticDataset needs a root, or both image_dir and json_path")

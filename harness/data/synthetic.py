@@ -39,7 +39,7 @@ import numpy as np
 
 from harness.data import synthetic_textures as tx
 from harness.data.format import id2rgb
-from harness.io import atomic_write_bytes, atomic_write_text
+from harness.io import atomic_write_bytes, atomic_write_text, init_worker_signals
 
 log = logging.getLogger(__name__)
 
@@ -492,7 +492,7 @@ def _write_one(job: tuple[Path, int, str, int, int]) -> tuple[dict[str, Any], di
 
 
 def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one core per worker process
+    init_worker_signals(lambda: cv2.setNumThreads(1))  # one core per worker; then SIGTERM / Ctrl-C: exit quietly  # SIGTERM / Ctrl-C: exit quietly, temporaries removed
 
 
 def _dump(obj: Any) -> str:
@@ -508,6 +508,7 @@ def generate_dataset(
     size: int = 256,
     workers: int = 1,
     preview: bool = True,
+    remove_stale: bool = True,
 ) -> Path:
     """Write the synthetic dataset in COCO panoptic layout (see module docstring).
 
@@ -519,6 +520,8 @@ def generate_dataset(
         size: long image side in pixels (>= 32).
         workers: processes used for rendering (output does not depend on it).
         preview: also write `preview_val.png` (first 16 validation images with overlays).
+        remove_stale: delete 12-digit images/PNGs of an earlier, larger run (`harness synth` removes exactly the
+            files of the previous run's settings itself, from its output marker, and passes False).
 
     Returns:
         The dataset root as a Path.
@@ -548,7 +551,8 @@ def generate_dataset(
                 images.append(img)
                 annotations.append(ann)
                 instances.extend(inst)
-            _remove_stale(root, split, {Path(i["file_name"]).stem for i in images})
+            if remove_stale:
+                _remove_stale(root, split, {Path(i["file_name"]).stem for i in images})
             for k, a in enumerate(instances, start=1):  # ids assigned in image order: deterministic
                 instances[k - 1] = {"id": k, **a}
             panoptic = {"info": info, "licenses": [], "images": images, "annotations": annotations,
@@ -559,6 +563,11 @@ def generate_dataset(
                     "categories": thing_cats}
             atomic_write_text(root / "annotations" / f"instances_{split}.json", _dump(coco))
             log.info("wrote %d %s images to %s", n, split, root / split)
+    except BaseException:
+        if pool is not None:  # an error, Ctrl-C or SIGTERM: stop the workers now instead of finishing every job
+            pool.terminate()
+            pool = None
+        raise
     finally:
         if pool is not None:
             pool.close()

@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from harness.errors import UserError
-
 if TYPE_CHECKING:
     from models.inference import TestTransformSpec
 
@@ -30,7 +28,8 @@ class PreparedImage:
     """A transformed image.
 
     Attributes:
-        image: ``(3, h, w)`` float32 normalised RGB (C-contiguous).
+        image: ``(3, h, w)`` float32 normalised, in the model's channel order (RGB except Panoptic FCN), C-contiguous;
+            zero-padded at the bottom/right to the model's size divisor (then larger than ``img_shape``).
         ori_shape: ``(H, W)`` of the decoded image.
         img_shape: ``(h, w)`` after resizing.
         scale_factor: ``(w_scale, h_scale)`` = new / old.
@@ -43,18 +42,14 @@ class PreparedImage:
 
 
 def read_image_bgr(path: str | Path) -> np.ndarray:
-    """Decode an image as mmcv does (``cv2.imdecode(..., IMREAD_COLOR)``): ``(H, W, 3)`` uint8 BGR."""
-    import cv2
+    """Decode an image as mmcv does (``cv2.imdecode(..., IMREAD_COLOR)``): ``(H, W, 3)`` uint8 BGR.
 
-    p = Path(path)
-    try:
-        data = np.frombuffer(p.read_bytes(), dtype=np.uint8)
-    except OSError as exc:
-        raise UserError(f"cannot read image {p}: {exc.strerror}") from exc
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if img is None:
-        raise UserError(f"cannot decode image {p} (not a readable image file)")
-    return img
+    16-bit images are scaled to 8 bits by OpenCV (as mmcv sees them); C-library messages (a truncated JPEG) become
+    one warning naming the file (`harness.data.images`). Raises `DataError` (a `UserError`) naming the file.
+    """
+    from harness.data.images import decode_cv2, read_bytes
+
+    return decode_cv2(read_bytes(path), path)
 
 
 def rescale_size(w: int, h: int, scale: tuple[int, int]) -> tuple[tuple[int, int], float]:
@@ -112,13 +107,15 @@ def collate(inputs: list[PreparedImage]) -> tuple["np.ndarray", "np.ndarray"]:
 
     A single image is returned unpadded (mmdet ``Pad(size_divisor=1)``).
     """
-    hmax = max(t.img_shape[0] for t in inputs)
-    wmax = max(t.img_shape[1] for t in inputs)
+    # An image may already be zero-padded to its model's size divisor (detectron2 transform): the canvas covers the
+    # padded arrays, the mask marks only the resized image (``img_shape``) as valid.
+    hmax = max(t.image.shape[1] for t in inputs)
+    wmax = max(t.image.shape[2] for t in inputs)
     images = np.zeros((len(inputs), 3, hmax, wmax), dtype=np.float32)
     mask = np.ones((len(inputs), hmax, wmax), dtype=bool)
     for i, t in enumerate(inputs):
         h, w = t.img_shape
-        images[i, :, :h, :w] = t.image
+        images[i, :, : t.image.shape[1], : t.image.shape[2]] = t.image
         mask[i, :h, :w] = False
     return images, mask
 
@@ -135,6 +132,8 @@ def prepare(spec: "TestTransformSpec", image_rgb: np.ndarray) -> PreparedImage:
     """
     if spec.resize == "pil":
         return prepare_pil(spec, image_rgb)
+    if spec.resize == "detectron2":
+        return apply_detectron2_transform(image_rgb, spec)
     if spec.resize != "mmcv":
         raise NotImplementedError(f"test transform {spec.resize!r} is not implemented yet")
     if spec.channel_order != "rgb" or spec.size_divisor != 1:
@@ -192,3 +191,48 @@ def prepare_pil(spec: "TestTransformSpec", image_rgb: np.ndarray) -> PreparedIma
     x = (x - mean) / std
     chw = np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
     return PreparedImage(image=chw, ori_shape=(h, w), img_shape=(oh, ow), scale_factor=(ow / w, oh / h))
+
+
+# ----------------------------------------------------------------------------------- detectron2 (MaskFormer, PFCN)
+def detectron2_output_shape(h: int, w: int, short: int = 800, long: int = 1333) -> tuple[int, int]:
+    """detectron2 ``ResizeShortestEdge.get_output_shape``: ``(new_h, new_w)``, both rounded with ``int(x + 0.5)``.
+
+    The short side goes to ``short`` unless the long side would exceed ``long``; then both are scaled down so the
+    long side is ``long`` (before rounding).
+    """
+    size = short * 1.0
+    scale = size / min(h, w)
+    newh, neww = (size, scale * w) if h < w else (scale * h, size)
+    if max(newh, neww) > long:
+        scale = long * 1.0 / max(newh, neww)
+        newh, neww = newh * scale, neww * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+def apply_detectron2_transform(image_rgb: np.ndarray, spec: "TestTransformSpec") -> PreparedImage:
+    """detectron2's test path: ``ResizeShortestEdge(short, long)`` on the uint8 image with PIL bilinear
+    (``ResizeTransform``), channels in ``spec.channel_order`` (detectron2 ``INPUT.FORMAT``), then the model's
+    ``(x - pixel_mean) / pixel_std`` in float32 on the 0-255 scale, then zero padding at the bottom/right to a
+    multiple of ``spec.size_divisor`` (``ImageList.from_tensors``; 1 = none).
+
+    The arithmetic is float32 element-wise, as detectron2's torch code (uint8 -> float32, subtract, divide), so the
+    network input is bitwise equal to detectron2's for the same decoded image.
+    """
+    from PIL import Image
+
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image_rgb.shape} {image_rgb.dtype}")
+    if spec.channel_order not in ("rgb", "bgr"):
+        raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {spec.channel_order!r}")
+    h, w = int(image_rgb.shape[0]), int(image_rgb.shape[1])
+    newh, neww = detectron2_output_shape(h, w, spec.short, spec.long)
+    img = image_rgb if spec.channel_order == "rgb" else image_rgb[..., ::-1]
+    resized = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((neww, newh), Image.BILINEAR))
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
+    chw = (resized.transpose(2, 0, 1).astype(np.float32) - mean) / std
+    div = max(int(spec.size_divisor), 1)
+    ph, pw = -(-newh // div) * div, -(-neww // div) * div
+    out = np.zeros((3, ph, pw), dtype=np.float32)
+    out[:, :newh, :neww] = chw
+    return PreparedImage(image=out, ori_shape=(h, w), img_shape=(newh, neww), scale_factor=(neww / w, newh / h))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from harness.errors import UserError
-from harness.io import atomic_write, atomic_write_json
+from harness.io import atomic_write_json, atomic_write_npz
 from models.postprocess import Candidates
 
 __all__ = ["save_candidates", "load_candidates", "write_meta", "read_meta", "META_NAME"]
@@ -42,35 +42,74 @@ def save_candidates(path: str | Path, image_id: Any, out_size: tuple[int, int],
         arrays[f"masks_{layer}"] = c.masks.detach().cpu().numpy().astype(np.float32, copy=False)
         if c.query_index is not None:
             arrays[f"query_index_{layer}"] = c.query_index.detach().cpu().numpy().astype(np.int64, copy=False)
-    return atomic_write(path, lambda p: np.savez_compressed(p, **arrays))
+    return atomic_write_npz(path, arrays, compressed=True)  # np.savez_compressed's format, reproducible bytes
+
+
+def _bad(p: Path, what: str) -> UserError:
+    return UserError(f"candidates file {p}: {what} (not what harness eval --save-candidates writes; re-run the "
+                     "evaluation to rewrite it)")
 
 
 def load_candidates(path: str | Path) -> tuple[Any, tuple[int, int], dict[str, Candidates]]:
-    """Read a file written by :func:`save_candidates`: ``(image_id, (H, W), {layer: Candidates})``."""
+    """Read a file written by :func:`save_candidates`: ``(image_id, (H, W), {layer: Candidates})``.
+
+    Raises:
+        UserError: naming the file and the entry, for a file that is not an ``.npz`` archive or whose arrays do not
+            have the shapes and types above.
+    """
+    import zipfile
+
     p = Path(path)
     try:
         with np.load(p, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise UserError(f"cannot read candidates file {p}: {exc}") from None
-    try:
-        image_id = arrays.pop("image_id").item()
-        h, w = (int(v) for v in arrays.pop("out_size"))
-    except KeyError as exc:
-        raise UserError(f"candidates file {p} lacks {exc.args[0]!r}") from None
+    except FileNotFoundError:
+        raise UserError(f"candidates file not found: {p}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, NotImplementedError, AttributeError) as exc:
+        raise UserError(f"cannot read candidates file {p}: not an .npz archive of arrays "
+                        f"({' '.join(str(exc).split()) or type(exc).__name__})") from None
+    if not isinstance(arrays, dict):
+        raise _bad(p, "not an .npz archive")
+    for key in ("image_id", "out_size"):
+        if key not in arrays:
+            raise _bad(p, f"lacks {key!r}")
+    iid = arrays.pop("image_id")
+    if iid.shape != () or iid.dtype.kind not in "iuU":
+        raise _bad(p, f"'image_id' is a {iid.dtype} array of shape {iid.shape}, expected one integer or string")
+    image_id = iid.item()
+    size = arrays.pop("out_size")
+    if size.shape != (2,) or size.dtype.kind not in "iu" or (size < 1).any():
+        raise _bad(p, f"'out_size' is {size.tolist() if size.size <= 4 else size.shape}, expected (H, W) >= 1")
+    h, w = (int(v) for v in size)
     layers = sorted(k[len("scores_"):] for k in arrays if k.startswith("scores_"))
+    if not layers:
+        raise _bad(p, "no 'scores_<layer>' array")
     out: dict[str, Candidates] = {}
     for layer in layers:
-        try:
-            qi = arrays.get(f"query_index_{layer}")
-            out[layer] = Candidates(
-                scores=torch.from_numpy(arrays[f"scores_{layer}"]),
-                labels=torch.from_numpy(arrays[f"labels_{layer}"]),
-                masks=torch.from_numpy(arrays[f"masks_{layer}"]),
-                query_index=None if qi is None else torch.from_numpy(qi),
-            )
-        except (KeyError, ValueError) as exc:
-            raise UserError(f"candidates file {p}: bad layer {layer!r}: {exc}") from None
+        names = {k: f"{k}_{layer}" for k in ("scores", "labels", "masks", "query_index")}
+        for k in ("labels", "masks"):
+            if names[k] not in arrays:
+                raise _bad(p, f"lacks {names[k]!r}")
+        scores, labels, masks = (arrays[names[k]] for k in ("scores", "labels", "masks"))
+        qi = arrays.get(names["query_index"])
+        k_ = scores.shape[0] if scores.ndim == 1 else -1
+        if scores.ndim != 1 or scores.dtype.kind != "f":
+            raise _bad(p, f"{names['scores']!r} is {scores.dtype} {scores.shape}, expected float (K,)")
+        if labels.shape != (k_,) or labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
+            raise _bad(p, f"{names['labels']!r} is {labels.dtype} {labels.shape}, expected non-negative integers "
+                          f"({k_},)")
+        if masks.ndim != 3 or masks.shape[0] != k_ or masks.dtype.kind != "f" or 0 in masks.shape[1:]:
+            raise _bad(p, f"{names['masks']!r} is {masks.dtype} {masks.shape}, expected float ({k_}, h, w)")
+        if qi is not None and (qi.shape != (k_,) or qi.dtype.kind not in "iu"):
+            raise _bad(p, f"{names['query_index']!r} is {qi.dtype} {qi.shape}, expected integers ({k_},)")
+        if not (np.isfinite(scores).all() and np.isfinite(masks).all()):
+            raise _bad(p, f"layer {layer!r} holds NaN or infinite scores or masks")
+        out[layer] = Candidates(
+            scores=torch.from_numpy(scores),
+            labels=torch.from_numpy(labels.astype(np.int64, copy=False)),
+            masks=torch.from_numpy(masks),
+            query_index=None if qi is None else torch.from_numpy(qi.astype(np.int64, copy=False)),
+        )
     return image_id, (h, w), out
 
 
@@ -86,8 +125,19 @@ def read_meta(model_dir: str | Path) -> dict[str, Any]:
         meta = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"no candidates metadata {p} (was the run made with --save-candidates?)") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {p}: {exc}") from None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"cannot read {p}: {' '.join(str(exc).split())}") from None
     if not isinstance(meta, dict):
         raise UserError(f"{p}: expected a JSON object")
+    checks = {"num_things": lambda v: type(v) is int and v >= 0, "num_stuff": lambda v: type(v) is int and v >= 0,
+              "layers": lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
+              "categories": lambda v: isinstance(v, list), "post_process_options": lambda v: isinstance(v, dict),
+              "data": lambda v: isinstance(v, str), "split": lambda v: isinstance(v, str) and v != "",
+              "model": lambda v: isinstance(v, str)}
+    for key, ok in checks.items():
+        if key in meta and not ok(meta[key]):
+            raise UserError(f"{p}: '{key}' is {json.dumps(meta[key])[:60]}, not what harness eval writes")
+    opts = meta.get("post_process_options", {})
+    if any(not isinstance(v, dict) for v in opts.values()):
+        raise UserError(f"{p}: 'post_process_options' must map each method to an object of options")
     return meta

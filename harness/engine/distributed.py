@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+COLLECTIVE_TIMEOUT_S = 4 * 3600
 
 __all__ = ["DistInfo", "init_distributed", "shutdown", "barrier", "all_gather_objects", "broadcast_object"]
 
@@ -65,7 +68,8 @@ def init_distributed(device: str = "cpu") -> DistInfo:
         device = f"cuda:{local}"
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        # Generous: rank 0 may spend minutes on work the others wait for (e.g. COCOeval of an eval-grid cell).
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "CLEAN",
     "pq_columns",
     "path_name",
+    "read_table",
 ]
 
 CLEAN = "none"
@@ -85,3 +86,36 @@ def pq_columns(summary: Mapping[str, Any]) -> dict[str, float]:
 def path_name(post_process: str) -> str:
     """A post-processor's name as used in paths (``p*`` is spelled ``pstar``)."""
     return post_process.replace("*", "star")
+
+
+def read_table(path: Any, what: str = "results table", **csv_options: Any) -> Any:
+    """A ``.parquet`` or ``.csv`` table as a pandas DataFrame, for every reader of run folders (``report``,
+    ``sweep``, the eval grid's resume): a file that is not one (damaged, edited, garbage) is one line naming it.
+
+    Args:
+        path: the file (``.parquet``, else read as CSV).
+        what: its role, for the message.
+        csv_options: keyword arguments of ``pandas.read_csv`` (dtypes ...).
+
+    Raises:
+        DataError: missing, unreadable or not a table.
+    """
+    from pathlib import Path
+
+    import pandas as pd
+
+    from harness.errors import DataError
+
+    p = Path(path)
+    try:
+        if p.suffix == ".parquet":
+            return pd.read_parquet(p)
+        return pd.read_csv(p, **csv_options)
+    except FileNotFoundError:
+        raise DataError(f"{what} not found: {p}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pandas / pyarrow raise many types for a damaged file
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"cannot read {what} {p}: {text[:200]} (damaged or not a "
+                        f"{'Parquet' if p.suffix == '.parquet' else 'CSV'} table)") from None

@@ -57,6 +57,18 @@ def _segment_rles(id_map: np.ndarray, segments: Sequence[Mapping[str, Any]], ima
     return rles
 
 
+def _check_png_ids(id_map: np.ndarray, ann: Mapping[str, Any], png_dir: Path) -> None:
+    """Every non-VOID id of a prediction PNG is listed in its ``segments_info`` (eval-pq refuses the same file:
+    panopticapi raises KeyError for it)."""
+    present = np.unique(id_map)
+    listed = np.array(sorted({int(s["id"]) for s in ann["segments_info"]}), np.int64)
+    unknown = present[(present != 0) & ~np.isin(present, listed)]
+    if unknown.size:
+        more = f" ({unknown.size} such ids)" if unknown.size > 1 else ""
+        raise DataError(f"image {ann.get('image_id')}: predicted segment id {int(unknown[0])} is in the PNG but not "
+                        f"in the JSON{more} ({png_dir / str(ann['file_name'])})")
+
+
 def _iter_id_maps(
     annotations: Sequence[Mapping[str, Any]], png_dir: Path, what: str
 ) -> Iterable[tuple[Mapping[str, Any], np.ndarray]]:
@@ -126,6 +138,7 @@ def panoptic_to_results(panoptic: Mapping[str, Any], png_dir: str | os.PathLike[
     things = _thing_ids(categories, "categories")
     out: list[dict[str, Any]] = []
     for ann, id_map in _iter_id_maps(panoptic.get("annotations", []), Path(png_dir), "panoptic predictions"):
+        _check_png_ids(id_map, ann, Path(png_dir))
         segs = [s for s in ann["segments_info"] if int(s["category_id"]) in things]
         for s, rle in zip(segs, _segment_rles(id_map, segs, ann["image_id"], "panoptic predictions")):
             out.append({

@@ -7,21 +7,32 @@ every other id gets 0. One `bincount` (or one pass of the compiled kernel) over
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 __all__ = ["LUT_BITS", "compact", "fast_histogram", "histogram"]
 
 LUT_BITS = 24  # PNG ids are 24-bit; larger in-memory ids use a sorted search instead.
 
-_LUTS: dict[str, np.ndarray] = {}
+# Per thread: the tables are filled and cleared around each use, and eval-pq scores chunks in threads.
+_LOCAL = threading.local()
+
+
+def _tables() -> dict[str, np.ndarray]:
+    tables = getattr(_LOCAL, "tables", None)
+    if tables is None:
+        tables = _LOCAL.tables = {}
+    return tables
 
 
 def _lut(dtype: type) -> np.ndarray:
-    """Per-process id -> code table over all 24-bit ids (zero pages are only touched where used)."""
+    """Per-thread id -> code table over all 24-bit ids (zero pages are only touched where used)."""
     key = np.dtype(dtype).name
-    if key not in _LUTS:
-        _LUTS[key] = np.zeros(1 << LUT_BITS, dtype)
-    return _LUTS[key]
+    tables = _tables()
+    if key not in tables:
+        tables[key] = np.zeros(1 << LUT_BITS, dtype)
+    return tables[key]
 
 
 def compact(
@@ -96,9 +107,10 @@ def fast_histogram(
 
 def _lut2() -> np.ndarray:
     """A second uint16 table for the prediction side of `fast_histogram`."""
-    if "pred" not in _LUTS:
-        _LUTS["pred"] = np.zeros(1 << LUT_BITS, np.uint16)
-    return _LUTS["pred"]
+    tables = _tables()
+    if "pred" not in tables:
+        tables["pred"] = np.zeros(1 << LUT_BITS, np.uint16)
+    return tables["pred"]
 
 
 def histogram(g: np.ndarray, p: np.ndarray, rows: int, cols: int) -> np.ndarray:

@@ -1,12 +1,11 @@
-"""Fast decoding of COCO panoptic PNGs into segment id maps.
+"""Decoding of COCO panoptic PNGs into segment id maps.
 
-Decoding is the floor of PQ evaluation (two PNGs per image), so we use the fastest decoder
-available. CPU time per 480x640 panoptic PNG, one core of a 2-core CPU, no GPU, including the id
-computation: `harness.metrics.fastpng` (libdeflate + C unfilter) 0.28 ms, libspng via pyspng
-1.9 ms, OpenCV 2.4 ms + ids, PIL 3.6 ms + ids. 8-bit RGB/RGBA PNGs take the fast path; other
-PNGs (or a missing `deflate` package / C compiler) use the first general decoder available. The id is
-computed with integer shifts (`R | G << 8 | B << 16`, panopticapi's `R + 256 G + 256^2 B`).
-Set HARNESS_PNG_DECODER=pyspng|opencv|pil to skip the fast path and force a decoder.
+Decoding is the floor of PQ evaluation (two PNGs per image), so the compiled kernel
+(`harness.metrics.fastpng`: libdeflate + C unfilter, 8-bit RGB/RGBA non-interlaced PNGs) comes
+first; other PNGs (palette, grey, 16-bit, interlaced) or a missing kernel use the first general
+decoder available: pyspng, OpenCV, PIL (timings in `harness.metrics.fastpng` and docs/metrics.md).
+The id is computed with integer shifts (`R | G << 8 | B << 16`, panopticapi's `R + 256 G + 256^2 B`).
+Set HARNESS_PNG_DECODER=pyspng|opencv|pil to skip the kernel and force a decoder.
 """
 
 from __future__ import annotations
@@ -85,11 +84,10 @@ def _decoder() -> tuple[str, Callable[[bytes], np.ndarray]]:
 
 def decoder_name() -> str:
     """PNG decoder in use: "fast" (libdeflate + C kernel), "pyspng", "opencv" or "pil"."""
-    if _fast_path_enabled():
-        from harness.metrics import fastpng
+    from harness.metrics import fastpng
 
-        if fastpng.available():
-            return "fast"
+    if fastpng.available():
+        return "fast"
     return _decoder()[0]
 
 
@@ -104,7 +102,7 @@ def _read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"PNG not found: {path}") from None
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
         raise DataError(f"cannot read PNG {path}: {exc}") from None
 
 
@@ -128,29 +126,43 @@ def rgb_to_ids(rgb: np.ndarray, where: str = "") -> np.ndarray:
     return ids
 
 
-def _fast_path_enabled() -> bool:
-    return os.environ.get("HARNESS_PNG_DECODER", "").lower() in ("", "fast")
-
-
 def read_id_map(path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode a COCO panoptic PNG into its (H, W) uint32 segment id map (0 = VOID)."""
-    if _fast_path_enabled():
-        from harness.metrics import fastpng
+    """Decode a COCO panoptic PNG into its (H, W) uint32 segment id map (0 = VOID).
 
-        data = _read_bytes(Path(path))
-        try:
-            ids = fastpng.decode_ids(data)
-        except ValueError as exc:
-            raise DataError(f"cannot decode PNG {path}: {exc}") from None
-        if ids is not None:
-            return ids
+    Raises:
+        DataError: missing, unreadable or corrupt file, or not an 8-bit RGB(A) image (names the file).
+    """
+    from harness.metrics import fastpng
+
+    data = _read_bytes(Path(path))
+    try:
+        ids = fastpng.decode_ids(data)
+    except ValueError as exc:
+        raise DataError(f"cannot decode PNG {path}: {exc}") from None
+    if ids is not None:
+        return ids
+    try:
         return rgb_to_ids(_decode_bytes(data, Path(path)), str(path))
-    return rgb_to_ids(decode_rgb(path), str(path))
+    except DataError as exc:
+        raise _describe(Path(path), exc) from None
+
+
+def _describe(path: Path, exc: DataError) -> DataError:
+    """The error for a PNG that is not a panoptic PNG, in words from its header (``16-bit grayscale``) rather
+    than the decoder's array shape (a 16-bit grey PNG decodes to ``(H, W)`` uint16 or ``(H, W, 2)`` bytes)."""
+    from harness.data.images import png_header
+
+    try:
+        head = png_header(path)
+    except DataError:  # not even a PNG header: the decoder's own words say more
+        return exc
+    if not head.is_panoptic:
+        return DataError(f"{path}: a panoptic PNG must be 8-bit RGB(A), this one is {head.description}")
+    return exc
 
 
 def warm_up() -> None:
-    """Load the fast decoder's compiled kernel now (call before forking worker processes)."""
-    if _fast_path_enabled():
-        from harness.metrics import fastpng
+    """Load (or build) the compiled kernel now (call before forking worker processes)."""
+    from harness.metrics import fastpng
 
-        fastpng.warm_up()
+    fastpng.warm_up()

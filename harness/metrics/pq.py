@@ -20,7 +20,9 @@ boundary maps of `harness.metrics.boundary` with the same VOID rule; FN/FP rules
 
 Implementation: segment ids are mapped to small codes (1..n in JSON order) with a lookup
 table, and one `bincount` over `gt_code * W + pred_code` gives the whole intersection matrix;
-matching, FN and FP are array operations on that matrix.
+matching, FN and FP are array operations on that matrix. The file evaluator (`pq_files`) runs the
+same rules in the compiled kernel `csrc/png_pq.c` and falls back to this module image by image;
+tests/test_fastpng.py holds the two equal bit for bit.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 from harness.errors import DataError, UserError
 from harness.metrics.boundary import boundary_band, boundary_codes, boundary_codes_sequential, dilation_pixels
 from harness.metrics.codes import compact, fast_histogram, histogram
+from harness.metrics.pq_core import CategoryTable, Counts, PQOptions, summarize_stats
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +54,6 @@ _MAX_SEGMENTS = 65530  # compact codes are uint16 with a few reserved values
 _MAX_BINS = 1 << 27  # dense joint histogram (int32 keys, 1 GiB of int64 counts at most)
 
 
-@dataclass(frozen=True)
-class PQOptions:
-    """What to compute, and which reference quirks to keep.
-
-    Attributes:
-        boundary: also compute Boundary PQ.
-        dilation_ratio: boundary width as a fraction of the image diagonal (0.02 for COCO,
-            0.005 for Cityscapes in boundary-iou-api).
-        all_crowd_regions: count every crowd region of the category in the FP ignore rule
-            (panopticapi only keeps the last crowd segment of each category per image).
-        separate_boundary_label: never let boundary-iou-api's interior label BOUNDARY_ID
-            (max category id + 1) collide with a segment of that id (the reference lets it).
-    """
-
-    boundary: bool = False
-    dilation_ratio: float = 0.02
-    all_crowd_regions: bool = False
-    separate_boundary_label: bool = False
-
-
 class PQStats:
     """Per-category sums tp, fp, fn (int64) and iou (float64), each of shape (C,)."""
 
@@ -80,41 +63,22 @@ class PQStats:
         self.fn = np.zeros(num_categories, np.int64)
         self.iou = np.zeros(num_categories, np.float64)
 
+    @classmethod
+    def view(cls, counts: Counts) -> "PQStats":
+        """Numpy views of a `Counts`' buffers: adding here adds there, in the same order."""
+        stats = cls.__new__(cls)
+        stats.tp = np.frombuffer(counts.tp, np.int64)
+        stats.fp = np.frombuffer(counts.fp, np.int64)
+        stats.fn = np.frombuffer(counts.fn, np.int64)
+        stats.iou = np.frombuffer(counts.iou, np.float64)
+        return stats
+
     def __iadd__(self, other: "PQStats") -> "PQStats":
         self.tp += other.tp
         self.fp += other.fp
         self.fn += other.fn
         self.iou += other.iou
         return self
-
-
-class CategoryTable:
-    """GT categories in GT JSON order (the order panopticapi averages in).
-
-    Attributes:
-        ids: category id per index.
-        index: category id -> index.
-        isthing: (C,) bool.
-        boundary_id: boundary-iou-api's BOUNDARY_ID (max category id + 1).
-    """
-
-    def __init__(self, categories: Sequence[Mapping[str, Any]], source: str = "GT JSON") -> None:
-        ids: list[int] = []
-        isthing: list[bool] = []
-        for c in categories:
-            if "id" not in c or "isthing" not in c:
-                raise DataError(f"{source}: category {c!r} lacks 'id' or 'isthing'")
-            if int(c["id"]) in ids:
-                raise DataError(f"{source}: duplicate category id {c['id']}")
-            ids.append(int(c["id"]))
-            isthing.append(c["isthing"] == 1)
-        self.ids = ids
-        self.index = {cid: i for i, cid in enumerate(ids)}
-        self.isthing = np.array(isthing, bool)
-        self.boundary_id = (max(ids) + 1) if ids else 1
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
 
 @dataclass
@@ -362,47 +326,6 @@ def _accumulate(
                     ignored[k] += inter[g, j]
     fp = unmatched[~(ignored / pred_area[unmatched] > 0.5)]
     np.add.at(stats.fp, ps.cats[fp], 1)
-
-
-def summarize_stats(stats: PQStats, table: CategoryTable, name: str = "PQ") -> dict[str, Any]:
-    """panopticapi's `pq_average` for All / Things / Stuff plus `per_class`.
-
-    Returns:
-        {"All": {pq, sq, rq, n}, "Things": {...}, "Stuff": {...}, "per_class": {"<cat id>": {pq, sq, rq}}}
-        with fractions in [0, 1]; a split without any class that has tp+fp+fn > 0 gets n = 0
-        and null values (panopticapi raises ZeroDivisionError there).
-    """
-    tp, fp, fn, iou = stats.tp, stats.fp, stats.fn, stats.iou
-    out: dict[str, Any] = {}
-    per_class: dict[str, dict[str, float]] = {}
-    for split, want in (("All", None), ("Things", True), ("Stuff", False)):
-        pq = sq = rq = 0.0
-        n = 0
-        for i, cid in enumerate(table.ids):
-            if want is not None and bool(table.isthing[i]) != want:
-                continue
-            t, f_p, f_n, s = int(tp[i]), int(fp[i]), int(fn[i]), float(iou[i])
-            if t + f_p + f_n == 0:
-                if want is None:
-                    per_class[str(cid)] = {"pq": 0.0, "sq": 0.0, "rq": 0.0}
-                continue
-            n += 1
-            denom = t + 0.5 * f_p + 0.5 * f_n
-            pq_c = s / denom
-            sq_c = s / t if t != 0 else 0.0
-            rq_c = t / denom
-            if want is None:
-                per_class[str(cid)] = {"pq": pq_c, "sq": sq_c, "rq": rq_c}
-            pq += pq_c
-            sq += sq_c
-            rq += rq_c
-        if n == 0:
-            log.warning("%s %s: no category with any TP, FP or FN; reporting n = 0 and null values", name, split)
-            out[split] = {"pq": None, "sq": None, "rq": None, "n": 0}
-        else:
-            out[split] = {"pq": pq / n, "sq": sq / n, "rq": rq / n, "n": n}
-    out["per_class"] = per_class
-    return out
 
 
 class PQAccumulator:

@@ -26,16 +26,12 @@ Choices (the paper and the official script leave them open; see docs/thing_prefe
   does not say whether the merge's overlap test ran before the dump, so ``stage="candidates"`` counts before it:
   every candidate with rescored score ``>= t_cnf`` and a non-empty binary mask, with its full mask (overlapping
   candidates may then both be TPs of one GT segment).
-* **Resolution: the original GT resolution**, as the merge and PQ work. Masks are resized bilinearly
-  (align_corners=False) to the image size and thresholded at 0.5 as the post-processors do. To stay cheap (a few
-  ms per counted candidate instead of resizing all K masks): (1) a bilinear value never exceeds the
-  low-resolution maximum ``M``, nor does the mask score, so a candidate with ``score**alpha * M**beta < t_cnf`` or
-  ``M <= 0.5`` cannot count and is never resized; (2) a resized value can exceed 0.5 only next to an input value
-  above 0.5, so each remaining mask is resized only on the output window around its input pixels above 0.5, with
-  PyTorch's own source indices and weights and its operation order (:func:`_upsample_window`). Values equal
-  ``F.interpolate``'s to float rounding (tested to 2e-6), so merge decisions and painted pixels are those of
-  ``models.postprocess.mask_wise_merge`` (tested) except for a pixel within rounding of 0.5 or exactly tied
-  rescored scores (the official sort is unstable; ours keeps candidate order).
+* **Resolution: the original GT resolution**, as the merge and PQ work. The masks are those of the mask-wise merge
+  itself (``models.mask_wise.mask_wise_trace``: the post-processor ``models.postprocess.mask_wise_merge`` with its
+  working shown), so merge decisions, painting order and painted pixels equal the post-processor's bit for bit
+  (float32 rescoring and the official, unstable sort included). It stays cheap: a candidate whose rescored score
+  cannot reach t_cnf is never resized, and the others are resized only on the output box around their input
+  pixels above 0.5, exactly as ``F.interpolate`` (``models.box_resize``).
 * **Crowd and void** follow PQ (panopticapi): GT crowd segments are never matched; the IoU union leaves out the
   predicted pixels on VOID; an unmatched predicted mask with more than half of its pixels on VOID or on crowd
   regions of its category is neither TP nor FP (``ignored``; panopticapi's rule, with all crowd regions of the
@@ -52,13 +48,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from harness.data.coco_panoptic import PanopticSample
+from models.mask_wise import MaskWiseOptions, mask_wise_trace
 from models.postprocess import Candidates
 
 log = logging.getLogger(__name__)
@@ -80,22 +75,12 @@ def bin_labels() -> list[str]:
 
 
 @dataclass(frozen=True)
-class MergeOptions:
+class MergeOptions(MaskWiseOptions):
     """The mask-wise merge (m) settings that decide which candidates are predicted masks.
 
-    Same meaning and defaults as ``models.postprocess.mask_wise_merge`` (pass the model's
-    ``post_process_options("m")``: t_cnf 0.3 for Swin-L / PVTv2-B5).
+    Those of ``models.postprocess.mask_wise_merge`` (pass the model's ``post_process_options("m")``: t_cnf 0.3 for
+    Swin-L / PVTv2-B5).
     """
-
-    thing_threshold: float = 0.25
-    stuff_threshold: float = 0.25
-    thing_overlap: float = 0.4
-    stuff_overlap: float = 0.2
-    alpha: float = 1.0
-    beta: float = 2.0
-    mask_threshold: float = 0.5
-    plus_one: bool = True
-    stable: bool = False  # accepted for symmetry with mask_wise_merge; ties here always keep candidate order
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> "MergeOptions":
@@ -130,64 +115,6 @@ class CountedMask:
         return out
 
 
-@lru_cache(maxsize=64)
-def _axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
-    """Source indices and weights of a bilinear resize (align_corners=False) along one axis, as PyTorch's CPU
-    kernel computes them: scale = in / out in float32, source = fma(scale, dst + 0.5, -0.5) clamped at 0,
-    i0 = floor, i1 = min(i0 + 1, in - 1), w1 = source - i0, w0 = 1 - w1 (float32)."""
-    scale = np.float32(n_in) / np.float32(n_out)
-    dst = np.arange(n_out, dtype=np.float32) + np.float32(0.5)
-    src = (np.float64(scale) * dst.astype(np.float64) - 0.5).astype(np.float32)  # one rounding, as an FMA
-    src = np.maximum(src, np.float32(0.0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    w1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
-    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
-    return i0, i1, torch.from_numpy(np.float32(1.0) - w1), torch.from_numpy(w1)
-
-
-def _fma(w0: torch.Tensor, x0: torch.Tensor, w1: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    """float32 ``w0 * x0 + w1 * x1`` rounded like the contracted C++ expression (w1 * x1 rounded first)."""
-    return (w0.double() * x0.double() + (w1 * x1).double()).float()
-
-
-def _upsample_window(low: torch.Tensor, rows: tuple, cols: tuple, threshold: float,
-                     any_rows: np.ndarray | None = None, any_cols: np.ndarray | None = None
-                     ) -> tuple[tuple[int, int, int, int], torch.Tensor] | None:
-    """Bilinear values of one ``(h, w)`` mask on the smallest output window that holds every value above
-    ``threshold``: an output value is a convex combination of at most four input values, so it can exceed the
-    threshold only where one of them does. Same arithmetic order as ``F.interpolate`` (along W, then along H).
-
-    Args:
-        low: ``(h, w)`` input.
-        rows, cols: :func:`_axis` of the two dimensions.
-        threshold: the binarisation threshold.
-        any_rows, any_cols: ``(h,)`` / ``(w,)`` bool, which input rows / columns hold a value above it
-            (computed here when None).
-
-    Returns ``((y0, y1, x0, x1), values (y1 - y0, x1 - x0) float32)`` or None when no output value can exceed it.
-    """
-    if any_rows is None or any_cols is None:
-        above = (low > threshold).numpy()
-        any_rows, any_cols = above.any(1), above.any(0)
-    r_any, c_any = np.flatnonzero(any_rows), np.flatnonzero(any_cols)
-    if r_any.size == 0:
-        return None
-    (r0, r1, a0, a1), (c0, c1, b0, b1) = rows, cols
-    ilo, ihi, jlo, jhi = int(r_any[0]), int(r_any[-1]), int(c_any[0]), int(c_any[-1])
-    # Output rows whose two source rows touch [ilo, ihi] (indices are monotone, so a contiguous range).
-    y0, y1 = int(np.searchsorted(r1, ilo, "left")), int(np.searchsorted(r0, ihi, "right"))
-    x0, x1 = int(np.searchsorted(c1, jlo, "left")), int(np.searchsorted(c0, jhi, "right"))
-    if y1 <= y0 or x1 <= x0:  # downsampling skipped every source row/column above the threshold
-        return None
-    lo_r, hi_r = int(r0[y0]), int(r1[y1 - 1]) + 1
-    src = low[lo_r:hi_r]
-    cc0, cc1 = torch.from_numpy(c0[x0:x1]), torch.from_numpy(c1[x0:x1])
-    inner = _fma(b0[x0:x1][None], src[:, cc0], b1[x0:x1][None], src[:, cc1])  # (rows, x1 - x0)
-    rr0, rr1 = torch.from_numpy(r0[y0:y1] - lo_r), torch.from_numpy(r1[y0:y1] - lo_r)
-    values = _fma(a0[y0:y1][:, None], inner[rr0], a1[y0:y1][:, None], inner[rr1])
-    return (y0, y1, x0, x1), values
-
-
 def counted_masks(cands: Candidates, num_things: int, out_size: tuple[int, int], stage: str = "merged",
                   options: MergeOptions | None = None) -> list[CountedMask]:
     """The candidates that count as predicted masks, with their masks at ``out_size``.
@@ -205,64 +132,16 @@ def counted_masks(cands: Candidates, num_things: int, out_size: tuple[int, int],
     """
     if stage not in ("merged", "candidates"):
         raise ValueError(f"stage must be 'merged' or 'candidates', got {stage!r}")
-    o = options or MergeOptions()
-    h, w = int(out_size[0]), int(out_size[1])
     k = int(cands.scores.shape[0])
     if k == 0 or cands.masks.shape[1] == 0 or cands.masks.shape[2] == 0:
         return []
-    scores = cands.scores.detach().float().cpu()
-    labels = cands.labels.detach().long().cpu()
-    low = cands.masks.detach().float().cpu()
-    thresholds = torch.where(labels < num_things, torch.tensor(o.thing_threshold), torch.tensor(o.stuff_threshold))
-    # Exact pruning: no upsampled value exceeds the low-resolution peak, nor does the mask score (a mean of values
-    # above mask_threshold), so score**alpha * peak**beta bounds the rescored score.
-    peak = low.flatten(1).amax(1)
-    alive = peak > o.mask_threshold
-    if o.alpha > 0 and o.beta > 0:
-        bound = scores.clamp(min=0) ** o.alpha * peak.clamp(min=0) ** o.beta
-        alive &= bound >= thresholds * (1 - 1e-4) - 1e-12
-    rows, cols = _axis(low.shape[1], h), _axis(low.shape[2], w)
-    idx = torch.nonzero(alive).flatten()
-    above = (low[idx] > o.mask_threshold).numpy()
-    any_rows, any_cols = above.any(2), above.any(1)
-    found: list[tuple[int, tuple[int, int, int, int], torch.Tensor]] = []
-    rescored: list[float] = []
-    for n, j in enumerate(idx.tolist()):
-        win = _upsample_window(low[j], rows, cols, o.mask_threshold, any_rows[n], any_cols[n])
-        if win is None:
-            continue
-        box, values = win
-        seg = values > o.mask_threshold
-        count = int(seg.sum())
-        if count == 0:
-            continue
-        mask_score = float((values * seg).double().sum()) / (count + 1 if o.plus_one else count)
-        s = float(scores[j])
-        r = (s if o.alpha == 1.0 else s**o.alpha) * mask_score**o.beta
-        if r < float(thresholds[j]):
-            continue
-        found.append((j, box, seg))
-        rescored.append(r)
-    # Descending rescored score; ties keep the candidate order (the official sort is unstable, so exact ties may
-    # be painted in another order there).
-    order = sorted(range(len(found)), key=lambda i: -rescored[i])
+    cpu = Candidates(cands.scores.detach().float().cpu(), cands.labels.detach().long().cpu(),
+                     cands.masks.detach().float().cpu())
+    trace = mask_wise_trace(cpu, num_things, (int(out_size[0]), int(out_size[1])), options or MergeOptions())
     if stage == "candidates":
-        return [CountedMask(found[i][0], found[i][1], found[i][2].numpy()) for i in order]
-
-    filled = np.zeros((h, w), bool)
-    kept: list[CountedMask] = []
-    for i in order:
-        j, (y0, y1, x0, x1), seg_t = found[i]
-        m = seg_t.numpy()
-        window = filled[y0:y1, x0:x1]
-        inter = int(np.count_nonzero(m & window))
-        isthing = int(labels[j]) < num_things
-        if inter / int(np.count_nonzero(m)) > (o.thing_overlap if isthing else o.stuff_overlap):
-            continue
-        m = m & ~window
-        window |= m
-        kept.append(CountedMask(j, (y0, y1, x0, x1), m))
-    return kept
+        return [CountedMask(int(i), box, m) for i, box, m in zip(trace.index, trace.boxes, trace.masks)]
+    return [CountedMask(int(i), box, p) for i, box, p in zip(trace.index, trace.boxes, trace.painted)
+            if p is not None]
 
 
 class ThingPreferenceStats:

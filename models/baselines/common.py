@@ -9,9 +9,9 @@ Small on purpose; each piece is what more than one released code base does the s
 * :class:`TorchvisionResNet` -- torchvision's ResNet with frozen BN, keys ``conv1``, ``bn1``, ``layer1..4`` (what
   DETR's ``IntermediateLayerGetter`` body holds), returning any subset of C2..C5; DETR's freezing rule (only
   layer2-4 train).
-* :func:`read_released_pth` -- a released ``.pth``/``.pt``: ``{"model": sd}``, ``{"state_dict": sd}`` or a bare state
-  dict, ``module.`` prefixes removed; DETR-style files that pickle ``argparse.Namespace`` load with
-  ``weights_only=True`` (the namespace is allow-listed), anything else non-tensor is refused unless the caller opts in.
+* :func:`read_released_pth` -- (``models.checkpoint``'s, re-exported) a released ``.pth``/``.pt``: ``{"model": sd}``,
+  ``{"state_dict": sd}`` or a bare state dict, ``module.`` prefixes removed; DETR-style files that pickle
+  ``argparse.Namespace`` load with ``weights_only=True`` (the namespace is allow-listed), anything else is refused.
 * :func:`guess_family` / :func:`check_family` -- name the family a state dict belongs to from its keys, so feeding a
   Panoptic SegFormer file to the DETR converter gives "this is a Panoptic SegFormer checkpoint" instead of 500 missing
   keys.
@@ -21,10 +21,12 @@ Small on purpose; each piece is what more than one released code base does the s
 * :data:`COCO_PANOPTIC_IDS` -- category ids in our contiguous order (80 things, then 53 stuff, each ascending), so
   ``models`` can map released label spaces (DETR's panoptic ids, Deformable DETR's detection ids) without importing
   ``harness``.
-* :class:`ConfigDict` -- ``to_dict`` / ``from_dict`` for config dataclasses (what ``models.family.Family`` needs);
+* :class:`ConfigDict` -- ``to_dict`` / ``from_dict`` for config dataclasses (what ``models.family.Family`` needs)
+  and the named-config constructors of every family's ``CONFIGS``;
   :class:`ConvertedState` -- a converter's state dict carrying its :class:`PartialLoad` (``harness convert`` stores
   it in ``model.json``); :class:`Joiner` / :class:`BackboneBody` -- DETR's ``backbone.0.body.*`` / ``backbone.1``
-  layout; :func:`valid_sizes` -- unpadded ``(h, w)`` per image from a padding mask.
+  layout; :func:`valid_sizes` -- unpadded ``(h, w)`` per image from a padding mask; :func:`check_data_classes` --
+  ``build_criterion``'s class-count check.
 
 Using them in another family: ``TorchvisionResNet`` covers torchvision-layout ResNets only (detectron2's MSRA
 ResNet, stride in the 1x1 conv, has other names); ``FrozenBatchNorm2d(n, eps)`` fits detectron2's FrozenBN numerics;
@@ -36,21 +38,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from models.checkpoint import CheckpointError
-from models.safe_load import UnsafeCheckpointError, torch_load
+from models.checkpoint import CheckpointError, read_released_pth
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "COCO_PANOPTIC_IDS", "COCO_NUM_THINGS", "FrozenBatchNorm2d", "TorchvisionResNet", "RESNET_CHANNELS",
     "read_released_pth", "guess_family", "check_family", "check_equal_copies", "PartialLoad", "fill_new_keys",
-    "valid_sizes", "ceil_div", "ConfigDict", "BackboneBody", "Joiner", "ConvertedState",
+    "valid_sizes", "ceil_div", "ConfigDict", "BackboneBody", "Joiner", "ConvertedState", "check_data_classes",
 ]
 
 # COCO panoptic category ids in contiguous order: things (ids 1..90) then stuff (92..200), ascending, as
@@ -168,42 +168,18 @@ def valid_sizes(pad_mask: Tensor) -> Tensor:
     return torch.stack([(~pad_mask[:, :, 0]).sum(1), (~pad_mask[:, 0, :]).sum(1)], dim=1).long()
 
 
-# ----------------------------------------------------------------------------------------------- released files
-def read_released_pth(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a released PyTorch checkpoint: ``(state_dict, other top-level entries)``.
-
-    Accepts ``{"model": sd, ...}`` (DETR, Deformable DETR, detectron2 ``.pth``), ``{"state_dict": sd, ...}`` (mmcv)
-    or a bare state dict; a ``module.`` prefix (DistributedDataParallel) is stripped. Loads through
-    ``models.safe_load.torch_load`` (``weights_only=True`` plus an allowlist with ``argparse.Namespace``, which DETR's
-    training files store as ``args``); any other pickled object raises :class:`CheckpointError` naming the file.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    try:
-        obj = torch_load(p)
-    except UnsafeCheckpointError as exc:
-        raise CheckpointError(str(exc)) from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{p}: expected a dict (with 'model' or 'state_dict'), got {type(obj).__name__}")
-    for key in ("model", "state_dict"):
-        if key in obj and isinstance(obj[key], dict):
-            state, extra = obj[key], {k: v for k, v in obj.items() if k != key}
-            break
-    else:
-        state, extra = obj, {}
-    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise CheckpointError(f"{p}: the state dict holds non-tensor entries: {', '.join(map(str, bad[:5]))}")
-    out = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-    return out, extra
+def check_data_classes(cfg: Any, num_things: int, num_stuff: int) -> None:
+    """``build_criterion``'s check: the data's thing / stuff class counts must be the model config's."""
+    if (num_things, num_stuff) != (cfg.num_things, cfg.num_stuff):
+        raise ValueError(f"{cfg.name} has {cfg.num_things} + {cfg.num_stuff} classes, the data "
+                         f"{num_things} + {num_stuff}")
 
 
 # Key patterns that identify a family's released (or our) state dict; the first match wins.
 # (family, where it belongs: models and --from, key prefixes)
 _FAMILY_SIGNS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Panoptic SegFormer", "panoptic_segformer_* models, --from official-psf",
-     ("bbox_head.transformer.", "bbox_head.things_mask_head.", "bbox_head.mask_head.")),
+     ("bbox_head.",)),  # mmdet head names (transformer, cls_branches, things_mask_head / mask_head ...)
     ("DETR panoptic", "detr_*_panoptic models, --from detr", ("detr.transformer.", "detr.class_embed.")),
     ("Deformable DETR", "deformable_detr_* models, --from deformable-detr",
      ("transformer.level_embed", "transformer.reference_points.", "transformer.enc_output.")),
@@ -328,7 +304,8 @@ def fill_new_keys(model: nn.Module, state: Mapping[str, Tensor], new_prefixes: t
 
 
 class ConfigDict:
-    """``to_dict`` / ``from_dict`` for the baseline config dataclasses (tuples come back from JSON lists)."""
+    """``to_dict`` / ``from_dict`` for the baseline config dataclasses (tuples come back from JSON lists), and named
+    configs (:meth:`named`, :meth:`factory`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict of every field."""
@@ -345,6 +322,21 @@ class ConfigDict:
         kwargs = {k: (tuple(v) if isinstance(v, list) and "tuple" in str(fields[k].type) else v)
                   for k, v in data.items()}
         return cls(**kwargs)
+
+    @classmethod
+    def named(cls, name: str, defaults: Mapping[str, Any], num_things: int, num_stuff: int,
+              overrides: Mapping[str, Any]) -> Any:
+        """The config ``name``: the class defaults, then ``defaults``, then the caller's ``overrides``."""
+        return cls(**{"name": name, "num_things": num_things, "num_stuff": num_stuff, **defaults, **overrides})
+
+    @classmethod
+    def factory(cls, name: str, defaults: Mapping[str, Any]) -> Callable[..., Any]:
+        """A ``CONFIGS`` entry: ``make(num_things=80, num_stuff=53, **overrides)`` -> :meth:`named`."""
+        def make(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> Any:
+            return cls.named(name, defaults, num_things, num_stuff, overrides)
+
+        make.__doc__ = f"Config ``{name}``."
+        return make
 
 
 class BackboneBody(nn.Module):

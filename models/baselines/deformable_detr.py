@@ -52,14 +52,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.baselines.common import (COCO_NUM_THINGS, COCO_PANOPTIC_IDS, RESNET_CHANNELS, ConfigDict, Joiner,
-                                     TorchvisionResNet, valid_sizes)
+                                     TorchvisionResNet, check_data_classes)
 from models.baselines.deformable_detr_convert import (HEAD_PREFIXES, convert_deformable_detr, convert_state_dict,
                                                       to_official_names)
 from models.baselines.detr_modules import MLP, MaskHeadSmallConv, MHAttentionMap
-from models.baselines.detr_postprocess import crop_to_valid, detr_panoptic_postprocess
+from models.baselines.detr_postprocess import DETRStyleInference
 from models.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
 from models.family import Family
-from models.inference import LAST_LAYER, TestTransformSpec, parse_layer
+from models.inference import LAST_LAYER
 from models.position_encoding import SinePositionalEncoding
 from models.postprocess import Candidates, PanopticResult
 from models.transformer import DeformableTransformer
@@ -154,22 +154,17 @@ class DeformableDETRConfig(ConfigDict):
         return tuple(range(self.num_classes))
 
 
-def _config(name: str, defaults: dict[str, Any], num_things: int, num_stuff: int,
-            overrides: dict[str, Any]) -> DeformableDETRConfig:
-    return DeformableDETRConfig(**{"name": name, "num_things": num_things, "num_stuff": num_stuff, **defaults,
-                                   **overrides})
-
-
 def deformable_detr_r50_ms(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> DeformableDETRConfig:
     """Deformable DETR R50 multi-scale, no box refinement (released ``r50_deformable_detr-checkpoint.pth``)."""
-    return _config("deformable_detr_r50_ms", {}, num_things, num_stuff, overrides)
+    return DeformableDETRConfig.named("deformable_detr_r50_ms", {}, num_things, num_stuff, overrides)
 
 
 def deformable_detr_r50_ms_refine(num_things: int = 80, num_stuff: int = 53,
                                   **overrides: Any) -> DeformableDETRConfig:
     """With iterative box refinement: the paper's D-DETR-MS (released ``r50_deformable_detr_plus_iterative_bbox_
     refinement-checkpoint.pth``)."""
-    return _config("deformable_detr_r50_ms_refine", {"with_box_refine": True}, num_things, num_stuff, overrides)
+    return DeformableDETRConfig.named("deformable_detr_r50_ms_refine", {"with_box_refine": True}, num_things,
+                                      num_stuff, overrides)
 
 
 def deformable_detr_tiny(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> DeformableDETRConfig:
@@ -178,7 +173,7 @@ def deformable_detr_tiny(num_things: int = 80, num_stuff: int = 53, **overrides:
                 "d_model": 64, "nheads": 4, "enc_layers": 2, "dec_layers": 2, "dim_feedforward": 128,
                 "dropout": 0.0, "n_points": 2, "gn_groups": 16, "mask_gn_groups": 4, "max_per_image": 30,
                 "test_short": 256, "test_long": 256, "lr": 1e-3, "lr_backbone": 1e-4}
-    return _config("deformable_detr_tiny", defaults, num_things, num_stuff, overrides)
+    return DeformableDETRConfig.named("deformable_detr_tiny", defaults, num_things, num_stuff, overrides)
 
 
 CONFIGS: dict[str, Callable[..., DeformableDETRConfig]] = {
@@ -188,16 +183,14 @@ CONFIGS: dict[str, Callable[..., DeformableDETRConfig]] = {
 }
 
 
-class DeformableDETRPanoptic(nn.Module):
-    """Deformable DETR + DETR-style mask head; implements ``models.inference.PanopticModel``.
+class DeformableDETRPanoptic(DETRStyleInference, nn.Module):
+    """Deformable DETR + DETR-style mask head; implements ``models.inference.PanopticModel`` (the methods shared with
+    DETR: ``DETRStyleInference``).
 
     Keys: ``backbone.0.body.*``, ``input_proj.{l}.{0,1}``, ``query_embed``, ``class_embed.{i}``,
     ``bbox_embed.{i}.layers.{j}`` as Deformable DETR; ``transformer.*`` in ``models.transformer`` names (the
     converter renames); ``bbox_attention.*`` and ``mask_head.*`` as DETR's panoptic head.
     """
-
-    default_post_process = "own"
-    mask_stride = 4  # candidates' masks are at 1/4 of the input; ``valid_hw`` (optional) is in these pixels
 
     def __init__(self, cfg: DeformableDETRConfig) -> None:
         super().__init__()
@@ -255,10 +248,7 @@ class DeformableDETRPanoptic(nn.Module):
             ``pred_masks (B, Q, ceil(H/4), ceil(W/4))`` logits, ``aux_logits (L, B, Q, C)``, ``aux_boxes (L, B, Q,
             4)`` (every decoder layer; the last = pred_*), ``valid_sizes (B, 2)``, ``image_size`` padded ``(H, W)``.
         """
-        if mask_layer is not None:
-            raise ValueError(f"{self.cfg.name} has one mask head: mask_layer must be None (got {mask_layer})")
-        if pad_mask is None:
-            pad_mask = images.new_zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool)
+        pad_mask = self._pad_mask(images, pad_mask, mask_layer)
         c2, c3, c4, c5 = self.backbone[0](images)
         srcs, masks, pos = [], [], []
         for lvl in range(self.cfg.num_feature_levels):
@@ -296,29 +286,9 @@ class DeformableDETRPanoptic(nn.Module):
         mem5 = memory[:, start: start + h5 * w5].transpose(1, 2).reshape(b, self.cfg.d_model, h5, w5)
         bbox_mask = self.bbox_attention(hs[-1], mem5, mask=masks[2])
         seg = self.mask_head(srcs[2], bbox_mask, [c4, c3, c2])
-        logits_t, boxes_t = torch.stack(logits), torch.stack(boxes)
-        return {"pred_logits": logits_t[-1], "pred_boxes": boxes_t[-1],
-                "pred_masks": seg.view(b, self.cfg.num_queries, seg.shape[-2], seg.shape[-1]),
-                "aux_logits": logits_t, "aux_boxes": boxes_t, "valid_sizes": valid_sizes(pad_mask),
-                "image_size": (int(images.shape[-2]), int(images.shape[-1]))}
+        return self._outputs(images, pad_mask, torch.stack(logits), torch.stack(boxes), seg)
 
     # ------------------------------------------------------------------ models.inference.PanopticModel
-    def test_transform(self) -> TestTransformSpec:
-        """Deformable DETR's val transform (DETR's): PIL bilinear, short 800 / long <= 1333, ImageNet."""
-        return TestTransformSpec(resize="pil", short=self.cfg.test_short, long=self.cfg.test_long,
-                                 mean=self.cfg.pixel_mean, std=self.cfg.pixel_std, channel_order="rgb",
-                                 size_divisor=1)
-
-    def mask_layers(self) -> list[str]:
-        """One mask head: ``["last"]``."""
-        return [LAST_LAYER]
-
-    def _masks(self, outputs: dict[str, Any], index: int, valid_hw: tuple[int, int] | None) -> Tensor:
-        masks = outputs["pred_masks"][index]
-        if valid_hw is not None:
-            return masks[:, : int(valid_hw[0]), : int(valid_hw[1])]
-        return crop_to_valid(masks, tuple(outputs["valid_sizes"][index].tolist()))
-
     def _select(self, outputs: dict[str, Any], index: int) -> tuple[Tensor, Tensor, Tensor]:
         """Top-``max_per_image`` (query, class) pairs of the sigmoid scores over the classes' logit columns."""
         prob = outputs["pred_logits"][index].detach().float().sigmoid().cpu()[:, self.class_to_logit.cpu()]
@@ -329,33 +299,19 @@ class DeformableDETRPanoptic(nn.Module):
     def candidates(self, outputs: dict[str, Any], index: int, layer: str = LAST_LAYER,
                    valid_hw: tuple[int, int] | None = None) -> Candidates:
         """Top-100 (query, class) pairs: sigmoid score, contiguous label, ``sigmoid`` mask at stride 4, box."""
-        if parse_layer(layer) is not None:
-            raise ValueError(f"{self.cfg.name} has only the layer 'last', got {layer!r}")
+        self._check_layer(layer)
         scores, labels, query = self._select(outputs, index)
         masks = self._masks(outputs, index, valid_hw)
         masks = masks[query.to(masks.device)].detach().float().sigmoid().cpu()
         boxes = outputs["pred_boxes"][index].detach().float().cpu()[query]
         return Candidates(scores=scores, labels=labels, masks=masks, boxes=boxes, query_index=query)
 
-    def post_process_options(self, method: str) -> dict[str, Any]:
-        """"p" uses the own threshold and no void (as the own DETR-style argmax); others: defaults."""
-        if method == "p":
-            return {"score_threshold": self.cfg.panoptic_threshold, "mask_threshold": 0.0}
-        return {}
-
     def own_post_process(self, outputs: dict[str, Any], index: int, out_size: tuple[int, int],
                          valid_hw: tuple[int, int] | None = None) -> PanopticResult:
         """DETR's ``PostProcessPanoptic`` on the candidates scoring above ``panoptic_threshold`` (score order)."""
         scores, labels, query = self._select(outputs, index)
         keep = scores > self.cfg.panoptic_threshold
-        if self.cfg.reproduce_padding_bug:
-            masks = outputs["pred_masks"][index]
-        else:
-            masks = self._masks(outputs, index, valid_hw)
-        masks = masks[query[keep].to(masks.device)].detach().float()
-        processed = tuple(int(v) for v in outputs["valid_sizes"][index].tolist())
-        return detr_panoptic_postprocess(scores[keep], labels[keep], masks, labels[keep] < self.cfg.num_things,
-                                         processed, out_size)
+        return self._own(outputs, index, scores[keep], labels[keep], query[keep], out_size, valid_hw)
 
     def dump_raw(self, outputs: dict[str, Any], index: int, prep: Any, result: PanopticResult) -> dict[str, np.ndarray]:
         """Raw detector outputs of image ``index`` and the official top-100 ``PostProcess`` (issue #12).
@@ -399,14 +355,8 @@ def build_criterion(cfg: DeformableDETRConfig, num_things: int, num_stuff: int) 
     """
     from models.baselines.detr_criterion import SetCriterion, SetCriterionConfig
 
-    if (num_things, num_stuff) != (cfg.num_things, cfg.num_stuff):
-        raise ValueError(f"{cfg.name} has {cfg.num_things} + {cfg.num_stuff} classes, the data "
-                         f"{num_things} + {num_stuff}")
-    crit = SetCriterionConfig(
-        focal=True, num_logit_classes=cfg.num_logit_classes, focal_alpha=cfg.focal_alpha,
-        set_cost_class=cfg.set_cost_class, set_cost_bbox=cfg.set_cost_bbox, set_cost_giou=cfg.set_cost_giou,
-        cls_loss_coef=cfg.cls_loss_coef, bbox_loss_coef=cfg.bbox_loss_coef, giou_loss_coef=cfg.giou_loss_coef,
-        mask_loss_coef=cfg.mask_loss_coef, dice_loss_coef=cfg.dice_loss_coef, aux_loss=cfg.aux_loss)
+    check_data_classes(cfg, num_things, num_stuff)
+    crit = SetCriterionConfig.from_model(cfg, focal=True)
     index = torch.full((cfg.num_classes,), -1, dtype=torch.long)
     index[: len(cfg.class_logit_index)] = torch.tensor(cfg.class_logit_index)
     return SetCriterion(crit, index)

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.baselines.common import (COCO_NUM_THINGS, COCO_PANOPTIC_IDS, RESNET_CHANNELS, ConfigDict, Joiner,
-                                     TorchvisionResNet, check_family, read_released_pth, valid_sizes)
+                                     TorchvisionResNet, check_data_classes, check_family, read_released_pth)
 from models.baselines.detr_modules import MLP, MaskHeadSmallConv, MHAttentionMap, Transformer
-from models.baselines.detr_postprocess import crop_to_valid, detr_panoptic_postprocess
+from models.baselines.detr_postprocess import DETRStyleInference
 from models.family import Family
-from models.inference import LAST_LAYER, TestTransformSpec, parse_layer
+from models.inference import LAST_LAYER
 from models.position_encoding import SinePositionalEncoding
 from models.postprocess import Candidates, PanopticResult
 
@@ -122,19 +122,14 @@ class DETRConfig(ConfigDict):
         return COCO_PANOPTIC_IDS if self.label_space == "coco_panoptic_id" else tuple(range(self.num_classes))
 
 
-def _config(name: str, defaults: dict[str, Any], num_things: int, num_stuff: int,
-            overrides: dict[str, Any]) -> DETRConfig:
-    return DETRConfig(**{"name": name, "num_things": num_things, "num_stuff": num_stuff, **defaults, **overrides})
-
-
 def detr_r50_panoptic(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> DETRConfig:
     """Released ``detr-r50-panoptic-00ce5173.pth`` (PQ 43.4)."""
-    return _config("detr_r50_panoptic", {"backbone": "resnet50"}, num_things, num_stuff, overrides)
+    return DETRConfig.named("detr_r50_panoptic", {"backbone": "resnet50"}, num_things, num_stuff, overrides)
 
 
 def detr_r101_panoptic(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> DETRConfig:
     """Released ``detr-r101-panoptic-40021d53.pth`` (PQ 45.1; no dilation despite the hub docstring)."""
-    return _config("detr_r101_panoptic", {"backbone": "resnet101"}, num_things, num_stuff, overrides)
+    return DETRConfig.named("detr_r101_panoptic", {"backbone": "resnet101"}, num_things, num_stuff, overrides)
 
 
 def detr_tiny(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> DETRConfig:
@@ -142,7 +137,7 @@ def detr_tiny(num_things: int = 80, num_stuff: int = 53, **overrides: Any) -> DE
     defaults = {"backbone": "resnet18", "label_space": "contiguous", "num_queries": 20, "d_model": 64, "nheads": 4,
                 "enc_layers": 2, "dec_layers": 2, "dim_feedforward": 128, "dropout": 0.0, "mask_gn_groups": 4,
                 "test_short": 256, "test_long": 256, "lr": 1e-3, "lr_backbone": 1e-4, "batch_size": 2}
-    return _config("detr_tiny", defaults, num_things, num_stuff, overrides)
+    return DETRConfig.named("detr_tiny", defaults, num_things, num_stuff, overrides)
 
 
 CONFIGS: dict[str, Callable[..., DETRConfig]] = {
@@ -168,11 +163,9 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(body.num_channels[-1], cfg.d_model, kernel_size=1)
 
 
-class DETRPanoptic(nn.Module):
-    """DETR's ``DETRsegm``: :class:`DETR` + ``bbox_attention`` + ``mask_head``; implements ``PanopticModel``."""
-
-    default_post_process = "own"
-    mask_stride = 4  # candidates' masks are at 1/4 of the input; ``valid_hw`` (optional) is in these pixels
+class DETRPanoptic(DETRStyleInference, nn.Module):
+    """DETR's ``DETRsegm``: :class:`DETR` + ``bbox_attention`` + ``mask_head``; implements ``PanopticModel``
+    (shared methods: ``DETRStyleInference``)."""
 
     def __init__(self, cfg: DETRConfig) -> None:
         super().__init__()
@@ -203,10 +196,7 @@ class DETRPanoptic(nn.Module):
             ``aux_boxes (L, B, Q, 4)`` of every decoder layer (the last = pred_*), ``valid_sizes (B, 2)`` unpadded
             ``(h, w)`` of each image, ``image_size`` padded ``(H, W)``.
         """
-        if mask_layer is not None:
-            raise ValueError(f"{self.cfg.name} has one mask head: mask_layer must be None (got {mask_layer})")
-        if pad_mask is None:
-            pad_mask = images.new_zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool)
+        pad_mask = self._pad_mask(images, pad_mask, mask_layer)
         detr = self.detr
         c2, c3, c4, c5 = detr.backbone[0](images)
         mask = F.interpolate(pad_mask[None].float(), size=c5.shape[-2:]).to(torch.bool)[0]
@@ -218,47 +208,19 @@ class DETRPanoptic(nn.Module):
         boxes = detr.bbox_embed(hs).sigmoid()
         bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)
         seg = self.mask_head(src_proj, bbox_mask, [c4, c3, c2])
-        b = images.shape[0]
-        return {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
-                "pred_masks": seg.view(b, detr.num_queries, seg.shape[-2], seg.shape[-1]),
-                "aux_logits": logits, "aux_boxes": boxes, "valid_sizes": valid_sizes(pad_mask),
-                "image_size": (int(images.shape[-2]), int(images.shape[-1]))}
+        return self._outputs(images, pad_mask, logits, boxes, seg)
 
     # ------------------------------------------------------------------ models.inference.PanopticModel
-    def test_transform(self) -> TestTransformSpec:
-        """DETR's val transform: PIL bilinear resize (short 800, long <= 1333, DETR rounding), ToTensor, ImageNet."""
-        return TestTransformSpec(resize="pil", short=self.cfg.test_short, long=self.cfg.test_long,
-                                 mean=self.cfg.pixel_mean, std=self.cfg.pixel_std, channel_order="rgb",
-                                 size_divisor=1)
-
-    def mask_layers(self) -> list[str]:
-        """One mask head: ``["last"]``."""
-        return [LAST_LAYER]
-
-    def _masks(self, outputs: dict[str, Any], index: int, valid_hw: tuple[int, int] | None) -> Tensor:
-        """Image ``index``'s mask logits ``(Q, h, w)`` cropped to its own region (``valid_hw`` in mask pixels wins)."""
-        masks = outputs["pred_masks"][index]
-        if valid_hw is not None:
-            return masks[:, : int(valid_hw[0]), : int(valid_hw[1])]
-        return crop_to_valid(masks, tuple(outputs["valid_sizes"][index].tolist()))
-
     def candidates(self, outputs: dict[str, Any], index: int, layer: str = LAST_LAYER,
                    valid_hw: tuple[int, int] | None = None) -> Candidates:
         """One candidate per query: best real class of the softmax, ``sigmoid`` masks at stride 4, boxes."""
-        if parse_layer(layer) is not None:
-            raise ValueError(f"{self.cfg.name} has only the layer 'last', got {layer!r}")
+        self._check_layer(layer)
         prob = outputs["pred_logits"][index].detach().float().softmax(-1).cpu()
         scores, labels = prob[:, self.class_to_logit.cpu()].max(-1)
         masks = self._masks(outputs, index, valid_hw).detach().float().sigmoid().cpu()
         return Candidates(scores=scores, labels=labels, masks=masks,
                           boxes=outputs["pred_boxes"][index].detach().float().cpu(),
                           query_index=torch.arange(prob.shape[0]))
-
-    def post_process_options(self, method: str) -> dict[str, Any]:
-        """"p" uses DETR's threshold (0.85) and no void (mask_threshold 0), like DETR's own; others: defaults."""
-        if method == "p":
-            return {"score_threshold": self.cfg.panoptic_threshold, "mask_threshold": 0.0}
-        return {}
 
     def own_post_process(self, outputs: dict[str, Any], index: int, out_size: tuple[int, int],
                          valid_hw: tuple[int, int] | None = None) -> PanopticResult:
@@ -270,14 +232,7 @@ class DETRPanoptic(nn.Module):
         scores, cols = prob.max(-1)
         labels = self.logit_to_class.cpu()[cols]
         keep = (cols != prob.shape[-1] - 1) & (scores > self.cfg.panoptic_threshold) & (labels >= 0)
-        processed = tuple(int(v) for v in outputs["valid_sizes"][index].tolist())
-        if self.cfg.reproduce_padding_bug:
-            masks = outputs["pred_masks"][index]
-        else:
-            masks = self._masks(outputs, index, valid_hw)
-        masks = masks[keep.to(masks.device)].detach().float()
-        return detr_panoptic_postprocess(scores[keep], labels[keep], masks, labels[keep] < self.cfg.num_things,
-                                         processed, out_size)
+        return self._own(outputs, index, scores[keep], labels[keep], keep, out_size, valid_hw)
 
     def dump_raw(self, outputs: dict[str, Any], index: int, prep: Any, result: PanopticResult) -> dict[str, np.ndarray]:
         """Raw outputs of image ``index`` for the parity check (issue #12), float32 unless noted.
@@ -314,14 +269,8 @@ def build_criterion(cfg: DETRConfig, num_things: int, num_stuff: int) -> nn.Modu
     """
     from models.baselines.detr_criterion import SetCriterion, SetCriterionConfig
 
-    if (num_things, num_stuff) != (cfg.num_things, cfg.num_stuff):
-        raise ValueError(f"{cfg.name} has {cfg.num_things} + {cfg.num_stuff} classes, the data "
-                         f"{num_things} + {num_stuff}")
-    crit = SetCriterionConfig(
-        focal=False, num_logit_classes=cfg.num_logit_classes, eos_coef=cfg.eos_coef,
-        set_cost_class=cfg.set_cost_class, set_cost_bbox=cfg.set_cost_bbox, set_cost_giou=cfg.set_cost_giou,
-        cls_loss_coef=cfg.cls_loss_coef, bbox_loss_coef=cfg.bbox_loss_coef, giou_loss_coef=cfg.giou_loss_coef,
-        mask_loss_coef=cfg.mask_loss_coef, dice_loss_coef=cfg.dice_loss_coef, aux_loss=cfg.aux_loss)
+    check_data_classes(cfg, num_things, num_stuff)
+    crit = SetCriterionConfig.from_model(cfg, focal=False)
     return SetCriterion(crit, torch.tensor(cfg.class_logit_index))
 
 

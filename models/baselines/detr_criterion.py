@@ -21,6 +21,7 @@ Call signature as ``models.losses.PanopticCriterion``: ``criterion(model, images
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,14 @@ class SetCriterionConfig:
     mask_loss_coef: float = 1.0
     dice_loss_coef: float = 1.0
     aux_loss: bool = True
+
+    @classmethod
+    def from_model(cls, cfg: Any, focal: bool) -> "SetCriterionConfig":
+        """The weights of a DETR-family model config: its fields of the same names (``DETRConfig`` has no
+        ``focal_alpha``, ``DeformableDETRConfig`` no ``eos_coef``: those keep the defaults here)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"focal", "num_logit_classes"}
+        return cls(focal=focal, num_logit_classes=cfg.num_logit_classes,
+                   **{n: getattr(cfg, n) for n in sorted(names) if hasattr(cfg, n)})
 
 
 class SetCriterion(nn.Module):

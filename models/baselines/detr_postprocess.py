@@ -19,9 +19,13 @@ unpadded size, which stretches the padding into the image of every smaller image
 logits are first cropped to the image's own stride-4 region ``ceil(h/4) x ceil(w/4)`` (C2 of a torchvision ResNet
 covers exactly that), which leaves a batch of one (the official evaluation) unchanged.
 ``reproduce_padding_bug=True`` skips the crop, as DETR does.
+
+:class:`DETRStyleInference` holds the ``PanopticModel`` methods DETR panoptic and D-DETR-MS share around it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,10 +33,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from models.baselines.common import ceil_div
+from models.baselines.common import ceil_div, valid_sizes
+from models.inference import LAST_LAYER, TestTransformSpec, parse_layer
 from models.postprocess import PanopticResult
 
-__all__ = ["detr_panoptic_postprocess", "crop_to_valid", "MIN_AREA"]
+__all__ = ["detr_panoptic_postprocess", "crop_to_valid", "MIN_AREA", "DETRStyleInference"]
 
 MIN_AREA = 4  # DETR drops segments of area <= 4 pixels at the original size
 
@@ -128,3 +133,75 @@ def detr_panoptic_postprocess(scores: Tensor, labels: Tensor, mask_logits: Tenso
         segments.append({"label": label, "isthing": thing, "score": float(scores[q]), "instance": inst,
                          "area": int(area[j])})
     return PanopticResult(category=category, instance=instance, segments=segments)
+
+
+class DETRStyleInference:
+    """``PanopticModel`` methods shared by DETR panoptic and D-DETR-MS: DETR's PIL test transform, one mask head with
+    stride-4 logits cropped to each image, DETR's ``PostProcessPanoptic`` as the own post-processing, and the
+    forward's argument checks and output dict.
+
+    The model's ``cfg`` has ``name``, ``num_things``, ``num_queries``, ``test_short``, ``test_long``, ``pixel_mean``,
+    ``pixel_std``, ``panoptic_threshold`` and ``reproduce_padding_bug``.
+    """
+
+    cfg: Any
+    default_post_process = "own"
+    mask_stride = 4  # candidates' masks are at 1/4 of the input; ``valid_hw`` (optional) is in these pixels
+
+    def test_transform(self) -> TestTransformSpec:
+        """DETR's val transform: PIL bilinear resize (short 800, long <= 1333, DETR rounding), ToTensor, ImageNet."""
+        return TestTransformSpec(resize="pil", short=self.cfg.test_short, long=self.cfg.test_long,
+                                 mean=self.cfg.pixel_mean, std=self.cfg.pixel_std, channel_order="rgb",
+                                 size_divisor=1)
+
+    def mask_layers(self) -> list[str]:
+        """One mask head: ``["last"]``."""
+        return [LAST_LAYER]
+
+    def post_process_options(self, method: str) -> dict[str, Any]:
+        """"p" uses the own threshold (``panoptic_threshold``) and no void (mask_threshold 0), like the own
+        post-processing; others: defaults."""
+        if method == "p":
+            return {"score_threshold": self.cfg.panoptic_threshold, "mask_threshold": 0.0}
+        return {}
+
+    def _pad_mask(self, images: Tensor, pad_mask: Tensor | None, mask_layer: int | None) -> Tensor:
+        """The forward's ``(B, H, W)`` padding mask (all False when None); ``mask_layer`` must be None."""
+        if mask_layer is not None:
+            raise ValueError(f"{self.cfg.name} has one mask head: mask_layer must be None (got {mask_layer})")
+        if pad_mask is None:
+            pad_mask = images.new_zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool)
+        return pad_mask
+
+    def _outputs(self, images: Tensor, pad_mask: Tensor, logits: Tensor, boxes: Tensor, seg: Tensor
+                 ) -> dict[str, Any]:
+        """The forward's dict from every decoder layer's ``logits (L, B, Q, C)`` / ``boxes (L, B, Q, 4)`` and the
+        mask head's ``seg (B * Q, 1, h, w)``."""
+        b = images.shape[0]
+        return {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
+                "pred_masks": seg.view(b, self.cfg.num_queries, seg.shape[-2], seg.shape[-1]),
+                "aux_logits": logits, "aux_boxes": boxes, "valid_sizes": valid_sizes(pad_mask),
+                "image_size": (int(images.shape[-2]), int(images.shape[-1]))}
+
+    def _check_layer(self, layer: str) -> None:
+        if parse_layer(layer) is not None:
+            raise ValueError(f"{self.cfg.name} has only the layer 'last', got {layer!r}")
+
+    def _masks(self, outputs: dict[str, Any], index: int, valid_hw: tuple[int, int] | None) -> Tensor:
+        """Image ``index``'s mask logits ``(Q, h, w)`` cropped to its own region (``valid_hw`` in mask pixels wins)."""
+        masks = outputs["pred_masks"][index]
+        if valid_hw is not None:
+            return masks[:, : int(valid_hw[0]), : int(valid_hw[1])]
+        return crop_to_valid(masks, tuple(outputs["valid_sizes"][index].tolist()))
+
+    def _own(self, outputs: dict[str, Any], index: int, scores: Tensor, labels: Tensor, rows: Tensor,
+             out_size: tuple[int, int], valid_hw: tuple[int, int] | None) -> PanopticResult:
+        """DETR's ``PostProcessPanoptic`` on the kept queries: ``scores`` / ``labels`` (K,) and ``rows`` selecting
+        their masks from the image's ``(Q, h, w)`` (a bool keep mask or query indices)."""
+        if self.cfg.reproduce_padding_bug:
+            masks = outputs["pred_masks"][index]
+        else:
+            masks = self._masks(outputs, index, valid_hw)
+        masks = masks[rows.to(masks.device)].detach().float()
+        processed = tuple(int(v) for v in outputs["valid_sizes"][index].tolist())
+        return detr_panoptic_postprocess(scores, labels, masks, labels < self.cfg.num_things, processed, out_size)
