@@ -179,7 +179,16 @@ def _mark_exiting() -> None:
         _EXITING = time.monotonic()
 
 
-def _worker_exit(signum: int, frame: object) -> None:
+def _in_exit_callbacks(frame: Any) -> bool:
+    """True while the interpreter runs its atexit callbacks: they are called from C, so the outermost Python frame
+    is a callback (``weakref._exitfunc`` ...), not the ``<module>`` frame under which all of a worker's work runs."""
+    outer = frame
+    while outer is not None and outer.f_back is not None:
+        outer = outer.f_back
+    return outer is not None and outer.f_code.co_name != "<module>"
+
+
+def _worker_exit(signum: int, frame: Any) -> None:
     # SystemExit (not KeyboardInterrupt): atomic writers drop their temporary file (they catch BaseException),
     # pool workers do not catch it, and multiprocessing exits with this status without printing a traceback.
     # A signal that arrives while the worker is already exiting (atexit callbacks running, or the clean-up of a
@@ -188,6 +197,9 @@ def _worker_exit(signum: int, frame: object) -> None:
     # Later, it ends the process at once (something swallowed the first exit).
     import time
 
+    if _EXITING is None and _in_exit_callbacks(frame):  # callbacks registered after ours (lazy imports)
+        _mark_exiting()
+        return
     if _EXITING is not None:
         if time.monotonic() - _EXITING < _EXIT_GRACE:
             return
@@ -262,5 +274,8 @@ def init_worker_signals(load: Callable[[], None] | None = None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         load()
+    import atexit
+
+    atexit.register(_mark_exiting)  # LIFO: runs before the callbacks of the modules imported earlier (torch ...)
     signal.signal(signal.SIGTERM, _worker_exit)
     signal.signal(signal.SIGINT, _worker_exit)

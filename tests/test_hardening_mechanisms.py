@@ -186,3 +186,16 @@ def test_worker_stopped_while_loading_exits_silently() -> None:
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143 and "Traceback" not in err
+
+
+def test_signal_during_exit_callbacks_is_ignored() -> None:
+    """A SIGTERM that arrives while a worker runs atexit callbacks registered after ours (a module imported lazily)
+    does not raise there ("Exception ignored in atexit callback" + traceback): the worker is exiting anyway."""
+    code = ("import atexit, os, signal, time\nfrom harness.io import init_worker_signals\n"
+            "init_worker_signals(lambda: None)\n"
+            "def late():\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(0.2)\n    print('finished', flush=True)\n"
+            "atexit.register(late)\n")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "finished" and proc.stderr == "", proc.stderr
