@@ -1,7 +1,7 @@
 """Output folders a command owns: it only ever replaces what it wrote itself.
 
-A command that fills a folder (``synth``, ``corrupt``, ``eval``, ``predict``, ``sweep``, ``report``; ``train`` next)
-claims it first with :func:`claim_output_dir`, which writes a marker ``DIR/.psf-harness.json``::
+A command that fills a folder (``synth``, ``corrupt``, ``eval``, ``predict``, ``sweep``, ``report``, ``train``,
+``demo``) claims it first with :func:`claim_output_dir`, which writes a marker ``DIR/.psf-harness.json``::
 
     {"tool": "psf-harness", "version": "0.1.0", "command": "synth",
      "settings": {...what decides the bytes of the outputs...},

@@ -307,7 +307,13 @@ def load_pretrained_backbone(backbone: nn.Module, path: str | Path) -> tuple[lis
     Returns:
         ``(missing, unexpected)`` key lists.
     """
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - missing, truncated, not a checkpoint, or holding code: one message
+        raise OSError(f"pretrained backbone {path}: cannot read it as a PyTorch state dict "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(obj, dict):
+        raise OSError(f"pretrained backbone {path}: holds a {type(obj).__name__}, not a state dict")
     if isinstance(obj, dict):
         for k in ("state_dict", "model"):
             if k in obj and isinstance(obj[k], dict):

@@ -433,6 +433,10 @@ def load_model(weights: str | os.PathLike[str], model: str | None = None, source
                                       f"choose from {', '.join(fam.converters) or 'none'}")
             state = fam.converters[src](path, cfg)
             where = f"{path} ({src}, converted)"
+    if getattr(cfg, "pretrained_backbone", None):  # every weight comes from `state`: the ImageNet file is not read
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, pretrained_backbone=None)
     try:
         net = build_model(cfg)
     except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as exc:

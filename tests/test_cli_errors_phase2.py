@@ -1,4 +1,5 @@
-"""Issue #15 phase 2, driven as a user would: eval, predict, eval-pq, sweep, report and profile keep the promise.
+"""Issue #15 phases 2 and 3, driven as a user would: eval, predict, eval-pq, sweep, report, profile, train and demo
+keep the promise.
 
 One table of cases per issue class and command, run through :mod:`cli_table` (every case is
 ``harness.cli.main(argv)`` in ONE subprocess, file-descriptor level stderr, the whole workspace hashed before and
@@ -94,6 +95,7 @@ def _build_workspace(ws: Path) -> dict[str, Any]:
     (ck / "text.pth").write_text("this is not a checkpoint\n")
     (ck / "empty.pth").write_bytes(b"")
     torch.save({"x": _Evil()}, ck / "evil.pth")
+    shutil.copyfile(ck / "evil.pth", ck / "evil.pt")  # the suffix of a training checkpoint (`train --init`)
     (ws / "emptyw").mkdir()
     (ws / "textlink.csv").symlink_to(ck / "text.pth")
 
@@ -152,7 +154,8 @@ def _build_workspace(ws: Path) -> dict[str, Any]:
     dead = _dead_pid()
     planted = [_plant(ws / "run", "results.csv", dead), _plant(ws / "pred_out", "000001000001.png", dead),
                _plant(ws / "sweep_out", "results.parquet", dead), _plant(ws / "report_out", "report.md", dead),
-               _plant(ws, "pq.json", dead), _plant(ws, "prof.csv", dead)]
+               _plant(ws, "pq.json", dead), _plant(ws, "prof.csv", dead),
+               _plant(ws / "train_out", "checkpoint_last.pt", dead)]
     # The eval marker is written at claim time: the folder of a killed eval holds it (and only temporaries).
     mask = os.umask(UMASK)
     try:
@@ -166,6 +169,7 @@ def _build_workspace(ws: Path) -> dict[str, Any]:
               str(data / "annotations" / "panoptic_val2017.json"), "--out", str(ws / "pq.json"))
         _main("profile", "--model", MODEL, "--size", "64x64", "--iters", "1", "--warmup", "0", "--no-flops",
               "--out", str(ws / "prof.csv"))
+        _main(*_train(data=str(data), out=str(ws / "train_out"), iters="2"))
     finally:
         os.umask(mask)
 
@@ -211,6 +215,16 @@ def _profile(*more: str) -> list[str]:
     return ["profile", "--model", MODEL, "--size", "64x64", "--iters", "1", "--warmup", "0", "--no-flops", *more]
 
 
+def _train(*more: str, data: str = DATA, out: str = "{out}/t", iters: str = "1") -> list[str]:
+    """`harness train` of the tiny model on the workspace's 3 validation images (its training split here)."""
+    return ["train", "--config", MODEL, "--data", data, "--split", "val2017", "--out", out, "--iters", iters,
+            "--no-augment", *more]
+
+
+def _demo(*more: str, out: str = "{out}/d") -> list[str]:
+    return ["demo", "--quick", "--out", out, *more]
+
+
 def _option_cases(prefix: str, base: Any, bad: list[tuple[str, ...]]) -> list[Case]:
     """Class 10 / 7: each (option, value) refused at parse time, one line naming the option."""
     return [Case(f"{prefix}-{opt.lstrip('-')}-{val}".replace("/", "_").replace(" ", "_"), base(opt, val),
@@ -244,6 +258,13 @@ CASES: list[Case] = [
     Case("c02-sweep-into-report", _sweep(out=f"{W}/report_out"), needles=("harness report",)),
     Case("c02-report-into-foreign", _report(out=f"{W}/coco"), needles=("did not write",)),
     Case("c02-report-into-sweep", _report(out=f"{W}/sweep_out"), needles=("harness sweep",)),
+    Case("c02-train-into-foreign", _train(out=f"{W}/coco"), needles=("did not write", "coco")),
+    Case("c02-train-into-eval-run", _train(out=RUN), needles=("harness eval",)),
+    Case("c02-eval-into-train-output", _eval(out=f"{W}/train_out"), needles=("harness train",)),
+    Case("c02-demo-into-foreign", _demo(out=f"{W}/coco"), needles=("did not write", "coco")),
+    Case("c02-demo-fresh-into-foreign", _demo("--fresh", out=f"{W}/coco"), needles=("did not write",)),
+    Case("c02-demo-into-eval-run", _demo(out=RUN), needles=("harness eval",)),
+    Case("c02-demo-into-train-output", _demo(out=f"{W}/train_out"), needles=("harness train",)),
     # 5. A run with other settings into a complete output: refused, nothing changes; failures change nothing.
     Case("c05-eval-other-settings", _eval("--corruptions", "fog", "--severities", "2", "--save-candidates",
                                           "--save-predictions", out=RUN), needles=("severities", "--overwrite")),
@@ -257,6 +278,18 @@ CASES: list[Case] = [
                                                     f"{W}/pred_out", "--dump-raw"], umask=UMASK,  # equal bytes
          needles=("000001000003.jpg",), midrun=True),
     Case("c05-sweep-other-settings", _sweep("--boundary", out=f"{W}/sweep_out"), needles=("boundary",)),
+    Case("c05-train-other-lr", _train("--lr", "0.01", out=f"{W}/train_out"), needles=("(lr: 0.001", "--overwrite")),
+    Case("c05-train-other-seed", _train("--seed", "3", out=f"{W}/train_out"), needles=("(seed: 0", "--overwrite")),
+    Case("c05-train-other-data", _train(data=f"{W}/data_badimg", out=f"{W}/train_out"), needles=("(data:",)),
+    Case("c05-train-other-init", _train("--init", f"{W}/w", out=f"{W}/train_out"), needles=("(init_sha256:",)),
+    Case("c05-train-no-resume-over-run", _train("--no-resume", out=f"{W}/train_out"),
+         needles=("--no-resume", "--overwrite")),
+    Case("c05-train-damaged-init-into-complete-run", _train("--init", f"{W}/ckpt/random.pth", out=f"{W}/train_out"),
+         needles=("--init", "random.pth")),
+    Case("c05-train-plain-state-dict-as-checkpoint", _train(out=f"{W}/plain"),
+         needles=("plain/checkpoint_last.pt", "not a training checkpoint")),
+    Case("c05-train-foreign-checkpoint", _train(out=f"{W}/trainrun"),
+         needles=("trainrun/checkpoint_last.pt", "not a training checkpoint")),
     # 7. Counts and ranges without bound: refused at parse time, before any list is built.
     Case("c07-eval-severity-range", _eval("--corruptions", "fog", "--severities", "1-1000000000"),
          needles=("--severities", "1000000000")),
@@ -286,6 +319,13 @@ CASES: list[Case] = [
          needles=(".csv",), forbid=("random.pth",)),
     Case("c08-profile-out-is-dir", _profile("--out", f"{W}/adir.csv"), needles=("is a folder",)),
     Case("c08-profile-out-under-file", _profile("--out", f"{W}/afile/p.csv"), needles=("is a file",)),
+    Case("c08-train-out-under-file", _train("--init", f"{W}/ckpt/random.pth", out=f"{W}/afile/t"),
+         needles=("afile", "is a file"), forbid=("random.pth",)),
+    Case("c08-train-out-is-file", _train(out=f"{W}/afile"), needles=("afile", "is a file")),
+    Case("c08-train-out-is-data", _train(out=DATA), needles=("--out", "also an input")),
+    Case("c08-train-out-is-init", _train("--init", f"{W}/w", out=f"{W}/w"), needles=("--out", "also an input")),
+    Case("c08-demo-out-under-file", _demo(out=f"{W}/afile/d"), needles=("afile", "is a file")),
+    Case("c08-demo-out-is-file", _demo(out=f"{W}/afile"), needles=("afile", "is a file")),
     # 9. Malformed JSON and files: one line naming the file and the entry.
     *[Case(f"c09-eval-pq-gt-{name}", _pq(f"{W}/bad/{name}.json", GT), needles=(f"{name}.json", *needles))
       for name, needles in [
@@ -331,6 +371,18 @@ CASES: list[Case] = [
     *_option_cases("c10-profile", lambda o, v: _profile(o, v), [
         ("--size", "10x10"), ("--iters", "0"), ("--warmup", "-1"), ("--device", "bogus"), ("--batch", "0"),
         ("--threads", "0")]),
+    *_option_cases("c10-train", lambda o, v: _train(o, v), [
+        ("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "100"), ("--iters", "0"),
+        ("--iters", "100000000"), ("--seed", "-1"), ("--seed", "4294967296"), ("--device", "tpu"),
+        ("--batch-size", "0"), ("--batch-size", "100000"), ("--checkpoint-every", "0"), ("--warmup", "-1"),
+        ("--epochs", "nan")]),
+    Case("c10-train-unknown-config", ["train", "--config", "nope", "--data", DATA, "--out", "{out}/t", "--iters",
+                                      "1"], needles=("--config", "nope")),
+    Case("c10-train-device-unavailable", _train("--device", "cuda:7"), needles=("--device cuda:7",)),
+    *_option_cases("c10-demo", lambda o, v: _demo(o, v), [
+        ("--iters", "0"), ("--iters", "10000000"), ("--seed", "-1"), ("--eval-images", "0"),
+        ("--eval-images", "1e3")]),
+    Case("c10-demo-eval-images-too-many", _demo("--eval-images", "99"), needles=("--eval-images",)),
     Case("c10-report-tables", _report("--tables", "99"), needles=("--tables",)),
     Case("c10-eval-device-unavailable", _eval("--device", "cuda:7"), needles=("--device cuda:7",)),
     Case("c10-profile-unknown-model", ["profile", "--model", "nope"], needles=("--model", "nope")),
@@ -349,6 +401,16 @@ CASES: list[Case] = [
           ("empty-folder", f"{W}/emptyw", ("emptyw", "neither")),
           ("missing", f"{W}/nope", ("nope", "not found"))]
       if not (cmd == "profile" and name == "plain-state-dict")],
+    *[Case(f"c11-train-init-{name}", _train("--init", path), needles=("--init", *needles),
+           forbid=("unsafe-code-ran",))
+      for name, path, needles in [
+          ("random", f"{W}/ckpt/random.pth", ("random.pth", "not a PyTorch checkpoint")),
+          ("text", f"{W}/ckpt/text.pth", ("text.pth", "text file")),
+          ("empty", f"{W}/ckpt/empty.pth", ("empty.pth", "empty")),
+          ("evil", f"{W}/ckpt/evil.pt", ("evil.pt", "could run code")),
+          ("plain-state-dict", f"{W}/plain", ("checkpoint_last.pt",)),
+          ("empty-folder", f"{W}/emptyw", ("emptyw", "neither")),
+          ("missing", f"{W}/nope", ("nope", "not found"))]],
     Case("c12-eval-weights-training-folder", _eval("-q", weights=f"{W}/trainrun", out="{out}/e"), rc=0,
          one_line=False),
     Case("c12-predict-weights-training-folder", _predict("-q", weights=f"{W}/trainrun"), rc=0, one_line=False),
@@ -379,6 +441,8 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_case(table: dict[str, Any], case: Case) -> None:
     check_case(table[case.id], case)
+    if case.rc == 2:  # a refused train or demo does not create its --out
+        assert not (table[case.id]["out"] / "t").exists() and not (table[case.id]["out"] / "d").exists()
 
 
 def _temporaries(root: Path) -> list[Path]:
@@ -392,13 +456,13 @@ def test_outputs_of_every_command(table: dict[str, Any]) -> None:
     the umask's permissions (0640 under 027), not the 0600 of a temporary file; class 12: --weights FOLDER."""
     ws = table["_ws"]
     assert [p for p in table["_info"]["planted"] if p.exists()] == []
-    files = [p for name in ("run", "pred_out", "sweep_out", "report_out") for p in (ws / name).rglob("*")
+    files = [p for name in ("run", "pred_out", "sweep_out", "report_out", "train_out") for p in (ws / name).rglob("*")
              if p.is_file() and not p.is_symlink()] + [ws / "pq.json", ws / "prof.csv"]
     kinds = {p.suffix for p in files}
-    assert {".parquet", ".csv", ".json", ".png", ".npz", ".md", ".html"} <= kinds, kinds
+    assert {".parquet", ".csv", ".json", ".png", ".npz", ".md", ".html", ".pt", ".safetensors"} <= kinds, kinds
     modes = {oct(p.stat().st_mode & 0o777) for p in files}
     assert modes == {oct(0o640)}, modes
-    for name in ("run", "pred_out", "sweep_out", "report_out"):
+    for name in ("run", "pred_out", "sweep_out", "report_out", "train_out"):
         marker = json.loads((ws / name / ".psf-harness.json").read_text())
         assert marker["status"] == "complete", name
     # A training folder's checkpoint_last.pt evaluates and predicts as our folder does (same weights).
@@ -520,3 +584,118 @@ def test_sweep_sigterm_with_worker_processes_then_resume(table: dict[str, Any], 
 
     rows = pd.read_parquet(out / "results.parquet")
     assert len(rows) == 18 * 19 * 2  # settings x cells (clean, fog 1), layer last
+
+
+# ----------------------------------------------------------------------------- train and demo (phase 3)
+
+
+def test_train_overwrite_replaces_only_its_own_files(table: dict[str, Any], tmp_path: Path) -> None:
+    """`train --overwrite` replaces a run of other settings (the user's file in the folder stays); a larger --iters
+    continues the same run; the marker follows (settings, incomplete while there are steps to do, complete)."""
+    from harness.cli import main
+
+    ws = table["_ws"]
+    out = tmp_path / "t"
+    shutil.copytree(ws / "train_out", out)
+    (out / "notes.txt").write_text("the user's")
+    argv = [*_train(data=str(ws / "data"), out=str(out)), "-q"]
+    assert main([*argv, "--lr", "0.002"]) == 2  # a run of other settings, without --overwrite
+    assert main([*argv, "--lr", "0.002", "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "the user's"
+    assert not (out / "checkpoint_prev.pt").exists()  # the earlier run's files went
+    assert len((out / "train_log.csv").read_text().splitlines()) == 2  # header + the new run's one step
+    marker = json.loads((out / ".psf-harness.json").read_text())
+    assert marker["status"] == "complete" and marker["settings"]["lr"] == 0.002
+    argv[argv.index("--iters") + 1] = "2"
+    assert main([*argv, "--lr", "0.002"]) == 0  # continues: one more step
+    assert [r.split(",")[0] for r in (out / "train_log.csv").read_text().splitlines()[1:]] == ["1", "2"]
+    marker = json.loads((out / ".psf-harness.json").read_text())
+    assert marker["status"] == "complete" and marker["settings"]["iters"] == 2
+    assert _temporaries(out) == []
+
+
+def test_demo_stage_failure_is_one_line_and_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A stage's own mistake (here: the demo's data folder holds a user's file, so `harness synth` refuses it) is
+    that command's one line, not a second "stage failed" line; the stage is recorded as failed, nothing deleted."""
+    from harness.cli import main
+    from harness.demo_stages import QUICK, DemoRun
+
+    out = tmp_path / "demo"
+    DemoRun(out, QUICK).save()
+    (out / "data").mkdir()
+    (out / "data" / "thesis.tex").write_text("x")
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ERROR") and "harness synth" in err and "thesis.tex" in err, err
+    stages = json.loads((out / "demo.json").read_text())["stages"]
+    assert [(s["name"], s["status"]) for s in stages] == [("synthetic data", "failed")]
+    assert (out / "data" / "thesis.tex").read_text() == "x"
+    # --fresh does not delete a sub-folder holding a file the demo did not write either.
+    assert main(["demo", "--quick", "--out", str(out), "--fresh", "-q"]) == 2
+    assert "thesis.tex" in capsys.readouterr().err and (out / "demo.json").is_file()
+
+
+@pytest.mark.slow
+def test_train_sigterm_then_rerun_resumes(table: dict[str, Any], tmp_path: Path) -> None:
+    """SIGTERM during training -> exit 143, one line, no temporary file, the marker says incomplete; the re-run
+    (a schedule one step longer than the checkpoint) resumes from the checkpoint and completes."""
+    ws = table["_ws"]
+    out = tmp_path / "t"
+    argv = [sys.executable, "-m", "harness", *_train(data=str(ws / "data"), out=str(out), iters="1000"),
+            "--checkpoint-every", "2"]
+    proc = subprocess.Popen(argv, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (out / "checkpoint_last.pt").is_file(), proc)
+    assert proc.poll() is None, "the run ended before the signal"
+    _terminate_and_check(proc, out)
+    assert json.loads((out / ".psf-harness.json").read_text())["status"] == "incomplete"
+    import torch
+
+    step = torch.load(out / "checkpoint_last.pt", weights_only=True)["step"]
+    argv[argv.index("--iters") + 1] = str(step + 1)
+    rerun = subprocess.run([*argv, "-q"], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _temporaries(out) == []
+    steps = [r.split(",")[0] for r in (out / "train_log.csv").read_text().splitlines()[1:]]
+    assert steps == [str(i) for i in range(1, step + 2)]
+    assert json.loads((out / ".psf-harness.json").read_text())["status"] == "complete"
+
+
+def _training_children(pid: int) -> list[int]:
+    """Ids of the running `harness train` processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and b"train" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has ended (its parent, the demo, is gone)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
+def test_demo_sigterm_during_training_leaves_no_training_process(tmp_path: Path) -> None:
+    """SIGTERM to the demo while its `harness train` children run: exit 143, one line, every child ended (each
+    keeps its last checkpoint, no temporary file)."""
+    out = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "demo", "--quick", "--out", str(out)], env=ENV,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (out / "train_qd" / "checkpoint_last.pt").is_file(), proc)
+    children = _training_children(proc.pid)
+    assert proc.poll() is None and children, "the demo left its training stage before the signal"
+    _terminate_and_check(proc, out)
+    assert [pid for pid in children if _running(pid)] == []
+    assert json.loads((out / ".psf-harness.json").read_text())["status"] == "incomplete"
+    stages = json.loads((out / "demo.json").read_text())["stages"]
+    assert stages[-1]["name"] == "train the tiny models" and stages[-1]["status"] == "failed"

@@ -38,7 +38,16 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo: tuple[Path, str, fl
         assert (out / f"train_{key}" / "learning_curve.png").is_file()
         assert (out / f"train_{key}" / "val_log.csv").is_file()
     table = pd.read_csv(out / "results.csv")
-    assert set(table["model"]) == {"panoptic_segformer_tiny", "panoptic_segformer_tiny_joint"}
+    from harness.demo_stages import MODELS
+
+    assert set(table["model"]) == set(MODELS.values())
+    # The folder and every stage's sub-folder are claimed outputs, complete; the training logs lie beside them.
+    claimed = {".": "demo", "data": "synth", "report": "report",
+               **{f"{kind}_{key}": kind for key in MODELS for kind in ("train", "eval")}}
+    for name, command in claimed.items():
+        marker = json.loads((out / name / ".psf-harness.json").read_text())
+        assert (marker["command"], marker["status"]) == (command, "complete"), name
+    assert all((out / f"train_{key}.log").is_file() for key in MODELS)
     assert {"m", "p", "p*"} <= set(table["post_process"])
     report = (out / "report.md").read_text()
     assert "synthetic data" in report and "tiny models" in report and "cores" in report
@@ -65,8 +74,8 @@ def test_other_settings_are_refused_and_fresh_starts_over(tmp_path: Path, capsys
     (out / "leftover.txt").write_text("x")
     assert main(["demo", "--quick", "--iters", "99", "--out", str(out), "-q"]) == 2
     assert "other settings" in capsys.readouterr().err and (out / "leftover.txt").exists()
-    DemoRun(out, QUICK, fresh=True)
-    assert not (out / "leftover.txt").exists()
+    DemoRun(out, QUICK, fresh=True)  # deletes the demo's own files, and only those
+    assert not (out / "demo.json").exists() and (out / "leftover.txt").exists()
     # --fresh never deletes a folder that is not a demo's.
     other = tmp_path / "precious"
     other.mkdir()

@@ -108,3 +108,5 @@ def test_torchrun_train_shards_and_only_rank0_writes(same_size_pair, tmp_path: P
     assert run["effective_lr"] == pytest.approx(1e-3)  # tiny reference batch 2: linear scaling x1
     assert (out / "model.safetensors").is_file() and (out / "checkpoint_last.pt").is_file()
     assert len((out / "train_log.csv").read_text().splitlines()) == 3
+    marker = json.loads((out / ".psf-harness.json").read_text())  # claimed by rank 0 alone
+    assert marker["command"] == "train" and marker["status"] == "complete" and marker["settings"]["batch_size"] == 1

@@ -156,26 +156,32 @@ def test_bad_input_fails_before_any_work(data64: Path, tmp_path: Path, capsys: p
     assert not out.exists()  # nothing written
 
 
-def test_resume_refuses_other_architecture_and_other_categories(data64: Path, tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_refuses_other_settings_architecture_and_categories(data64: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data64, data)
     out = tmp_path / "run"
-    argv = ["train", "-q", "--data", str(data64), "--out", str(out), "--iters", "1", "--no-augment"]
+    argv = ["train", "-q", "--data", str(data), "--out", str(out), "--iters", "1", "--no-augment"]
     assert main([*argv, "--config", TINY]) == 0
     capsys.readouterr()
+    # Another config into the run folder: refused by its settings (output marker), naming the setting.
+    assert main([*argv, "--config", "panoptic_segformer_tiny_joint", "--iters", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (config:" in err and "--overwrite" in err
+    # A folder made before output markers is adopted: the checkpoint's own check names the architecture.
+    (out / ".psf-harness.json").unlink()
     assert main([*argv, "--config", "panoptic_segformer_tiny_joint", "--iters", "2"]) == 2
     err = capsys.readouterr().err
     assert str(out / "checkpoint_last.pt") in err and "another model architecture" in err
-    # The same data set with one category renamed: other categories.
-    other = tmp_path / "other"
-    import shutil
-
-    shutil.copytree(data64, other)
+    # The same data set root with one category renamed (regenerated in place): other categories.
     for split in ("train2017", "val2017"):
-        path = other / "annotations" / f"panoptic_{split}.json"
+        path = data / "annotations" / f"panoptic_{split}.json"
         doc = json.loads(path.read_text())
         doc["categories"][0]["name"] = "plate"
         path.write_text(json.dumps(doc))
-    assert main(["train", "-q", "--data", str(other), "--out", str(out), "--iters", "2", "--config", TINY]) == 2
+    assert main([*argv, "--iters", "2", "--config", TINY]) == 2
     assert "other categories" in capsys.readouterr().err
 
 
@@ -245,3 +251,34 @@ def test_collate_follows_the_models_test_transform() -> None:
     assert images.shape == (1, 3, 8, 8) and pad[0, :5, :7].logical_not().all() and pad[0, 5:].all()
     expect = (image[..., ::-1].astype(np.float32) - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32)
     np.testing.assert_allclose(images[0, :, :5, :7].permute(1, 2, 0).numpy(), expect, rtol=0, atol=1e-5)
+
+
+def test_pretrained_backbone_starts_training_and_is_not_needed_later(data64: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`--pretrained-backbone` loads the file into the backbone before step 1; the trained weights then load
+    without it (the path is not re-read), and an unreadable file is one line, exit 2."""
+    from models.checkpoint import load_model
+    from models.configs import get_config
+    from models.panoptic_segformer import PanopticSegFormer
+
+    ref = PanopticSegFormer(get_config(TINY, num_things=10, num_stuff=6, **SMALL))
+    torch.manual_seed(123)
+    for p in ref.backbone.parameters():
+        p.data.normal_()
+    backbone_file = tmp_path / "imagenet.pth"
+    torch.save(ref.backbone.state_dict(), backbone_file)
+    out = tmp_path / "run"
+    args = ["train", "-q", "--config", TINY, "--data", str(data64), "--out", str(out), "--iters", "1",
+            "--pretrained-backbone", str(backbone_file), "--lr", "1e-30"]
+    assert main(args) == 0
+    backbone_file.unlink()  # the trained weights do not need it
+    model, _ = load_model(out / "model.safetensors")
+    for (name, a), b in zip(model.backbone.state_dict().items(), ref.backbone.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name  # lr ~0: still the file's values
+    (tmp_path / "bad.pth").write_text("not a checkpoint")
+    capsys.readouterr()
+    args[args.index("--out") + 1] = str(tmp_path / "run2")
+    args[args.index("--pretrained-backbone") + 1] = str(tmp_path / "bad.pth")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.pth" in err[0]

@@ -102,7 +102,7 @@ class GridPlan:
 
 def _load(opts: GridOptions, dataset: PanopticDataset) -> tuple[torch.nn.Module, Any, str, dict[str, Any]]:
     """(model, config, weights sha256, meta stored with the weights)."""
-    from harness.engine.evaluate import load_model
+    from harness.engine.loading import load_model
 
     cats = dataset.categories
     if opts.model_object is not None:

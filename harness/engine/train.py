@@ -19,7 +19,9 @@ Steps of :func:`train` (each in its own module):
 4. :mod:`harness.engine.train_monitor`: the loss log, validation PQ every ``val_every`` steps, the learning curve;
    checkpoints every ``checkpoint_every`` steps; the final weights (``model.safetensors`` + ``model.json``).
 
-Only rank 0 writes files. Outputs in ``out_dir``: ``checkpoint_last.pt`` / ``checkpoint_prev.pt``,
+The run folder is an owned output (:mod:`harness.engine.train_outputs`): its settings are pinned, a run of other
+settings is refused unless ``overwrite``, a longer schedule continues the same run. Only rank 0 claims it and writes
+files, after every check. Outputs in ``out_dir``: ``checkpoint_last.pt`` / ``checkpoint_prev.pt``,
 ``train_log.csv``, ``val_log.csv``, ``learning_curve.png``, ``model.safetensors`` + ``model.json``,
 ``train_run.json`` (settings: batch sizes, lr scaling, schedule, device, AMP, world size).
 """
@@ -30,20 +32,19 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from harness.engine.data import AugmentConfig, SampleStream, augment_for, collate_for
+from harness.engine.data import SampleStream, augment_for, collate_for
 from harness.engine.distributed import DistInfo, barrier, init_distributed
 from harness.errors import UserError
 from harness.io import atomic_write_json
 from harness.logging_utils import progress_disabled
-from models.losses import LossConfig
-from models.matcher import MatcherConfig
+from harness.engine.train_config import TINY_CONFIGS, TrainConfig, default_train_config
 
 log = logging.getLogger(__name__)
 
@@ -51,71 +52,6 @@ __all__ = ["TrainConfig", "default_train_config", "train", "save_weights", "TINY
 
 CHECKPOINT = "checkpoint_last.pt"
 RUN_JSON = "train_run.json"
-# Configs trained from scratch on the synthetic data (their own recipe, see default_train_config).
-TINY_CONFIGS = ("panoptic_segformer_tiny", "panoptic_segformer_tiny_joint")
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings (defaults = official).
-
-    Attributes:
-        lr: AdamW learning rate for ``reference_batch`` images per step.
-        weight_decay: AdamW weight decay (all parameters).
-        lr_mult_keys: parameter-name substrings whose lr is multiplied by lr_mult.
-        lr_mult: multiplier for those parameters.
-        grad_clip: max L2 norm of all gradients (<= 0 disables).
-        lr_drops: fractions of the run after which the lr is multiplied by 0.1 (official: 3/4).
-        warmup_iters: linear lr warm-up steps (official: none).
-        batch_size: images per step and process.
-        reference_batch: the global batch the lr is stated for (official 8).
-        lr_scaling: "none" (official: the lr is used as given) or "linear" (lr x global batch / reference_batch).
-        seed: seeds the model initialisation, the sample order and the augmentation.
-        checkpoint_every: steps between checkpoints (the last step always writes one).
-        log_every: steps between log lines.
-        val_every: steps between validations (0 = only at the end when val_images > 0).
-        val_images: validation images scored each time (0 = no validation).
-        val_split: validation split name.
-        augment: explicit augmentation settings; None = ``augment_policy`` at the model's test scale.
-        augment_policy: "official" (flip + resize / crop policies, scaled), "flip" (flip at the test scale) or
-            "none" (``harness.engine.data.augment_for``).
-        amp: None (fp32), "auto", "bf16" or "fp16" autocast.
-        matcher / loss: Panoptic SegFormer matching and loss options (other families use their own defaults).
-    """
-
-    lr: float = 1.4e-4
-    weight_decay: float = 1e-4
-    lr_mult_keys: tuple[str, ...] = ("backbone", "sampling_offsets", "reference_points")
-    lr_mult: float = 0.1
-    grad_clip: float = 0.1
-    lr_drops: tuple[float, ...] = (0.75,)
-    warmup_iters: int = 0
-    batch_size: int = 1
-    reference_batch: int = 8
-    lr_scaling: str = "none"
-    seed: int = 0
-    checkpoint_every: int = 100
-    log_every: int = 10
-    val_every: int = 0
-    val_images: int = 0
-    val_split: str = "val2017"
-    augment: AugmentConfig | None = None
-    augment_policy: str = "official"
-    amp: str | None = None
-    matcher: MatcherConfig = field(default_factory=MatcherConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-
-
-def default_train_config(model_name: str) -> TrainConfig:
-    """The official recipe, or for the tiny configs (random-init backbone, a few minutes of CPU) the tiny recipe:
-    lr 1e-3 with a 100-step warm-up, batch 2, full lr for the (random-init, GroupNorm) backbone, flips at the test
-    scale instead of the scale / crop jitter; see docs/training.md for the measurements behind each choice."""
-    if model_name in TINY_CONFIGS:
-        return TrainConfig(lr=1e-3, batch_size=2, reference_batch=2, warmup_iters=100,
-                           lr_mult_keys=("sampling_offsets", "reference_points"), augment_policy="flip")
-    return TrainConfig()
-
-
 def save_weights(model: nn.Module, out_dir: Path, categories: list[dict[str, Any]] | None = None,
                  cfg: Any = None) -> Path:
     """Write `out_dir/model.safetensors` + `out_dir/model.json` (`models.checkpoint` format, with the family);
@@ -181,9 +117,18 @@ def _setup(config: Any, data_root: str | Path, out_dir: str | Path, iters: int |
     schedule = setup.make_schedule(tc, len(dataset), global_batch, iters, epochs)
     lr_scale = setup.lr_scale_for(tc, global_batch)
     torch.manual_seed(tc.seed)  # identical initialisation on every process
-    model = build_model(cfg).to(info.device)
+    try:
+        model = build_model(cfg).to(info.device)
+    except OSError as exc:  # an unreadable --pretrained-backbone file (models.backbones.load_pretrained_backbone)
+        raise UserError(str(exc)) from None
     if init_weights is not None:
         setup.load_init_weights(model, cfg, init_weights)
+    elif (hasattr(cfg, "pretrained_backbone") and not cfg.pretrained_backbone and getattr(cfg, "norm_eval", False)
+          and cfg.name not in TINY_CONFIGS):
+        # The official recipe freezes BatchNorm for ImageNet weights; from random init that switches the residual
+        # branches off for good (models.backbones.build_backbone): the model would learn almost nothing.
+        log.warning("%s: training from a random-init backbone with frozen BatchNorm; the official recipe starts "
+                    "from ImageNet weights (--pretrained-backbone FILE)", cfg.name)
     criterion = setup.build_criterion(cfg, cats.num_things, cats.num_stuff, tc)
     optimizer = setup.build_optimizer(model, tc, lr_scale)
     spec = model.test_transform()
@@ -239,6 +184,7 @@ def train(
     init_weights: str | Path | None = None,
     device: str = "cpu",
     epochs: float | None = None,
+    overwrite: bool = False,
     **config_overrides: Any,
 ) -> Path:
     """Train a model of any family on a COCO-panoptic-layout data set and return the weights path.
@@ -250,8 +196,13 @@ def train(
         iters / epochs: run length, exactly one (a resumed run continues up to it).
         train_cfg: optimisation settings (default: :func:`default_train_config` of the config's name).
         split: training split name.
-        resume: continue from the run folder's checkpoint when present.
+        resume: continue from the run folder's checkpoint when present (False over a run's weights needs
+            ``overwrite``).
         init_weights: optional weights to start from (ours, or a training checkpoint), same config.
+        overwrite: replace a run of other settings in ``out_dir`` (deleting only the files training writes).
+
+    The run folder is claimed (:mod:`harness.engine.train_outputs`) after every check: a refused run writes
+    nothing, and does not create ``out_dir``.
         device: torch device (under torchrun with CUDA each process takes ``cuda:<LOCAL_RANK>``).
         **config_overrides: model config fields to override when ``config`` is a name.
 
@@ -260,15 +211,20 @@ def train(
     """
     from harness.engine.train_checkpoint import save_checkpoint
     from harness.engine.train_monitor import plot_learning_curve, validate, write_train_log, write_val_log
+    from harness.engine.train_outputs import claim_folder, plan_folder, run_settings
     from harness.engine.train_step import step_seed, train_step
 
     run = _setup(config, data_root, out_dir, iters, epochs, train_cfg, split, init_weights, device,
                  config_overrides)
     tc, info, total = run.train_cfg, run.info, run.schedule.total_steps
-    start, history, val_rows, last_valid = _resume(run) if resume else (0, [], [], True)
+    settings = run_settings(run.cfg.name, config_overrides, data_root, split, tc, init_weights, iters, epochs)
+    plan = plan_folder(run.out, settings, resume, overwrite)  # every process; reads only
+    start, history, val_rows, last_valid = _resume(run) if plan == "resume" else (0, [], [], True)
+    barrier(info)  # every process has read the folder before rank 0 changes it
+    claim = claim_folder(run.out, settings, plan, start < total) if info.is_main else None
+    barrier(info)
     desc = _describe(run)
     if info.is_main:
-        run.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run.out / RUN_JSON, desc, indent=2)
         log.info("training %s: %d process(es) x batch %d = global batch %d, lr %.3g (x%.3g, %s scaling), "
                  "%d steps (%.2f epochs of %d images), AMP %s, device %s", run.cfg.name, info.world_size,
@@ -346,6 +302,7 @@ def train(
         path = save_weights(run.model, run.out, run.categories, run.cfg)
         write_train_log(run.out, history)
         plot_learning_curve(run.out, history, val_rows, title)
+        claim.complete()
         log.info("wrote %s", path)
     barrier(info)
     return path

@@ -43,14 +43,25 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     Raises:
         CorruptCheckpointError: unreadable, truncated, or missing entries (naming ``path``).
     """
+    from models.safe_load import UnsafeCheckpointError, torch_load
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle errors, I/O errors
-        reason = (str(exc).splitlines() or ["unreadable"])[0].split(". ")[0]
-        raise CorruptCheckpointError(f"refusing corrupt or partial checkpoint {path}: {reason}") from None
+        state = torch_load(path)  # weights_only=True + the allowlist: never runs code from the file
+    except UnsafeCheckpointError as exc:  # truncated zip, pickle errors, objects that could run code
+        reason = str(exc).removeprefix(f"{path}: ")
+        kind = "checkpoint" if "could run code" in reason else "corrupt or partial checkpoint"
+        raise CorruptCheckpointError(f"refusing {kind} {path}: {reason}") from None
+    except OSError as exc:
+        raise CorruptCheckpointError(f"refusing corrupt or partial checkpoint {path}: {exc.strerror or exc}") \
+            from None
     if not isinstance(state, dict):
-        raise CorruptCheckpointError(f"refusing checkpoint {path}: not a training checkpoint (a {type(state).__name__})")
+        raise CorruptCheckpointError(f"refusing checkpoint {path}: not a training checkpoint of harness train (it "
+                                     f"holds a {type(state).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in state]
+    if "model" not in state or "optimizer" not in state:  # a plain state dict, exported weights, another tool's file
+        raise CorruptCheckpointError(f"refusing checkpoint {path}: not a training checkpoint of harness train (no "
+                                     f"{', '.join(repr(k) for k in missing[:4])} entries: a plain state dict or "
+                                     "another tool's file?); move it aside or use another --out")
     if missing:
         raise CorruptCheckpointError(f"refusing checkpoint {path}: missing entries {', '.join(missing)} "
                                      "(not written by this version of `harness train`?)")
@@ -77,13 +88,14 @@ def find_resume_checkpoint(out_dir: Path) -> tuple[dict[str, Any] | None, bool]:
             state = read_checkpoint(path)
         except CorruptCheckpointError as exc:
             errors.append(str(exc))
-            log.warning("%s", exc)
             continue
-        if path == prev:
+        if path == prev:  # the refusal of the last one is a warning only when the run goes on
+            for error in errors:
+                log.warning("%s", error)
             log.warning("resuming from the previous checkpoint %s", prev)
         return state, path == last
-    if errors:
-        raise CorruptCheckpointError("; ".join(errors) + "; use a new --out or --no-resume to start over")
+    if errors:  # one line
+        raise CorruptCheckpointError("; ".join(errors) + "; use a new --out, or --no-resume --overwrite to start over")
     return None, True
 
 
@@ -112,13 +124,13 @@ def check_compatible(state: dict[str, Any], path: Path, family: str, config: dic
     """
     if state.get("family") != family:
         raise UserError(f"{path} holds a {state.get('family')!r} model, this run trains a {family!r} one; "
-                        "use a new --out or --no-resume")
+                        "use a new --out, or --no-resume --overwrite")
     old = state["config"]
     diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
     if diff:
         shown = ", ".join(f"{k} ({old.get(k)!r} vs {config.get(k)!r})" for k in diff[:4])
         raise UserError(f"{path} was written for another model architecture: {shown}"
-                        f"{' ...' if len(diff) > 4 else ''}; use a new --out or --no-resume")
+                        f"{' ...' if len(diff) > 4 else ''}; use a new --out, or --no-resume --overwrite")
     old_cats = state.get("categories")
     if old_cats is not None:
         key = [(c["id"], c["name"], int(c.get("isthing", 0))) for c in old_cats]
@@ -126,4 +138,4 @@ def check_compatible(state: dict[str, Any], path: Path, family: str, config: dic
         if key != new:
             changed = sorted({c[1] for c in set(key) ^ set(new)})[:5]
             raise UserError(f"{path} was trained on other categories than this data set (differ: "
-                            f"{', '.join(changed) or 'order'}); use a new --out or --no-resume")
+                            f"{', '.join(changed) or 'order'}); use a new --out, or --no-resume --overwrite")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from harness.data.coco_panoptic import PanopticDataset
-from harness.io import atomic_write_text
+from harness.io import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +146,10 @@ def plot_learning_curve(out_dir: Path, history: list[dict[str, Any]], val_rows: 
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = out_dir / CURVE_PNG
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

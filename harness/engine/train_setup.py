@@ -22,7 +22,7 @@ from harness.data.coco_panoptic import PanopticDataset
 from harness.errors import UserError
 
 if TYPE_CHECKING:
-    from harness.engine.train import TrainConfig
+    from harness.engine.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,9 @@ def build_optimizer(model: nn.Module, train_cfg: "TrainConfig", lr_scale: float)
     for g in groups:
         g["lr"] *= lr_scale
         g["initial_lr"] = g["lr"]
-    return torch.optim.AdamW(groups, lr=train_cfg.lr * lr_scale, weight_decay=train_cfg.weight_decay)
+    # foreach: one kernel per step for all tensors (torch picks it only on CUDA by default; on CPU the per-tensor
+    # loop cost 15 % of a tiny-model step). Same update up to float rounding.
+    return torch.optim.AdamW(groups, lr=train_cfg.lr * lr_scale, weight_decay=train_cfg.weight_decay, foreach=True)
 
 
 def lr_scale_for(train_cfg: "TrainConfig", global_batch: int) -> float:
@@ -177,7 +179,7 @@ def load_init_weights(model: nn.Module, cfg: Any, path: str | Path) -> None:
     try:
         init, init_cfg = load_model(Path(path))
     except (CheckpointError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(f"--init: {' '.join(str(exc).split())}") from None
     if init_cfg.to_dict() != cfg.to_dict():
         raise UserError(f"--init {path} holds another model config than {cfg.name}")
     model.load_state_dict(init.state_dict())

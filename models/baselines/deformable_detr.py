@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -53,8 +54,8 @@ from torch import Tensor, nn
 
 from models.baselines.common import (COCO_NUM_THINGS, COCO_PANOPTIC_IDS, RESNET_CHANNELS, ConfigDict, Joiner,
                                      TorchvisionResNet, check_data_classes)
-from models.baselines.deformable_detr_convert import (HEAD_PREFIXES, convert_deformable_detr, convert_state_dict,
-                                                      to_official_names)
+from models.baselines.common import ConvertedState, fill_new_keys, read_released_pth
+from models.baselines.deformable_detr_convert import HEAD_PREFIXES, convert_state_dict, to_official_names
 from models.baselines.detr_modules import MLP, MaskHeadSmallConv, MHAttentionMap
 from models.baselines.detr_postprocess import DETRStyleInference
 from models.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
@@ -360,6 +361,30 @@ def build_criterion(cfg: DeformableDETRConfig, num_things: int, num_stuff: int) 
     index = torch.full((cfg.num_classes,), -1, dtype=torch.long)
     index[: len(cfg.class_logit_index)] = torch.tensor(cfg.class_logit_index)
     return SetCriterion(crit, index)
+
+
+def convert_deformable_detr(path: Path, cfg: DeformableDETRConfig) -> ConvertedState:
+    """Released Deformable DETR detection ``.pth`` -> our state dict: an explicit **detector-only** load.
+
+    The detector keys come from the file (renamed, checked: ``deformable_detr_convert``); the panoptic head
+    (``bbox_attention``, ``mask_head``), and ``class_embed`` when the file's class count differs from the config's
+    label space, take the model's initialisation with seed 0 (reproducible). The returned mapping carries
+    ``partial_load`` (a :class:`~models.baselines.common.PartialLoad` listing every key from the file and every new
+    key), which is also logged; ``harness convert`` stores it in ``model.json``.
+    """
+    raw, _ = read_released_pth(path)
+    state = convert_state_dict(raw, cfg, str(path))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DeformableDETRPanoptic(cfg)
+    new_prefixes = HEAD_PREFIXES
+    cls_shape = state.get("class_embed.0.weight")
+    if cls_shape is not None and cls_shape.shape[0] != cfg.num_logit_classes:
+        new_prefixes = new_prefixes + ("class_embed.",)
+    full, report = fill_new_keys(model, state, new_prefixes, str(path))
+    out = ConvertedState(full)
+    out.partial_load = report
+    return out
 
 
 FAMILY = Family(

@@ -11,21 +11,18 @@ in a :class:`~models.baselines.common.PartialLoad`.
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from models.baselines.common import (ConvertedState, check_equal_copies, check_family, fill_new_keys,
-                                     read_released_pth)
+from models.baselines.common import check_equal_copies, check_family
 from models.checkpoint import CheckpointError
 
-if TYPE_CHECKING:
-    from models.baselines.deformable_detr import DeformableDETRConfig
+__all__ = ["HEAD_PREFIXES", "rename_transformer_key", "convert_state_dict", "to_official_names"]
 
-__all__ = ["HEAD_PREFIXES", "rename_transformer_key", "convert_state_dict", "to_official_names",
-           "convert_deformable_detr"]
+# The family's converter, which also builds the model for the new keys, is `deformable_detr.convert_deformable_detr`
+# (this module never imports the model module: no import circle). `cfg` below is a `DeformableDETRConfig`.
 
 HEAD_PREFIXES = ("bbox_attention.", "mask_head.")  # the panoptic head: never in a released file
 
@@ -51,7 +48,7 @@ def rename_transformer_key(key: str) -> str:
     return f"transformer.{part}.layers.{idx}.{table[module]}.{rest}"
 
 
-def convert_state_dict(state: dict[str, Tensor], cfg: DeformableDETRConfig, source: str) -> dict[str, Tensor]:
+def convert_state_dict(state: dict[str, Tensor], cfg: Any, source: str) -> dict[str, Tensor]:
     """Deformable DETR detection state dict -> our names (detector keys only; checks the layout first).
 
     * two-stage checkpoints (``transformer.enc_output*``) are refused;
@@ -90,7 +87,7 @@ def convert_state_dict(state: dict[str, Tensor], cfg: DeformableDETRConfig, sour
     return out
 
 
-def to_official_names(state: dict[str, Tensor], cfg: DeformableDETRConfig) -> dict[str, Tensor]:
+def to_official_names(state: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     """Inverse of :func:`convert_state_dict` for the detector keys (head keys dropped): our names -> Deformable
     DETR's, with the decoder's ``bbox_embed`` aliases re-created for box refinement (export and tests)."""
     inv_enc = {v: k for k, v in _ENCODER_RENAMES.items()}
@@ -113,30 +110,4 @@ def to_official_names(state: dict[str, Tensor], cfg: DeformableDETRConfig) -> di
         for k, v in list(out.items()):
             if k.startswith("bbox_embed."):
                 out["transformer.decoder." + k] = v
-    return out
-
-
-def convert_deformable_detr(path: Path, cfg: DeformableDETRConfig) -> ConvertedState:
-    """Released Deformable DETR detection ``.pth`` -> our state dict: an explicit **detector-only** load.
-
-    The detector keys come from the file (renamed, checked); the panoptic head (``bbox_attention``, ``mask_head``),
-    and ``class_embed`` when the file's class count differs from the config's label space, take the model's
-    initialisation with seed 0 (reproducible). The returned mapping carries ``partial_load`` (a
-    :class:`~models.baselines.common.PartialLoad` listing every key from the file and every new key), which is also
-    logged; ``harness convert`` stores it in ``model.json``.
-    """
-    raw, _ = read_released_pth(path)
-    state = convert_state_dict(raw, cfg, str(path))
-    from models.baselines.deformable_detr import DeformableDETRPanoptic
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = DeformableDETRPanoptic(cfg)
-    new_prefixes = HEAD_PREFIXES
-    cls_shape = state.get("class_embed.0.weight")
-    if cls_shape is not None and cls_shape.shape[0] != cfg.num_logit_classes:
-        new_prefixes = new_prefixes + ("class_embed.",)
-    full, report = fill_new_keys(model, state, new_prefixes, str(path))
-    out = ConvertedState(full)
-    out.partial_load = report
     return out
