@@ -67,7 +67,7 @@ class DemoSettings:
     iters: int = 3500
     baseline_iters: int = 600
     val_every: int = 500
-    eval_images: int = 20
+    eval_images: int = 12
     corruptions: str = "all"
     severities: str = "1-5"
     post_process: str = "m,p,p*"

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int_range(1, 10**6), default=None,
                         help="training steps of each tiny Panoptic SegFormer (default 3500; --quick 12)")
     parser.add_argument("--eval-images", type=int_range(1, 499_999), default=None,
-                        help="validation images of the robustness grid (default 20; --quick 2)")
+                        help="validation images of the robustness grid (default 12; --quick 2)")
 
 
 def run(args: argparse.Namespace) -> int:
