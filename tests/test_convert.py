@@ -102,9 +102,9 @@ def test_mismatch_lists_every_offending_key() -> None:
     e = err.value
     assert e.missing == ["bbox_head.stuff_query.weight"]
     assert e.unexpected == ["bbox_head.extra.weight"]
-    assert e.mismatched == [("bbox_head.cls_branches.0.weight", (5, 64), (3, 64))]
+    assert e.mismatched == [("bbox_head.cls_branches.0.weight", (5, 64), (3, model.cfg.d_model))]
     msg = str(e)
-    for text in ("x.pth", "bbox_head.stuff_query.weight", "bbox_head.extra.weight", "[5, 64]", "[3, 64]"):
+    for text in ("x.pth", "bbox_head.stuff_query.weight", "bbox_head.extra.weight", "[5, 64]", f"[3, {model.cfg.d_model}]"):
         assert text in msg
 
 

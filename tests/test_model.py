@@ -144,7 +144,8 @@ def test_per_layer_shapes() -> None:
     cands = model.candidates(out, 1, "1")
     assert torch.equal(cands.masks[: k], masks.thing_masks[0][1])
     assert torch.equal(cands.query_index[:k], out["thing_query_index"][1])
-    assert cands.query_index[k:].tolist() == [50, 51, 52, 53]
+    nq = model.cfg.num_thing_queries  # stuff query j is query nq + j of the candidates
+    assert cands.query_index[k:].tolist() == [nq, nq + 1, nq + 2, nq + 3]
     with pytest.raises(ValueError, match="out of range"):
         model(x, mask_layer=3)
 

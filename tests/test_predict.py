@@ -111,7 +111,8 @@ def test_predict_writes_png_json_overlay_and_raw(tiny_weights: tuple[Path, Path,
     assert raw["candidate_scores"].shape == (k,) and raw["candidate_labels"].shape == (k,)
     assert raw["candidate_masks"].shape == (k, 90, 120) and raw["candidate_masks"].dtype == np.float32
     assert np.all(np.diff(raw["candidate_scores"]) <= 0)
-    assert raw["thing_logits_last"].shape == (50, 80) and raw["thing_boxes_last"].shape == (50, 4)
+    nq = panoptic_segformer_tiny().num_thing_queries
+    assert raw["thing_logits_last"].shape == (nq, 80) and raw["thing_boxes_last"].shape == (nq, 4)
     category, instance = raw["panoptic_category"], raw["panoptic_instance"]
     assert category.dtype == np.int32 and instance.dtype == np.int32 and category.shape == (90, 120)
     for s in segs:

@@ -91,8 +91,9 @@ def merge_kwargs(setting: MergeSetting, base: Mapping[str, Any], t_keep_applies:
         raise UserError(f"--t-keep-applies must be 'things' or 'both', got {t_keep_applies!r}")
     opts = dict(base)
     opts["alpha"], opts["beta"] = setting.alpha, setting.beta
-    if not _same(setting.t_cnf, float(base["thing_threshold"])) or not _same(
-            setting.t_cnf, float(base["stuff_threshold"])):
+    # t_cnf sets both thresholds; the run's own t_cnf (its thing threshold) keeps both as the run had them (a
+    # config may give stuff another one), so the default setting reproduces the evaluation exactly.
+    if not _same(setting.t_cnf, float(base["thing_threshold"])):
         opts["thing_threshold"] = opts["stuff_threshold"] = setting.t_cnf
     overlap = round(1.0 - setting.t_keep, 12)
     if not _same(overlap, float(base["thing_overlap"])):
