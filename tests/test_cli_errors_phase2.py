@@ -158,6 +158,12 @@ def _build_workspace(ws: Path) -> dict[str, Any]:
                _plant(ws / "train_out", "checkpoint_last.pt", dead)]
     # The eval marker is written at claim time: the folder of a killed eval holds it (and only temporaries).
     mask = os.umask(UMASK)
+    # One torch thread, as the cases' subprocess (cli_table.ENV): a case re-running predict must rewrite equal bytes,
+    # and float sums differ with the thread count.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         _main("eval", "--weights", str(ws / "w"), "--data", str(data), "--out", str(ws / "run"), "--corruptions",
               "fog", "--severities", "1", "--save-candidates", "--save-predictions", *FAST)
@@ -172,6 +178,7 @@ def _build_workspace(ws: Path) -> dict[str, Any]:
         _main(*_train(data=str(data), out=str(ws / "train_out"), iters="2"))
     finally:
         os.umask(mask)
+        torch.set_num_threads(threads)
 
     # Damaged copies of the complete eval run.
     model_dir = Path("candidates") / MODEL
