@@ -39,13 +39,12 @@ def header(run: Any, models: dict[str, str]) -> list[str]:
         run: the demo's `harness.demo_stages.DemoRun` (``out``, ``settings``, ``stages``).
         models: run key (``qd``, ``joint``, ``baseline``) -> model name.
     """
-    MODELS = models  # noqa: N806 - the same name as in harness.demo_stages
     s = run.settings
     where = machine_text(machine())
     lines = [MARK, "## Demo run", "",
              f"Measured on **synthetic data** (`harness synth`, {s.train_images} train / {s.val_images} val images, "
-             f"long side {s.size}, seed {s.seed}) with the **tiny models** (`{MODELS['qd']}`, "
-             f"`{MODELS['joint']}` and the baseline `{MODELS['baseline']}`; random-init backbones, {s.iters} "
+             f"long side {s.size}, seed {s.seed}) with the **tiny models** (`{models['qd']}`, "
+             f"`{models['joint']}` and the baseline `{models['baseline']}`; random-init backbones, {s.iters} "
              f"training steps each) on **{where}**. "
              "These are not COCO numbers and not the paper's models.", ""]
     total = sum(st.seconds for st in run.stages.values())
@@ -61,7 +60,7 @@ def header(run: Any, models: dict[str, str]) -> list[str]:
         lines += _table(["model", "number", "value"],
                         [[k.split(": ")[0], k.split(": ")[1], _fmt(v, 3 if "rPC" in k else 1)]
                          for k, v in heads.items()])
-    curves = [(key, run.out / f"train_{key}" / "learning_curve.png") for key in MODELS]
+    curves = [(key, run.out / f"train_{key}" / "learning_curve.png") for key in models]
     if any(p.is_file() for _, p in curves):
         lines += ["", "Learning curves (loss terms and validation PQ; CSV: `train_*/train_log.csv`, "
                       "`train_*/val_log.csv`):", ""]

@@ -306,19 +306,20 @@ def load_pretrained_backbone(backbone: nn.Module, path: str | Path) -> tuple[lis
 
     Returns:
         ``(missing, unexpected)`` key lists.
+
+    Raises:
+        models.files.InputError: the file is unreadable, holds code (``models.safe_load``), or is not a state dict.
     """
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - missing, truncated, not a checkpoint, or holding code: one message
-        raise OSError(f"pretrained backbone {path}: cannot read it as a PyTorch state dict "
-                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    from models.files import InputError
+    from models.safe_load import torch_load
+
+    obj = torch_load(path)  # an unreadable or unsafe file: UnsafeCheckpointError naming it (one CLI line)
     if not isinstance(obj, dict):
-        raise OSError(f"pretrained backbone {path}: holds a {type(obj).__name__}, not a state dict")
-    if isinstance(obj, dict):
-        for k in ("state_dict", "model"):
-            if k in obj and isinstance(obj[k], dict):
-                obj = obj[k]
-                break
+        raise InputError(f"pretrained backbone {path}: holds a {type(obj).__name__}, not a state dict")
+    for k in ("state_dict", "model"):
+        if k in obj and isinstance(obj[k], dict):
+            obj = obj[k]
+            break
     from models.convert_official import convert_state_dict
 
     sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in obj.items()}

@@ -77,3 +77,21 @@ def assert_checkpoint_round_trip(model: torch.nn.Module, path: Path) -> None:
     loaded, cfg = load_model(path)
     assert cfg == model.cfg and isinstance(loaded, type(model))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+class Evil:
+    """Pickles to ``os.system("echo unsafe-code-ran")``: a checkpoint that would run code when unpickled."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, ("echo unsafe-code-ran",))
+
+
+def jdump(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` (parents created)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path

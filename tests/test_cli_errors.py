@@ -27,20 +27,10 @@ import numpy as np
 import pytest
 
 from cli_table import ENV, REPO, Case, check_case, run_cases
+from _helpers import Evil as _Evil, jdump as _jdump
 
 
 # ----------------------------------------------------------------------------- the workspace
-
-
-class _Evil:
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (os.system, ("echo unsafe-code-ran",))
-
-
-def _jdump(path: Path, obj: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
-    return path
 
 
 def _build_workspace(ws: Path) -> dict[str, Any]:

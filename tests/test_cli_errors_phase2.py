@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from cli_table import ENV, REPO, Case, check_case, run_cases
+from _helpers import Evil as _Evil, jdump as _jdump
 
 W = "{ws}"
 DATA = f"{W}/data"
@@ -35,17 +36,6 @@ RUN = f"{W}/run"  # a complete `harness eval` run with candidates and prediction
 MODEL = "panoptic_segformer_tiny"
 FAST = ["--workers", "0", "--score-workers", "0", "--warmup", "0", "--timing-images", "1"]
 UMASK = 0o027
-
-
-class _Evil:
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (os.system, ("echo unsafe-code-ran",))
-
-
-def _jdump(path: Path, obj: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
-    return path
 
 
 def _dead_pid() -> int:

@@ -18,11 +18,7 @@ from harness.commands._common import check_output, device, float_range, image_si
 from harness.errors import UserError
 from harness.io import atomic_write, atomic_write_text, is_temporary, sweep_stale_temporaries
 from models.safe_load import UnsafeCheckpointError, pickle_load, torch_load
-
-
-class _Evil:
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (os.system, ("echo unsafe-code-ran",))
+from _helpers import Evil as _Evil
 
 
 @pytest.mark.parametrize("text", ["nan", "inf", "-inf", "-1", "abc", "", "1e400"])

@@ -117,10 +117,7 @@ def _setup(config: Any, data_root: str | Path, out_dir: str | Path, iters: int |
     schedule = setup.make_schedule(tc, len(dataset), global_batch, iters, epochs)
     lr_scale = setup.lr_scale_for(tc, global_batch)
     torch.manual_seed(tc.seed)  # identical initialisation on every process
-    try:
-        model = build_model(cfg).to(info.device)
-    except OSError as exc:  # an unreadable --pretrained-backbone file (models.backbones.load_pretrained_backbone)
-        raise UserError(str(exc)) from None
+    model = build_model(cfg).to(info.device)  # a bad --pretrained-backbone file: InputError naming it
     if init_weights is not None:
         setup.load_init_weights(model, cfg, init_weights)
     elif (hasattr(cfg, "pretrained_backbone") and not cfg.pretrained_backbone and getattr(cfg, "norm_eval", False)
