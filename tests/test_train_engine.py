@@ -148,6 +148,7 @@ def test_bad_input_fails_before_any_work(data64: Path, tmp_path: Path, capsys: p
         (["train", "-q", "--config", TINY, "--data", str(tmp_path / "missing"), "--out", str(out), "--iters", "1"],
          "missing"),
         ([*base, "--config", TINY, "--iters", "1", "--amp", "fp16"], "needs a CUDA device"),
+        ([*base, "--config", TINY, "--iters", "1", "--ema", "1"], "--ema"),
     ]
     for argv, expect in cases:
         assert main(argv) == 2, argv
@@ -209,6 +210,33 @@ def test_amp_bf16_on_cpu_trains(data64: Path, tmp_path: Path) -> None:
     losses = _losses(w.parent)
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert json.loads((w.parent / "train_run.json").read_text())["amp"] == "bf16"
+
+
+def test_weight_average_is_what_is_written_and_it_resumes(data64: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from harness.data.coco_panoptic import PanopticDataset
+    from models.zoo import build_model, get_config
+
+    tc = _cfg(warmup_iters=0, lr_drops=(), ema_decay=0.9, checkpoint_every=1, augment=AugmentConfig(enabled=False))
+    w = train(TINY, data64, tmp_path / "one", 1, tc, **SMALL)
+    raw = torch.load(w.parent / "checkpoint_last.pt", weights_only=True)["model"]
+    cats = PanopticDataset(data64).categories
+    torch.manual_seed(tc.seed)  # the run's initialisation (train seeds it the same way)
+    init = build_model(get_config(TINY, num_things=cats.num_things, num_stuff=cats.num_stuff, **SMALL)).state_dict()
+    written = load_file(str(w))
+    d = 2 / 11  # first update: min(decay, (1 + 1) / (10 + 1))
+    floats = [k for k, v in init.items() if v.is_floating_point()]
+    assert any(not torch.equal(raw[k], init[k]) for k in floats)  # the step moved the weights
+    for k in floats:
+        torch.testing.assert_close(written[k], d * init[k] + (1 - d) * raw[k], rtol=1e-5, atol=1e-6)
+    # Resumed: the average continues from the checkpoint (the written weights equal an uninterrupted run's).
+    straight = train(TINY, data64, tmp_path / "straight", 3, tc, **SMALL)
+    train(TINY, data64, tmp_path / "resumed", 2, tc, **SMALL)
+    resumed = train(TINY, data64, tmp_path / "resumed", 3, tc, **SMALL)
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], raw[k]) for k in floats)
 
 
 def test_validation_curve_and_plot(data64: Path, tmp_path: Path) -> None:

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                  "of 24 as the official 2x; the official 1x drops at 8/12 = 0.667)")
     parser.add_argument("--warmup", type=int_range(0, 10**7), default=None,
                         help="linear lr warm-up steps (official: 0)")
+    parser.add_argument("--ema", type=float_range(0, 1, hi_open=True), default=None, metavar="DECAY",
+                        help="validate and write an exponential moving average of the weights with this decay, "
+                             "e.g. 0.998 (default 0 = off, as official)")
     parser.add_argument("--amp", nargs="?", const="auto", default=None, choices=("auto", "bf16", "fp16"),
                         help="mixed precision: bf16 where supported (CPU, recent GPUs), else fp16 on CUDA")
     parser.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0,
@@ -123,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         changes["lr"] = args.lr
     if args.warmup is not None:
         changes["warmup_iters"] = args.warmup
+    if args.ema is not None:
+        changes["ema_decay"] = args.ema
     if args.lr_drop is not None:
         changes["lr_drops"] = tuple(sorted(args.lr_drop))
     if args.no_augment or args.augment is not None:

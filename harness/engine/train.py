@@ -89,6 +89,7 @@ class _Run:
     stream: SampleStream
     amp: Any
     scaler: Any
+    ema: Any
     categories: list[dict[str, Any]]
     global_batch: int
     lr_scale: float
@@ -99,7 +100,7 @@ def _setup(config: Any, data_root: str | Path, out_dir: str | Path, iters: int |
            overrides: dict[str, Any]) -> _Run:
     """Step 1: check every input, then build the run (nothing is written yet)."""
     from harness.engine import train_setup as setup
-    from harness.engine.train_step import amp_settings
+    from harness.engine.train_step import WeightAverage, amp_settings
     from models.zoo import build_model, family_of_config
 
     if (iters is None) == (epochs is None):
@@ -135,9 +136,10 @@ def _setup(config: Any, data_root: str | Path, out_dir: str | Path, iters: int |
         raise UserError(str(exc)) from None
     stream = SampleStream(dataset, aug, (spec.long, spec.short), tc.seed, global_batch)
     scaler = torch.amp.GradScaler("cuda") if amp.dtype == torch.float16 else None
+    ema = WeightAverage(model, tc.ema_decay) if tc.ema_decay > 0 else None
     return _Run(out=Path(out_dir), info=info, cfg=cfg, family=family_of_config(cfg).name, train_cfg=tc,
                 dataset=dataset, val_dataset=val_dataset, model=model, criterion=criterion, optimizer=optimizer,
-                schedule=schedule, stream=stream, amp=amp, scaler=scaler,
+                schedule=schedule, stream=stream, amp=amp, scaler=scaler, ema=ema,
                 categories=[dict(c) for c in cats.categories], global_batch=global_batch, lr_scale=lr_scale)
 
 
@@ -154,6 +156,11 @@ def _resume(run: _Run) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]],
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        if not state.get("ema"):
+            raise UserError(f"{where}: holds no weight average (ema_decay {run.train_cfg.ema_decay}); start over "
+                            "with --no-resume --overwrite")
+        run.ema.load_state_dict(state["ema"])
     log.info("resumed from %s at step %d", where, state["step"])
     return int(state["step"]), list(state["history"]), list(state.get("val_history", [])), last_valid
 
@@ -231,6 +238,7 @@ def train(
     base_lrs = [g["initial_lr"] for g in run.optimizer.param_groups]
     spec = run.model.test_transform()
     num_things = run.cfg.num_things
+    final = run.ema.module if run.ema is not None else run.model  # what is validated and written
     title = f"{run.cfg.name} on {Path(data_root).name} ({info.device}, global batch {run.global_batch})"
 
     def checkpoint(step: int) -> None:
@@ -238,7 +246,8 @@ def train(
         if info.is_main:
             save_checkpoint(run.out, {
                 "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                "scaler": run.scaler.state_dict() if run.scaler is not None else None, "step": step,
+                "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+                "ema": run.ema.state_dict() if run.ema is not None else None, "step": step,
                 "history": history, "val_history": val_rows, "config": run.cfg.to_dict(), "family": run.family,
                 "categories": run.categories, "train_config": _jsonable(tc), "run": desc}, last_valid)
             last_valid = True
@@ -247,7 +256,7 @@ def train(
 
     def validation(step: int) -> None:
         if info.is_main and run.val_dataset is not None:
-            row = validate(run.model, run.val_dataset, tc.val_images, info.device)
+            row = validate(final, run.val_dataset, tc.val_images, info.device)
             row = {"step": step, "epoch": round(step / run.schedule.steps_per_epoch, 3), **row}
             val_rows[:] = [r for r in val_rows if r["step"] != step] + [row]
             write_val_log(run.out, val_rows)
@@ -273,6 +282,8 @@ def train(
         try:
             result = train_step(run.model, run.criterion, run.optimizer, batch, step, info, run.amp,
                                 tc.grad_clip, run.scaler, params)
+            if run.ema is not None:
+                run.ema.update(run.model)
         except UserError as exc:
             if info.is_main:
                 write_train_log(run.out, history)
@@ -296,7 +307,7 @@ def train(
     run.model.eval()
     path = run.out / "model.safetensors"
     if info.is_main:
-        path = save_weights(run.model, run.out, run.categories, run.cfg)
+        path = save_weights(final, run.out, run.categories, run.cfg)
         write_train_log(run.out, history)
         plot_learning_curve(run.out, history, val_rows, title)
         claim.complete()

@@ -41,6 +41,8 @@ class TrainConfig:
         augment_policy: "official" (flip + resize / crop policies, scaled), "flip" (flip at the test scale) or
             "none" (``harness.engine.data.augment_for``).
         amp: None (fp32), "auto", "bf16" or "fp16" autocast.
+        ema_decay: exponential moving average of the weights for validation and the written weights (0 = off, as
+            the official recipe; `harness.engine.train_step.WeightAverage`).
         matcher / loss: Panoptic SegFormer matching and loss options (other families use their own defaults).
     """
 
@@ -63,6 +65,7 @@ class TrainConfig:
     augment: AugmentConfig | None = None
     augment_policy: str = "official"
     amp: str | None = None
+    ema_decay: float = 0.0
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 

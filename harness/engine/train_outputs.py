@@ -71,7 +71,7 @@ def run_settings(config_name: str, overrides: dict[str, Any], data_root: str | P
         "seed": tc.seed, "batch_size": tc.batch_size, "lr": tc.lr, "lr_scaling": tc.lr_scaling,
         "warmup": tc.warmup_iters, "augment": tc.augment if tc.augment is not None else tc.augment_policy,
         "filter_rounds": getattr(tc.matcher, "rounds", None), "init_sha256": init_sha256(init_weights),
-        "iters": iters, "epochs": epochs,
+        "iters": iters, "epochs": epochs, **({"ema_decay": tc.ema_decay} if getattr(tc, "ema_decay", 0) else {}),
     })
 
 

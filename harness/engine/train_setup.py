@@ -157,9 +157,12 @@ def build_optimizer(model: nn.Module, train_cfg: "TrainConfig", lr_scale: float)
     for g in groups:
         g["lr"] *= lr_scale
         g["initial_lr"] = g["lr"]
-    # foreach: one kernel per step for all tensors (torch picks it only on CUDA by default; on CPU the per-tensor
-    # loop cost 15 % of a tiny-model step). Same update up to float rounding.
-    return torch.optim.AdamW(groups, lr=train_cfg.lr * lr_scale, weight_decay=train_cfg.weight_decay, foreach=True)
+    # fused: one pass over each tensor (torch picks the per-tensor loop on CPU by default, 15 % of a tiny-model step;
+    # foreach still made ~7 passes: 30 ms vs 7 ms per step for the tiny model's 4.6 M parameters). Same AdamW update
+    # up to float rounding; foreach where the fused kernel does not exist for the device.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=train_cfg.lr * lr_scale, weight_decay=train_cfg.weight_decay,
+                             fused=fused or None, foreach=None if fused else True)
 
 
 def lr_scale_for(train_cfg: "TrainConfig", global_batch: int) -> float:

@@ -18,6 +18,7 @@ hint (:class:`OutOfMemoryError`).
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from harness.engine.distributed import DistInfo
 from harness.errors import UserError
 
 __all__ = ["AmpSettings", "amp_settings", "NonFiniteLossError", "OutOfMemoryError", "StepResult", "train_step",
-           "average_gradients", "step_seed"]
+           "average_gradients", "step_seed", "WeightAverage"]
 
 _BUCKET_NUMEL = 1 << 22  # 4 M elements (16 MB fp32) per all_reduce
 
@@ -208,3 +209,41 @@ def train_step(
             f"out of memory on {images.device} at step {step + 1}: batch {b} per process, images padded to "
             f"{h}x{w}; lower --batch-size, add --amp, or train at a smaller scale") from None
     return StepResult(logs=logs, grad_norm=float(norm))
+
+
+class WeightAverage:
+    """Exponential moving average of a model's weights (``TrainConfig.ema_decay``; not in the official recipe).
+
+    After update n the average moves towards the weights by ``1 - d`` with ``d = min(decay, (1 + n) / (10 + n))``
+    (the usual warm-up, so the average of a short run does not stay near the random initialisation). Every floating
+    tensor of the state dict (parameters and buffers) is averaged; integer buffers are copied. ``module`` is an
+    eval-mode copy of the model that validation and the written weights use. Every torchrun process holds the same
+    average (the update follows the averaged gradients).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise UserError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema, cur = self.module.state_dict(), model.state_dict()
+        floats = [k for k, v in ema.items() if v.is_floating_point()]
+        torch._foreach_lerp_([ema[k] for k in floats], [cur[k].detach() for k in floats], 1.0 - d)
+        for k, v in ema.items():
+            if not v.is_floating_point():
+                v.copy_(cur[k])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, "model": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        self.module.load_state_dict(state["model"])
