@@ -16,7 +16,7 @@ saved candidates (`harness sweep`), writes one results table (OUT/results.csv, O
 (OUT/report.md: the demo versions of Tables 7, 8, 10, 11, B.2, B.3, B.4, B.6 and Fig. 7, `harness report`), then
 prints the report's path and the headline numbers.
 
-About 16 minutes on a 2-core CPU (--quick: a smoke version in a few minutes). Re-running the same command reuses
+About 14 minutes on a 2-core CPU (--quick: a smoke version in a few minutes). Re-running the same command reuses
 the finished stages and resumes an interrupted one; --fresh starts over. --out must be new, empty or a demo
 folder (OUT/.psf-harness.json): a demo of other settings is refused unless --fresh, which deletes only the demo's
 own files.
