@@ -76,7 +76,8 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     """A tiny COCO-sized model whose classes fire (biases raised) so segments get painted; our format + .pth."""
     root = tmp_path_factory.mktemp("predict")
     torch.manual_seed(0)
-    cfg = panoptic_segformer_tiny(num_things=80, num_stuff=53, test_scale=(160, 128))
+    # The default tiny config: the .pth route below builds its config from the model name alone.
+    cfg = panoptic_segformer_tiny(num_things=80, num_stuff=53)
     model = PanopticSegFormer(cfg)
     with torch.no_grad():
         model.bbox_head.cls_branches[-1].bias.fill_(4.0)
