@@ -265,6 +265,50 @@ def test_oom_message_names_batch_and_size() -> None:
     assert "--batch-size" in str(exc.value)
 
 
+def test_panoptic_fcn_recipe_sgd_poly_warmup_and_value_clipping(data64: Path, tmp_path: Path) -> None:
+    import dataclasses
+    import math
+
+    from harness.engine.distributed import DistInfo
+    from harness.engine.train_setup import build_optimizer, make_schedule
+    from harness.engine.train_step import amp_settings, train_step
+
+    tc = default_train_config("panoptic_fcn_r50_3x")  # detectron2's recipe (models.baselines.panoptic_fcn)
+    assert (tc.optimizer, tc.lr, tc.momentum, tc.lr_schedule, tc.poly_power) == ("sgd", 0.01, 0.9, "poly", 0.9)
+    assert (tc.warmup_iters, tc.grad_clip, tc.grad_clip_mode, tc.batch_size * 8) == (1000, 35.0, "value", 16)
+    assert default_train_config("panoptic_fcn_tiny").optimizer == "adamw"  # the tiny recipe is shared by all tiny
+    # WarmupPolyLR by hand: lr x (1 - it / max_iter)^0.9, times the linear warm-up factor from 0.001.
+    sched = make_schedule(dataclasses.replace(tc, warmup_iters=10), 100, 2, 1000, None)
+    assert sched.drop_at == () and sched.total_steps == 1000
+    assert sched.factor(500) == pytest.approx(0.5 ** 0.9, rel=1e-12)
+    assert sched.factor(5) == pytest.approx((1 - 5 / 1000) ** 0.9 * (0.001 + 0.999 * 0.5), rel=1e-12)
+    assert sched.factor(999) == pytest.approx(0.001 ** 0.9, rel=1e-12)
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model, tc, 1.0)
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
+    assert math.isclose(opt.param_groups[0]["lr"], 0.01)
+
+    def criterion(m, images, pad_mask, targets):  # gradients: +-1000 on weights, 1000 and 1 on the biases
+        loss = (m.weight * torch.tensor([[1000.0, -1000.0, 0.5], [0.0, 2.0, -3.0]])).sum() + m.bias @ torch.tensor(
+            [1000.0, 1.0])
+        return loss, {"loss": float(loss.detach())}
+
+    batch = (torch.zeros(1, 3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool), [])
+    res = train_step(model, criterion, opt, batch, 0, DistInfo(), amp_settings(None, "cpu"), 35.0,
+                     clip_mode="value")
+    assert model.weight.grad.tolist() == [[35.0, -35.0, 0.5], [0.0, 2.0, -3.0]]
+    assert model.bias.grad.tolist() == [35.0, 1.0]
+    assert res.grad_norm == pytest.approx(math.sqrt(3 * 1000.0**2 + 0.25 + 4 + 9 + 1), rel=1e-6)  # before clipping
+    # The whole recipe end to end on the tiny Panoptic FCN (2 steps, batch 1).
+    w = train("panoptic_fcn_tiny", data64, tmp_path / "pfcn", 2, dataclasses.replace(
+        tc, batch_size=1, checkpoint_every=2, log_every=10**6, augment=AugmentConfig(enabled=False)))
+    run = json.loads((w.parent / "train_run.json").read_text())
+    assert run["train_config"]["optimizer"] == "sgd" and run["train_config"]["lr_schedule"] == "poly"
+    assert all(np.isfinite(_losses(w.parent)))
+    want = [0.01 * 0.001, 0.01 * 0.5**0.9 * (0.001 + 0.999 / 2)]  # steps 0 and 1 of 2, warm-up over both
+    assert [float(r["lr"]) for r in _log(w.parent)] == pytest.approx(want, rel=1e-6)
+
+
 def test_collate_follows_the_models_test_transform() -> None:
     from harness.engine.data import TrainItem, collate_for
     from models.inference import TestTransformSpec

@@ -13,7 +13,8 @@ DESCRIPTION = """Train a model config on a data set in COCO panoptic layout (e.g
 Give the length as --iters N (optimisation steps) or --epochs E (passes over the training split), exactly one.
 The recipe is the official one (AdamW lr 1.4e-4 for a global batch of 8, weight decay 1e-4, x0.1 lr for
 backbone / sampling_offsets / reference_points, gradient clipping 0.1, lr x0.1 at 3/4 of the run, flip and
-resize / crop augmentation scaled to the config's test size); the tiny configs use the tiny recipe
+resize / crop augmentation scaled to the config's test size); the full baselines use their own upstream recipes
+(DETR / Deformable DETR main.py, MaskFormer AdamW, Panoptic FCN SGD + poly) and the tiny configs the tiny recipe
 (docs/training.md). Re-running with the same --out resumes from DIR/checkpoint_last.pt (exactly: the sample
 order and augmentation are functions of the seed and the step); a larger --iters / --epochs continues the run.
 --out must be new, empty or a training folder of this command (DIR/.psf-harness.json pins the settings): a run of

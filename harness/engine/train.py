@@ -281,7 +281,7 @@ def train(
         torch.manual_seed(step_seed(tc.seed, step, info.rank))
         try:
             result = train_step(run.model, run.criterion, run.optimizer, batch, step, info, run.amp,
-                                tc.grad_clip, run.scaler, params)
+                                tc.grad_clip, run.scaler, params, tc.grad_clip_mode)
             if run.ema is not None:
                 run.ema.update(run.model)
         except UserError as exc:

@@ -25,7 +25,14 @@ class TrainConfig:
         weight_decay: AdamW weight decay (all parameters).
         lr_mult_keys: parameter-name substrings whose lr is multiplied by lr_mult.
         lr_mult: multiplier for those parameters.
-        grad_clip: max L2 norm of all gradients (<= 0 disables).
+        grad_clip: max L2 norm of all gradients (<= 0 disables), or with ``grad_clip_mode="value"`` the largest
+            absolute gradient element.
+        grad_clip_mode: "norm" (official) or "value" (detectron2's value clipping: Panoptic FCN).
+        optimizer: "adamw" (official) or "sgd" (momentum ``momentum``; Panoptic FCN's detectron2 recipe).
+        momentum: SGD momentum.
+        lr_schedule: "step" (x0.1 at each of ``lr_drops``; official) or "poly" (x(1 - step / total)^poly_power,
+            detectron2's WarmupPolyLR; ``lr_drops`` ignored).
+        poly_power: exponent of the poly schedule.
         lr_drops: fractions of the run after which the lr is multiplied by 0.1 (official: 3/4).
         warmup_iters: linear lr warm-up steps (official: none).
         batch_size: images per step and process.
@@ -51,6 +58,11 @@ class TrainConfig:
     lr_mult_keys: tuple[str, ...] = ("backbone", "sampling_offsets", "reference_points")
     lr_mult: float = 0.1
     grad_clip: float = 0.1
+    grad_clip_mode: str = "norm"
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    lr_schedule: str = "step"
+    poly_power: float = 0.9
     lr_drops: tuple[float, ...] = (0.75,)
     warmup_iters: int = 0
     batch_size: int = 1
@@ -80,8 +92,9 @@ def default_train_config(model_name: str) -> TrainConfig:
     * DETR and Deformable DETR: their ``main.py`` settings as stored in the config (lr, backbone lr, weight decay,
       gradient clip, lr drop epoch / epochs, batch per GPU); MaskFormer: its detectron2 recipe
       (``models.baselines.maskformer.OFFICIAL_RECIPES``: AdamW, backbone x0.1, clip 0.01, drop at 2/3, batch 64 as
-      8 per process on 8 GPUs). Panoptic FCN's recipe is SGD with a poly schedule, which this engine does not
-      implement: it trains with the AdamW defaults (its recipe is recorded in ``panoptic_fcn.OFFICIAL_RECIPES``).
+      8 per process on 8 GPUs); Panoptic FCN: its detectron2 recipe (``panoptic_fcn.OFFICIAL_RECIPES``: SGD
+      momentum 0.9, lr 0.01 for batch 16 as 2 per process on 8 GPUs, poly 0.9, 1,000-step warm-up from 0.001 x lr,
+      gradient values clipped at 35).
     """
     if model_name in TINY_CONFIGS:
         return TrainConfig(lr=1e-3, batch_size=2, reference_batch=2, warmup_iters=100,
@@ -107,5 +120,16 @@ def default_train_config(model_name: str) -> TrainConfig:
                                lr_mult=r["backbone_lr_mult"], grad_clip=r["clip_grad_norm"],
                                lr_drops=tuple(s_ / r["iterations"] for s_ in r["lr_steps"]),
                                warmup_iters=r["warmup_iters"], batch_size=r["batch_size"] // 8,
+                               reference_batch=r["batch_size"])
+    if model_name.startswith("panoptic_fcn_"):
+        from models.baselines.panoptic_fcn import OFFICIAL_RECIPES as PFCN_RECIPES
+
+        r = PFCN_RECIPES.get(model_name)
+        if r is not None:
+            return TrainConfig(optimizer=r["optimizer"], momentum=r["momentum"], lr=r["lr"],
+                               weight_decay=r["weight_decay"], lr_mult_keys=(), lr_mult=1.0,
+                               lr_schedule=r["lr_schedule"], poly_power=r["poly_power"], lr_drops=(),
+                               warmup_iters=r["warmup_iters"], grad_clip=r["clip_grad_value"],
+                               grad_clip_mode="value", batch_size=r["batch_size"] // 8,
                                reference_batch=r["batch_size"])
     return TrainConfig()

@@ -114,6 +114,8 @@ class Schedule:
         drop_at: steps after which the lr is multiplied by 0.1 (official: one drop at 3/4).
         warmup_steps: linear warm-up from ``warmup_start`` x lr (official: none).
         steps_per_epoch: steps of one pass over the training split (for `--epochs` runs and logs).
+        poly_power: None (step drops) or the exponent of ``(1 - step / total_steps) ** poly_power`` (detectron2's
+            WarmupPolyLR, whose warm-up multiplies the same way).
     """
 
     total_steps: int
@@ -121,10 +123,14 @@ class Schedule:
     warmup_steps: int = 0
     warmup_start: float = 0.001
     steps_per_epoch: int = 1
+    poly_power: float | None = None
 
     def factor(self, step: int) -> float:
         """LR multiplier of 0-based ``step``."""
-        f = 0.1 ** sum(step >= d for d in self.drop_at)
+        if self.poly_power is not None:
+            f = max(0.0, 1.0 - step / self.total_steps) ** self.poly_power
+        else:
+            f = 0.1 ** sum(step >= d for d in self.drop_at)
         if self.warmup_steps and step < self.warmup_steps:
             t = step / self.warmup_steps
             f *= self.warmup_start + (1 - self.warmup_start) * t
@@ -146,13 +152,17 @@ def make_schedule(train_cfg: "TrainConfig", num_images: int, global_batch: int, 
         if iters < 1:
             raise UserError(f"--iters must be >= 1, got {iters}")
         total = iters
-    drops = tuple(sorted({max(1, int(round(total * f))) for f in train_cfg.lr_drops if 0 < f < 1}))
+    if train_cfg.lr_schedule not in ("step", "poly"):
+        raise UserError(f"lr schedule must be 'step' or 'poly', got {train_cfg.lr_schedule!r}")
+    poly = train_cfg.lr_schedule == "poly"
+    drops = () if poly else tuple(sorted({max(1, int(round(total * f))) for f in train_cfg.lr_drops if 0 < f < 1}))
     return Schedule(total_steps=total, drop_at=drops, warmup_steps=min(train_cfg.warmup_iters, total),
-                    steps_per_epoch=per_epoch)
+                    steps_per_epoch=per_epoch, poly_power=train_cfg.poly_power if poly else None)
 
 
 def build_optimizer(model: nn.Module, train_cfg: "TrainConfig", lr_scale: float) -> torch.optim.Optimizer:
-    """AdamW over the two parameter groups, the base lr multiplied by ``lr_scale`` (linear scaling rule)."""
+    """AdamW (or SGD with momentum, ``train_cfg.optimizer``) over the two parameter groups, the base lr multiplied
+    by ``lr_scale`` (linear scaling rule)."""
     groups = param_groups(model, train_cfg)
     for g in groups:
         g["lr"] *= lr_scale
@@ -161,6 +171,11 @@ def build_optimizer(model: nn.Module, train_cfg: "TrainConfig", lr_scale: float)
     # foreach still made ~7 passes: 30 ms vs 7 ms per step for the tiny model's 4.6 M parameters). Same AdamW update
     # up to float rounding; foreach where the fused kernel does not exist for the device.
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train_cfg.lr * lr_scale, momentum=train_cfg.momentum,
+                               weight_decay=train_cfg.weight_decay, foreach=True)
+    if train_cfg.optimizer != "adamw":
+        raise UserError(f"optimizer must be 'adamw' or 'sgd', got {train_cfg.optimizer!r}")
     return torch.optim.AdamW(groups, lr=train_cfg.lr * lr_scale, weight_decay=train_cfg.weight_decay,
                              fused=fused or None, foreach=None if fused else True)
 

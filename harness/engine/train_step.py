@@ -153,6 +153,7 @@ def train_step(
     grad_clip: float,
     scaler: "torch.amp.GradScaler | None" = None,
     params: list[nn.Parameter] | None = None,
+    clip_mode: str = "norm",
 ) -> StepResult:
     """Run one step on this process's share of the global batch.
 
@@ -162,7 +163,8 @@ def train_step(
         step: 0-based step (for messages).
         info: the process group (single process: world size 1).
         amp: autocast settings; scaler: fp16 gradient scaler or None.
-        grad_clip: max L2 norm of all gradients (<= 0 disables).
+        grad_clip: max L2 norm of all gradients (<= 0 disables); with ``clip_mode="value"`` the largest absolute
+            value of each gradient element (detectron2's ``CLIP_TYPE: value``).
         params: trainable parameters (default: those of ``model`` with ``requires_grad``).
 
     Raises:
@@ -193,7 +195,10 @@ def train_step(
         average_gradients(params, info)
         if scaler is not None:
             scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        by_norm = clip_mode == "norm" and grad_clip > 0
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if by_norm else float("inf"))
+        if clip_mode == "value" and grad_clip > 0:
+            torch.nn.utils.clip_grad_value_(params, grad_clip)
         if scaler is not None:
             scaler.step(optimizer)  # skips the update on inf/NaN gradients (fp16 overflow), as intended
             scaler.update()
