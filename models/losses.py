@@ -144,7 +144,8 @@ class LossConfig:
         detection_rounds: Hungarian rounds of the location decoder's class and box losses (official 1: one-to-one).
             k > 1 matches every GT to up to k queries (one-to-many; each round blocks the queries matched before),
             an option for training from scratch (on the tiny recipe it did not help, so it is off there too); the
-            duplicates it teaches are removed by the mask-wise merge's overlap rule. The mask decoder's queries stay the official selection.
+            duplicates it teaches are removed by the mask-wise merge's overlap rule. The mask decoder's queries stay
+            the official selection.
     """
 
     cls_weight: float = 2.0

@@ -28,8 +28,6 @@ files, after every check. Outputs in ``out_dir``: ``checkpoint_last.pt`` / ``che
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -45,6 +43,7 @@ from harness.errors import UserError
 from harness.io import atomic_write_json
 from harness.logging_utils import progress_disabled
 from harness.engine.train_config import TINY_CONFIGS, TrainConfig, default_train_config
+from harness.engine.train_outputs import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +63,6 @@ def save_weights(model: nn.Module, out_dir: Path, categories: list[dict[str, Any
     if categories is not None:
         meta["categories"] = categories
     return save_checkpoint(model.state_dict(), cfg if cfg is not None else model.cfg, out_dir, meta=meta)
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o)
-                                 else str(o)))
 
 
 @dataclass
@@ -111,6 +105,8 @@ def _setup(config: Any, data_root: str | Path, out_dir: str | Path, iters: int |
     tc = train_cfg or default_train_config(cfg.name)
     if tc.batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {tc.batch_size}")
+    if tc.grad_clip_mode not in ("norm", "value"):  # any other value would clip nothing
+        raise UserError(f"gradient clip mode must be 'norm' or 'value', got {tc.grad_clip_mode!r}")
     val_dataset = setup.open_split(data_root, tc.val_split, "validation") if tc.val_images > 0 else None
     amp = amp_settings(tc.amp, device)
     info = init_distributed(device)
@@ -174,7 +170,7 @@ def _describe(run: _Run) -> dict[str, Any]:
             "epochs": round(s.total_steps / s.steps_per_epoch, 3), "lr_drop_steps": list(s.drop_at),
             "warmup_steps": s.warmup_steps, "device": run.info.device, "backend": run.info.backend,
             "amp": run.amp.name, "train_images": len(run.dataset), "seed": tc.seed,
-            "train_config": _jsonable(tc), "model_config": run.cfg.to_dict()}
+            "train_config": jsonable(tc), "model_config": run.cfg.to_dict()}
 
 
 def train(
@@ -204,11 +200,11 @@ def train(
             ``overwrite``).
         init_weights: optional weights to start from (ours, or a training checkpoint), same config.
         overwrite: replace a run of other settings in ``out_dir`` (deleting only the files training writes).
+        device: torch device (under torchrun with CUDA each process takes ``cuda:<LOCAL_RANK>``).
+        **config_overrides: model config fields to override when ``config`` is a name.
 
     The run folder is claimed (:mod:`harness.engine.train_outputs`) after every check: a refused run writes
     nothing, and does not create ``out_dir``.
-        device: torch device (under torchrun with CUDA each process takes ``cuda:<LOCAL_RANK>``).
-        **config_overrides: model config fields to override when ``config`` is a name.
 
     Returns:
         Path of ``out_dir/model.safetensors``.
@@ -249,7 +245,7 @@ def train(
                 "scaler": run.scaler.state_dict() if run.scaler is not None else None,
                 "ema": run.ema.state_dict() if run.ema is not None else None, "step": step,
                 "history": history, "val_history": val_rows, "config": run.cfg.to_dict(), "family": run.family,
-                "categories": run.categories, "train_config": _jsonable(tc), "run": desc}, last_valid)
+                "categories": run.categories, "train_config": jsonable(tc), "run": desc}, last_valid)
             last_valid = True
             write_train_log(run.out, history)
         barrier(info)
@@ -283,7 +279,7 @@ def train(
             result = train_step(run.model, run.criterion, run.optimizer, batch, step, info, run.amp,
                                 tc.grad_clip, run.scaler, params, tc.grad_clip_mode)
             if run.ema is not None:
-                run.ema.update(run.model)
+                run.ema.update()
         except UserError as exc:
             if info.is_main:
                 write_train_log(run.out, history)

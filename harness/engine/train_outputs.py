@@ -35,7 +35,8 @@ RUN_FILES = (LAST, PREVIOUS, "train_log.csv", "val_log.csv", "learning_curve.png
 LENGTH_KEYS = ("iters", "epochs")  # recorded, not compared: a longer run continues the same one
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON values (dataclasses as dicts, anything else unknown as its ``str``)."""
     return json.loads(json.dumps(obj, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o)
                                  else str(o)))
 
@@ -66,12 +67,12 @@ def run_settings(config_name: str, overrides: dict[str, Any], data_root: str | P
     overrides = dict(overrides)
     if overrides.get("pretrained_backbone"):
         overrides["pretrained_backbone"] = str(Path(overrides["pretrained_backbone"]).resolve())
-    return _jsonable({
+    return jsonable({
         "config": config_name, "model_overrides": overrides, "data": str(Path(data_root).resolve()), "split": split,
         "seed": tc.seed, "batch_size": tc.batch_size, "lr": tc.lr, "lr_scaling": tc.lr_scaling,
         "warmup": tc.warmup_iters, "augment": tc.augment if tc.augment is not None else tc.augment_policy,
         "filter_rounds": getattr(tc.matcher, "rounds", None), "init_sha256": init_sha256(init_weights),
-        "iters": iters, "epochs": epochs, **({"ema_decay": tc.ema_decay} if getattr(tc, "ema_decay", 0) else {}),
+        "iters": iters, "epochs": epochs, **({"ema_decay": tc.ema_decay} if tc.ema_decay else {}),
     })
 
 

@@ -224,6 +224,9 @@ class WeightAverage:
     tensor of the state dict (parameters and buffers) is averaged; integer buffers are copied. ``module`` is an
     eval-mode copy of the model that validation and the written weights use. Every torchrun process holds the same
     average (the update follows the averaged gradients).
+
+    The model's tensors are paired with the copy's once: the optimiser and ``load_state_dict`` (resume) change them
+    in place, so the pairs stay valid and a step pays for the lerp only.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
@@ -234,17 +237,19 @@ class WeightAverage:
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        ema, cur = self.module.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
+        self._float_pairs = ([ema[k].data for k in ema if ema[k].is_floating_point()],
+                             [cur[k].data for k in ema if ema[k].is_floating_point()])
+        self._other_pairs = [(ema[k].data, cur[k].data) for k in ema if not ema[k].is_floating_point()]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self) -> None:
+        """Move the average towards the model's current weights (after each optimiser step)."""
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        ema, cur = self.module.state_dict(), model.state_dict()
-        floats = [k for k, v in ema.items() if v.is_floating_point()]
-        torch._foreach_lerp_([ema[k] for k in floats], [cur[k].detach() for k in floats], 1.0 - d)
-        for k, v in ema.items():
-            if not v.is_floating_point():
-                v.copy_(cur[k])
+        torch._foreach_lerp_(*self._float_pairs, 1.0 - d)
+        for avg, cur in self._other_pairs:
+            avg.copy_(cur)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "updates": self.updates, "model": self.module.state_dict()}
