@@ -245,15 +245,9 @@ def _installed(module: str) -> bool:
 
 def machine() -> str:
     """CPU model and count, for the record."""
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
+    from harness.logging_utils import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
 
 
 def load() -> str:

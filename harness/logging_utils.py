@@ -1,9 +1,11 @@
-"""Logging set-up shared by every subcommand (`-v` / `-q`)."""
+"""Logging set-up shared by every subcommand (`-v` / `-q`), and the CPU name that measured figures are logged with."""
 
 from __future__ import annotations
 
 import logging
+import platform
 import sys
+from pathlib import Path
 
 
 def setup_logging(verbosity: int) -> None:
@@ -26,3 +28,14 @@ def progress_disabled() -> bool:
         return not sys.stderr.isatty()
     except (AttributeError, ValueError):
         return True
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

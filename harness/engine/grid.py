@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +64,7 @@ from harness.engine.grid_stats import CellState, ImageScore, merge_cells, row_ke
 from harness.engine.grid_store import read_cells, write_cell
 from harness.errors import DataError
 from harness.io import atomic_write_json
-from harness.logging_utils import progress_disabled
+from harness.logging_utils import cpu_name, progress_disabled
 from models.inference import LAST_LAYER
 
 log = logging.getLogger(__name__)
@@ -91,23 +90,13 @@ class GridOutcome:
     plan: GridPlan
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_label(device: str, world_size: int = 1) -> str:
     """``NVIDIA H200`` / ``cpu: <model name>, 1 thread``; ``2 x ...`` for several processes."""
     if str(device).startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(device))
     else:
         threads = torch.get_num_threads()
-        name = f"cpu: {_cpu_name()}, {threads} thread{'s' if threads != 1 else ''}"
+        name = f"cpu: {cpu_name()}, {threads} thread{'s' if threads != 1 else ''}"
     return f"{world_size} x {name}" if world_size > 1 else name
 
 
