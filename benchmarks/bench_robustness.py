@@ -8,13 +8,19 @@ For the tiny config and for R50 (random weights), on synthetic images of COCO si
 * non-model CPU per image on one core: decode (OpenCV for clean, PIL for corrupted cells), each corruption at
   severity 3, the test transform, each post-processor and the PQ scoring of its result.
 
+The tiny model runs at each of `--tiny-scales`: its own test scale (128: the synthetic training size, a 25 ms
+forward) and COCO's (800 x 1333, the scale R50 runs at). Its robustness run is model-bound only when the forward
+outweighs the per-image decode + corruption + post-processing of a COCO-sized image.
+
 Random weights give scores near the 0.01 prior, so every post-processor would drop every candidate and do no work;
 the benchmark therefore draws candidate scores uniformly in [0, 1] for the per-stage costs and runs the grid with
 every confidence threshold at 0: more candidates than a trained model keeps, an upper bound on the
-post-processing cost.
+post-processing cost. `--tiny-weights W` (e.g. the demo's `runs/demo/train_qd/model.safetensors`) also measures
+the per-post-processor costs on a trained tiny model's own candidates with the default thresholds, the cost a real
+run pays.
 
-Run: `.venv/bin/python benchmarks/bench_robustness.py [--images 8] [--workers 2] [--skip-r50] [--json out.json]`.
-Record `uptime` with the figures: the machine is shared.
+Run: `.venv/bin/python benchmarks/bench_robustness.py [--images 24] [--workers 2] [--skip-r50]
+[--tiny-weights W] [--json out.json]`. Record `uptime` with the figures: the machine is shared.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -86,54 +93,67 @@ def full_grid(weights: Path, data: Path, out: Path, images: int, workers: int, s
 
 
 def non_model_costs(data: Path, model: torch.nn.Module, images: int) -> dict[str, float]:
-    """Mean milliseconds per COCO-sized image of each non-model stage, one core, in this process."""
+    """Mean milliseconds per COCO-sized image of each non-model stage, one core, in this process (post-processing
+    on the random model's candidates with scores drawn in [0, 1] and every threshold at the default)."""
     from harness.corruptions import CORRUPTIONS, corrupt, corruption_seed
     from harness.corruptions.runner import read_image
     from harness.data.coco_panoptic import PanopticDataset, read_image_rgb
+    from harness.data.transforms import prepare
+
+    ds = PanopticDataset(data)
+    out: dict[str, list[float]] = {}
+    spec = model.test_transform()
+    for i in range(min(images, len(ds))):
+        sample = ds[i]
+        path = str(ds.image_path(sample.image_id))
+        image = sample.image
+        out.setdefault("decode (OpenCV, clean)", []).append(_ms(lambda p=path: read_image_rgb(p), 3))
+        out.setdefault("decode (PIL, corrupted)", []).append(_ms(lambda p=path: read_image(p), 3))
+        out.setdefault("transform", []).append(_ms(lambda im=image: prepare(spec, im), 3))
+        for c in CORRUPTIONS:
+            seed = corruption_seed(sample.file_name, c, 3)
+            t0 = time.perf_counter()
+            corrupt(sample.image, c, 3, seed)
+            out.setdefault(f"corrupt {c}", []).append(1000 * (time.perf_counter() - t0))
+    costs = {k: statistics.fmean(v) for k, v in out.items()}
+    return {**costs, **post_process_costs(ds, model, images, random_scores=True)}
+
+
+def post_process_costs(ds: Any, model: torch.nn.Module, images: int, random_scores: bool) -> dict[str, float]:
+    """Mean milliseconds per image of each post-processor (default options) and of the PQ scoring of its result,
+    one core. ``random_scores``: replace the candidates' scores by uniform draws (random weights); otherwise the
+    model's own candidates (trained weights)."""
     from harness.data.transforms import prepare
     from harness.engine.scoring import image_stats
     from harness.metrics.pq import PQAccumulator, panoptic_from_semantic
     from models.postprocess import post_process
 
-    ds = PanopticDataset(data)
     out: dict[str, list[float]] = {}
-
-    def add(key: str, ms: float) -> None:
-        out.setdefault(key, []).append(ms)
-
     acc = PQAccumulator(ds.raw_categories, boundary=True)
     acc_mask = PQAccumulator(ds.raw_categories)
     gen = torch.Generator().manual_seed(0)
     spec = model.test_transform()
     for i in range(min(images, len(ds))):
         sample = ds[i]
-        path = str(ds.image_path(sample.image_id))
-        image = sample.image
-        add("decode (OpenCV, clean)", _ms(lambda p=path: read_image_rgb(p), 3))
-        add("decode (PIL, corrupted)", _ms(lambda p=path: read_image(p), 3))
-        add("transform", _ms(lambda im=image: prepare(spec, im), 3))
-        for c in CORRUPTIONS:
-            seed = corruption_seed(sample.file_name, c, 3)
-            t0 = time.perf_counter()
-            corrupt(sample.image, c, 3, seed)
-            add(f"corrupt {c}", 1000 * (time.perf_counter() - t0))
         with torch.inference_mode():
             outputs = model(torch.from_numpy(prepare(spec, sample.image).image)[None])
         cands = model.candidates(outputs, 0)
-        cands.scores = torch.rand(cands.scores.shape, generator=gen)
+        if random_scores:
+            cands.scores = torch.rand(cands.scores.shape, generator=gen)
         h, w = sample.image.shape[:2]
         for method in ("m", "p", "p*", "heuristic"):
             opts = model.post_process_options(method)
             result = post_process(method, cands, model.cfg.num_things, (h, w), **opts)
-            add(f"post-process {method}", _ms(lambda m=method, c=cands, o=opts: post_process(
-                m, c, model.cfg.num_things, (h, w), **o)))
+            out.setdefault(f"post-process {method}", []).append(_ms(lambda m=method, c=cands, o=opts, hw=(h, w): post_process(
+                m, c, model.cfg.num_things, hw, **o)))
+            out.setdefault(f"segments {method}", []).append(len(result.segments))
 
             def score(a: PQAccumulator = acc_mask, r: Any = result, gt: Any = sample) -> None:
                 ids, segs = panoptic_from_semantic(r.category, r.instance, ds.categories.ids)
                 image_stats(a.table, a.options, gt, ids, segs)
 
-            add(f"scoring (mask PQ) {method}", _ms(score))
-            add(f"scoring (mask + boundary PQ) {method}", _ms(lambda s=score: s(acc)))
+            out.setdefault(f"scoring (mask PQ) {method}", []).append(_ms(score))
+            out.setdefault(f"scoring (mask + boundary PQ) {method}", []).append(_ms(lambda s=score: s(acc)))
     return {k: statistics.fmean(v) for k, v in out.items()}
 
 
@@ -162,9 +182,48 @@ def _report_costs(name: str, costs: dict[str, float]) -> dict[str, float]:
     return {"fixed_ms": fixed, **{f"pp_{m}_ms": v for m, v in per_pp.items()}}
 
 
+def _scale(text: str) -> tuple[int, int]:
+    short, long = (int(v) for v in text.lower().split("x"))
+    return short, long
+
+
+def _bench_model(name: str, cfg: Any, model: torch.nn.Module, data: Path, tmp: Path, n_img: int,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """Model-only and full-grid images/s of one (random-weight) model, and its non-model costs."""
+    from harness.data.coco_panoptic import PanopticDataset
+    from harness.data.transforms import prepare
+
+    ds = PanopticDataset(data)
+    spec = model.test_transform()
+    inputs = [torch.from_numpy(prepare(spec, ds[i].image).image)[None] for i in range(min(n_img, len(ds)))]
+    fps = model_only(model, inputs)
+    print(f"{name}: input {tuple(inputs[0].shape[-2:])}, model-only {fps:.2f} images/s (1 thread)")
+    weights = _save(model, cfg, tmp / name)
+    rows = {}
+    r50 = name.startswith("panoptic_segformer_r50")
+    for pp in ("m",) if r50 else ("m", "m,p,p*,heuristic"):
+        g = full_grid(weights, data, tmp / f"{name}_{pp.replace(',', '_').replace('*', 's')}", n_img,
+                      args.workers, args.score_workers, args.r50_corruptions if r50 else args.corruptions, pp)
+        ratio = g["images_per_s"] / fps
+        print(f"  full grid (post-process {pp}, {args.workers} workers + {args.score_workers} scorer): "
+              f"{g['images_per_s']:.2f} images/s = {ratio:.2f} x model-only")
+        print("    main/scorer stages (ms per image): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in g["cost_ms_per_image"].items()))
+        rows[pp] = {**g, "ratio": ratio}
+    costs = non_model_costs(data, model, min(n_img, 4))
+    return {"input": list(inputs[0].shape[-2:]), "model_only_fps": fps, "grid": rows, "costs_ms": costs,
+            "summary": _report_costs(name, costs)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=24, help="synthetic COCO-sized images (default 24)")
+    parser.add_argument("--tiny-scales", default="128x128,800x1333",
+                        help="test scales (short x long) the tiny model is measured at (default: its own, COCO's)")
+    parser.add_argument("--coco-scale-images", type=int, default=8,
+                        help="images for the tiny model at a test scale above 256 (default 8)")
+    parser.add_argument("--tiny-weights", default=None,
+                        help="trained tiny weights: also measure post-processing on their own candidates")
     parser.add_argument("--r50-images", type=int, default=2, help="images for the R50 grid / model timing")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the grid (default 2)")
     parser.add_argument("--score-workers", type=int, default=1, help="scorer processes of the grid (default 1)")
@@ -184,38 +243,34 @@ def main() -> int:
     report: dict[str, Any] = {"machine": device_label("cpu"), "cores": os.cpu_count(), "load_before": _load()}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        data = Path(args.data) if args.data else _dataset(tmp / "coco", args.images)
+        data = Path(args.data) if args.data else _dataset(tmp / "coco", max(args.images, args.coco_scale_images))
         from harness.data.coco_panoptic import PanopticDataset
-        from harness.data.transforms import prepare
 
         ds = PanopticDataset(data)
         cats = ds.categories
-        for name, n_img in (("panoptic_segformer_tiny", args.images), ("panoptic_segformer_r50", args.r50_images)):
-            if name.endswith("r50") and args.skip_r50:
-                continue
+        runs = [("panoptic_segformer_tiny", _scale(t)) for t in args.tiny_scales.split(",") if t]
+        if not args.skip_r50:
+            runs.append(("panoptic_segformer_r50", None))
+        for name, scale in runs:
             torch.manual_seed(0)
-            cfg = get_config(name, num_things=cats.num_things, num_stuff=cats.num_stuff)
-            model = build_model(cfg).eval()
-            spec = model.test_transform()
-            inputs = [torch.from_numpy(prepare(spec, ds[i].image).image)[None] for i in range(min(n_img, len(ds)))]
-            fps = model_only(model, inputs)
-            print(f"{name}: input {tuple(inputs[0].shape[-2:])}, model-only {fps:.2f} images/s (1 thread)")
-            weights = _save(model, cfg, tmp / name)
-            rows = {}
-            r50 = name.endswith("r50")
-            for pp in ("m",) if r50 else ("m", "m,p,p*,heuristic"):
-                g = full_grid(weights, data, tmp / f"{name}_{pp.replace(',', '_').replace('*', 's')}", n_img,
-                              args.workers, args.score_workers, args.r50_corruptions if r50 else args.corruptions,
-                              pp)
-                ratio = g["images_per_s"] / fps
-                print(f"  full grid (post-process {pp}, {args.workers} workers + {args.score_workers} scorer): "
-                      f"{g['images_per_s']:.2f} images/s = {ratio:.2f} x model-only")
-                print("    main/scorer stages (ms per image): "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in g["cost_ms_per_image"].items()))
-                rows[pp] = {**g, "ratio": ratio}
-            costs = non_model_costs(data, model, min(n_img, 4))
-            report[name] = {"model_only_fps": fps, "grid": rows, "costs_ms": costs,
-                            "summary": _report_costs(name, costs)}
+            overrides = {} if scale is None else {"test_scale": scale}
+            cfg = get_config(name, num_things=cats.num_things, num_stuff=cats.num_stuff, **overrides)
+            key = name if scale is None else f"{name}@{scale[0]}x{scale[1]}"
+            n_img = args.r50_images if scale is None else args.images if max(scale) <= 256 else args.coco_scale_images
+            report[key] = _bench_model(key, cfg, build_model(cfg).eval(), data, tmp, n_img, args)
+        if args.tiny_weights:
+            from harness.engine.loading import load_model
+
+            model = load_model(args.tiny_weights)
+            costs = post_process_costs(ds, model, min(args.images, len(ds)), random_scores=False)
+            per_pp = {m: costs[f"post-process {m}"] + costs[f"scoring (mask PQ) {m}"]
+                      for m in ("m", "p", "p*", "heuristic")}
+            print(f"trained tiny ({args.tiny_weights}), its own candidates, default thresholds, per post-processor "
+                  "(post-process + mask PQ): " + ", ".join(f"{m} {v:.1f} ms" for m, v in per_pp.items())
+                  + "  (target <= 60 ms); segments per image: "
+                  + ", ".join(f"{m} {costs[f'segments {m}']:.1f}" for m in per_pp))
+            report["trained_tiny"] = {"weights": str(args.tiny_weights), "costs_ms": costs,
+                                      **{f"pp_{m}_ms": v for m, v in per_pp.items()}}
     report["load_after"] = _load()
     if "panoptic_segformer_r50" in report:
         s = report["panoptic_segformer_r50"]["summary"]

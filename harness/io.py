@@ -5,6 +5,9 @@ on POSIX file systems. Temporary names carry the writing process's id (``.<stem>
 :func:`sweep_stale_temporaries` removes those whose process is gone (a SIGKILL'd run, a killed worker), never
 another live run's. Finished files get the usual permissions (``0o666 & ~umask``), not the 0600 of a temporary file.
 
+Reading: :func:`read_json_file` parses a JSON file and tells "absent" (None) from "present but unreadable or not
+JSON" (:class:`JsonReadError`), so every reader words its own refusal around one parse.
+
 Inputs: :func:`visible_files` lists a folder's files without hidden names, so a temporary file (or any dot-file
 such as ``.DS_Store`` or our ``.psf-harness.json`` marker) is never taken for an input image.
 
@@ -23,6 +26,7 @@ from typing import Any, Callable, Collection, Iterable
 from models.files import TEMPORARY_RE, atomic_write, file_mode, temporary_parts
 
 __all__ = [
+    "JsonReadError",
     "atomic_link_or_copy",
     "atomic_write",
     "atomic_write_bytes",
@@ -33,6 +37,7 @@ __all__ = [
     "init_worker_signals",
     "is_hidden",
     "is_temporary",
+    "read_json_file",
     "stop_process_pool",
     "sweep_stale_temporaries",
     "temporary_parts",
@@ -97,6 +102,34 @@ def atomic_write_npz(path: str | os.PathLike[str], arrays: dict[str, Any], compr
                     np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
 
     return atomic_write(path, write)
+
+
+class JsonReadError(ValueError):
+    """A JSON file that exists but cannot be used: ``cause`` is the OS / decoding error or the JSON parse error
+    (``invalid_json`` tells which)."""
+
+    def __init__(self, cause: Exception, invalid_json: bool) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.invalid_json = invalid_json
+
+
+def read_json_file(path: str | os.PathLike[str]) -> Any | None:
+    """The parsed JSON of ``path`` (UTF-8), or None when the file does not exist.
+
+    Raises:
+        JsonReadError: the file exists but cannot be read or decoded, or is not valid JSON.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JsonReadError(exc, invalid_json=False) from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise JsonReadError(exc, invalid_json=True) from None
 
 
 def is_temporary(name: str) -> bool:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from harness.errors import DataError, UserError
-from harness.io import atomic_write_json, is_temporary
+from harness.io import JsonReadError, atomic_write_json, is_temporary, read_json_file
 
 __all__ = ["MARKER_NAME", "Claim", "claim_output_dir", "check_claimable", "read_marker", "marker_path",
            "describe_settings"]
@@ -56,16 +56,15 @@ def read_marker(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     """
     path = marker_path(folder)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        doc = read_json_file(path)
+    except JsonReadError as exc:
+        if exc.invalid_json:
+            raise DataError(f"{path}: output marker is not valid JSON ({exc}); refusing to write into {folder} "
+                            "(move the folder aside, or delete the marker if the folder is yours)") from None
+        raise DataError(f"{path}: unreadable output marker ({_reason(exc.cause)}); refusing to write into "
+                        f"{folder}") from None
+    if doc is None:
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: unreadable output marker ({_reason(exc)}); refusing to write into {folder}") from None
-    try:
-        doc = json.loads(text)
-    except ValueError as exc:
-        raise DataError(f"{path}: output marker is not valid JSON ({exc}); refusing to write into {folder} "
-                        "(move the folder aside, or delete the marker if the folder is yours)") from None
     if (not isinstance(doc, dict) or doc.get("tool") != TOOL or not isinstance(doc.get("command"), str)
             or not isinstance(doc.get("settings"), dict)):
         raise DataError(f"{path}: not a psf-harness output marker (expected tool, command, settings); refusing to "

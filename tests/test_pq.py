@@ -284,6 +284,35 @@ def test_panoptic_from_semantic_roundtrip() -> None:
     assert acc.summarize()["pq"]["All"]["pq"] == 1.0
 
 
+def _panoptic_from_semantic_by_sort(category: np.ndarray, instance: np.ndarray, category_ids: list[int]
+                                    ) -> tuple[np.ndarray, list[dict[str, int]]]:
+    """The definition: every distinct (category, instance) pair of the non-VOID pixels, ascending, by np.unique."""
+    valid = category >= 0
+    start = max(category_ids) + 2
+    pairs, inverse, counts = np.unique(np.stack([category[valid], instance[valid]], 1), axis=0,
+                                       return_inverse=True, return_counts=True)
+    id_map = np.zeros(category.shape, np.uint32)
+    id_map[valid] = start + inverse.ravel()
+    return id_map, [{"id": start + n, "category_id": category_ids[int(c)], "area": int(a)}
+                    for n, ((c, _), a) in enumerate(zip(pairs, counts))]
+
+
+@pytest.mark.parametrize("inst_range", [(0, 5), (-3, 40), (0, 1 << 30)])  # the last takes the sort path
+def test_panoptic_from_semantic_equals_sorting_definition(inst_range: tuple[int, int]) -> None:
+    rng = np.random.default_rng(inst_range[1])
+    ids = [3, 8, 9, 40, 41]
+    for shape in ((48, 64), (1, 7), (5, 5)):
+        category = rng.integers(-1, len(ids), shape)
+        instance = rng.integers(*inst_range, shape)
+        got_map, got_segs = panoptic_from_semantic(category, instance, ids)
+        want_map, want_segs = _panoptic_from_semantic_by_sort(category, instance, ids)
+        assert got_map.dtype == np.uint32 and np.array_equal(got_map, want_map)
+        assert got_segs == want_segs
+    empty = np.full((4, 4), -1)
+    got_map, got_segs = panoptic_from_semantic(empty, empty, ids)
+    assert not got_map.any() and got_segs == []
+
+
 # ----------------------------------------------------------------------------- PNG decoding
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from harness.errors import UserError
-from harness.io import atomic_write_json
+from harness.io import JsonReadError, atomic_write_json, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -385,16 +385,12 @@ def read_run_json(out: Path) -> dict[str, Any] | None:
     """``out/run.json`` (None when absent); UserError naming the file when it is not a run description."""
     path = out / RUN_JSON
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        doc = read_json_file(path)
+    except JsonReadError as exc:
+        why = f"not valid JSON: {exc}" if exc.invalid_json else str(exc)
+        raise UserError(f"{path} is not a readable run description ({why}); use another --out") from None
+    if doc is None:
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not a readable run description ({exc}); use another --out") from None
-    try:
-        doc = json.loads(text)
-    except ValueError as exc:
-        raise UserError(f"{path} is not a readable run description (not valid JSON: {exc}); use another "
-                        "--out") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("settings"), dict):
         raise UserError(f"{path} is not a run description of harness eval (no 'settings' object); use another --out")
     return doc

@@ -434,19 +434,36 @@ def panoptic_from_semantic(
     valid = category >= 0
     if valid.any() and int(category.max()) >= len(cat_ids):
         raise UserError(f"class index {int(category.max())} out of range for {len(cat_ids)} categories")
-    cat = category[valid].astype(np.int64)
-    inst = instance[valid].astype(np.int64)
-    inst_min = int(inst.min(initial=0))
-    key = cat * (int(inst.max(initial=0)) - inst_min + 1) + (inst - inst_min)
-    uniq, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
-    ids = np.arange(start, start + len(uniq), dtype=np.int64)
-    if len(ids) and ids[-1] >= (1 << 24):
-        raise UserError("too many segments for 24-bit PNG ids")
-    id_map = np.zeros(category.shape, np.uint32)
-    id_map[valid] = ids[inverse.ravel()]
-    span = int(inst.max(initial=0)) - inst_min + 1
+    inst_min = int(instance[valid].min(initial=0)) if valid.any() else 0
+    span = (int(instance[valid].max(initial=0)) - inst_min + 1) if valid.any() else 1
+    # Key 0 = VOID, 1 + cat * span + (inst - inst_min) for the others: ascending (category, instance) order.
+    n_keys = 1 + len(cat_ids) * span
+    if n_keys <= max(1 << 20, 4 * category.size):  # counting keys beats np.unique's sort (~5x at COCO size)
+        key = category.astype(np.intp)  # in place from here: one temporary
+        key *= span
+        key += instance.astype(np.intp, copy=False)
+        key += 1 - inst_min
+        key[~valid] = 0
+        counts_all = np.bincount(key.ravel(), minlength=n_keys)
+        uniq = np.flatnonzero(counts_all[1:]) + 1
+        counts = counts_all[uniq]
+        if len(uniq) and start + len(uniq) - 1 >= (1 << 24):
+            raise UserError("too many segments for 24-bit PNG ids")
+        lut = np.zeros(n_keys, np.uint32)
+        lut[uniq] = np.arange(start, start + len(uniq), dtype=np.int64)
+        id_map = lut[key]
+        uniq = uniq - 1
+    else:  # sparse instance numbers: sort the keys
+        cat = category[valid].astype(np.int64)
+        inst = instance[valid].astype(np.int64)
+        uniq, inverse, counts = np.unique(cat * span + (inst - inst_min), return_inverse=True, return_counts=True)
+        ids = np.arange(start, start + len(uniq), dtype=np.int64)
+        if len(ids) and ids[-1] >= (1 << 24):
+            raise UserError("too many segments for 24-bit PNG ids")
+        id_map = np.zeros(category.shape, np.uint32)
+        id_map[valid] = ids[inverse.ravel()]
     segments = [
-        {"id": int(i), "category_id": int(cat_ids[k // span]), "area": int(a)}
-        for i, k, a in zip(ids, uniq, counts)
+        {"id": start + n, "category_id": int(cat_ids[k // span]), "area": int(a)}
+        for n, (k, a) in enumerate(zip(uniq.tolist(), counts.tolist()))
     ]
     return id_map, segments
