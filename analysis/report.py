@@ -226,6 +226,12 @@ def _summary_lines(data: RunData) -> list[str]:
     for model, g in tp.groupby("model", sort=False) if len(tp) else []:
         if (g["kind"] == "shared").any():
             fit = regression(g)
+            if math.isnan(fit["slope"]):  # < 2 queries with stuff masks, or all at one P_t (e.g. every one at 0)
+                why = (f"only {int(fit['n'])} quer{'y' if int(fit['n']) == 1 else 'ies'} with stuff masks"
+                       if fit["n"] < 2 else f"the {int(fit['n'])} queries with stuff masks all have the same P_t")
+                lines.append(f"- Thing preference of **{model}**: no stuff precision vs P_t line: {why} (see the "
+                             "P_t bins).")
+                continue
             lines.append(f"- Thing preference of **{model}**: stuff precision vs P_t slope {fit['slope']:.2f} "
                          f"(r {fit['r']:.2f}, p {fit['p']:.2g}, {int(fit['n'])} queries).")
     return lines

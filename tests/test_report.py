@@ -43,6 +43,26 @@ def test_report_files(demo_root: Path, tmp_path: Path) -> None:
     assert "DEMO VERSION" in html and "<table" in html
 
 
+def test_summary_says_why_there_is_no_thing_preference_line(demo_root: Path, tmp_path: Path) -> None:
+    """A joint model whose queries each predict only things or only stuff (P_t 0 or 1, as the demo's after minutes
+    of training on 12 images): the fit of stuff precision on P_t is undefined, and the summary says why."""
+    from analysis.testing import fake_thing_preference
+
+    tp = fake_thing_preference(num_queries=20, joint=True, seed=3)
+    stuff_only = tp["n_stuff"] > tp["n_things"]
+    tp.loc[stuff_only, "n_things"] = 0
+    tp.loc[~stuff_only, "n_stuff"] = 0
+    tp["p_t"] = tp["n_things"] / (tp["n_things"] + tp["n_stuff"])
+    tp["stuff_tp"] = np.minimum(tp["stuff_tp"], tp["n_stuff"])
+    tp["stuff_precision"] = np.where(tp["n_stuff"] > 0, tp["stuff_tp"] / tp["n_stuff"].clip(lower=1), np.nan)
+    run = tmp_path / "eval_joint"
+    rows = pd.read_csv(demo_root / "eval_joint" / "results.csv")
+    write_fake_run(run, rows, {"model": "panoptic_segformer_tiny_joint"}, tp)
+    md = make_report([run], tmp_path / "report").markdown.read_text()
+    line = next(t for t in md.splitlines() if t.startswith("- Thing preference of"))
+    assert "nan" not in line and f"the {int(stuff_only.sum())} queries with stuff masks all have the same P_t" in line
+
+
 def test_cli_tables_recipes_and_errors(demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "r"
     assert main(["report", "--results", str(demo_root), "--out", str(out), "--tables", "7,b.4", "-q"]) == 0
