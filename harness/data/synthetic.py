@@ -39,7 +39,7 @@ import numpy as np
 
 from harness.data import synthetic_textures as tx
 from harness.data.format import id2rgb
-from harness.io import atomic_write_bytes, atomic_write_text, init_worker_signals
+from harness.io import atomic_write_bytes, atomic_write_text, init_worker_signals, stop_process_pool
 
 log = logging.getLogger(__name__)
 
@@ -569,7 +569,9 @@ def generate_dataset(
             log.info("wrote %d %s images to %s", n, split, root / split)
     except BaseException:
         if pool is not None:  # an error, Ctrl-C or SIGTERM: stop the workers now instead of finishing every job
-            pool.terminate()
+            # (not Pool.terminate() alone: it waits forever for the task queue's lock when a worker was stopped
+            # while holding it, which hung `harness synth` after SIGTERM once in CI)
+            stop_process_pool(pool)
             pool = None
         raise
     finally:
