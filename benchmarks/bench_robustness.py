@@ -92,15 +92,14 @@ def full_grid(weights: Path, data: Path, out: Path, images: int, workers: int, s
             "cost_ms_per_image": {k: 1000 * v / images for k, v in sorted(cost.items())}}
 
 
-def non_model_costs(data: Path, model: torch.nn.Module, images: int) -> dict[str, float]:
+def non_model_costs(ds: Any, model: torch.nn.Module, images: int) -> dict[str, float]:
     """Mean milliseconds per COCO-sized image of each non-model stage, one core, in this process (post-processing
     on the random model's candidates with scores drawn in [0, 1] and every threshold at the default)."""
     from harness.corruptions import CORRUPTIONS, corrupt, corruption_seed
     from harness.corruptions.runner import read_image
-    from harness.data.coco_panoptic import PanopticDataset, read_image_rgb
+    from harness.data.coco_panoptic import read_image_rgb
     from harness.data.transforms import prepare
 
-    ds = PanopticDataset(data)
     out: dict[str, list[float]] = {}
     spec = model.test_transform()
     for i in range(min(images, len(ds))):
@@ -187,13 +186,12 @@ def _scale(text: str) -> tuple[int, int]:
     return short, long
 
 
-def _bench_model(name: str, cfg: Any, model: torch.nn.Module, data: Path, tmp: Path, n_img: int,
+def _bench_model(name: str, cfg: Any, model: torch.nn.Module, data: Path, ds: Any, tmp: Path, n_img: int,
                  args: argparse.Namespace) -> dict[str, Any]:
-    """Model-only and full-grid images/s of one (random-weight) model, and its non-model costs."""
-    from harness.data.coco_panoptic import PanopticDataset
+    """Model-only and full-grid images/s of one (random-weight) model on the data set ``ds`` at ``data``, and its
+    non-model costs."""
     from harness.data.transforms import prepare
 
-    ds = PanopticDataset(data)
     spec = model.test_transform()
     inputs = [torch.from_numpy(prepare(spec, ds[i].image).image)[None] for i in range(min(n_img, len(ds)))]
     fps = model_only(model, inputs)
@@ -210,7 +208,7 @@ def _bench_model(name: str, cfg: Any, model: torch.nn.Module, data: Path, tmp: P
         print("    main/scorer stages (ms per image): "
               + ", ".join(f"{k} {v:.1f}" for k, v in g["cost_ms_per_image"].items()))
         rows[pp] = {**g, "ratio": ratio}
-    costs = non_model_costs(data, model, min(n_img, 4))
+    costs = non_model_costs(ds, model, min(n_img, 4))
     return {"input": list(inputs[0].shape[-2:]), "model_only_fps": fps, "grid": rows, "costs_ms": costs,
             "summary": _report_costs(name, costs)}
 
@@ -257,7 +255,7 @@ def main() -> int:
             cfg = get_config(name, num_things=cats.num_things, num_stuff=cats.num_stuff, **overrides)
             key = name if scale is None else f"{name}@{scale[0]}x{scale[1]}"
             n_img = args.r50_images if scale is None else args.images if max(scale) <= 256 else args.coco_scale_images
-            report[key] = _bench_model(key, cfg, build_model(cfg).eval(), data, tmp, n_img, args)
+            report[key] = _bench_model(key, cfg, build_model(cfg).eval(), data, ds, tmp, n_img, args)
         if args.tiny_weights:
             from harness.engine.loading import load_model
 

@@ -115,9 +115,9 @@ _THING_FILLS: dict[str, tuple[str, ...]] = {
     "ring": ("plain", "gradient"), "stick": ("plain",), "bead": ("plain",),
     "leaf": ("grass", "grass", "plain"), "hexagon": ("plain", "checker", "gradient"),
 }
-# 20 % of the shapes are drawn this much smaller. At 0.45 (until 2026-12-02) 11 % of the things at 128 px were
-# under 64 px, i.e. under one 8 x 8 cell of the stride-8 masks every Panoptic SegFormer predicts: the tiny model
-# matched 12 % of them, and they held its Things PQ under 35 (docs/training.md, "Third round").
+# 20 % of the shapes are drawn this much smaller. At 0.45 (until 2026-12-02) 10.7 % of the things at 128 px were
+# under 64 px, i.e. under one 8 x 8 cell of the stride-8 masks every Panoptic SegFormer predicts, and the tiny model
+# matched 12 % of them (README, "Third round"; docs/synth.md).
 _SMALL_DRAW = 0.65
 # Class frequencies when placing things (beads are mostly added as scatter and crowds).
 _THING_WEIGHTS = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 1.0, 1.0])

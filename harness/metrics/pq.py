@@ -434,8 +434,9 @@ def panoptic_from_semantic(
     valid = category >= 0
     if valid.any() and int(category.max()) >= len(cat_ids):
         raise UserError(f"class index {int(category.max())} out of range for {len(cat_ids)} categories")
-    inst_min = int(instance[valid].min(initial=0)) if valid.any() else 0
-    span = (int(instance[valid].max(initial=0)) - inst_min + 1) if valid.any() else 1
+    inst_valid = instance[valid]
+    inst_min = int(inst_valid.min(initial=0))
+    span = int(inst_valid.max(initial=0)) - inst_min + 1
     # Key 0 = VOID, 1 + cat * span + (inst - inst_min) for the others: ascending (category, instance) order.
     n_keys = 1 + len(cat_ids) * span
     if n_keys <= max(1 << 20, 4 * category.size):  # counting keys beats np.unique's sort (~5x at COCO size)
@@ -455,7 +456,7 @@ def panoptic_from_semantic(
         uniq = uniq - 1
     else:  # sparse instance numbers: sort the keys
         cat = category[valid].astype(np.int64)
-        inst = instance[valid].astype(np.int64)
+        inst = inst_valid.astype(np.int64)
         uniq, inverse, counts = np.unique(cat * span + (inst - inst_min), return_inverse=True, return_counts=True)
         ids = np.arange(start, start + len(uniq), dtype=np.int64)
         if len(ids) and ids[-1] >= (1 << 24):
